@@ -1,0 +1,43 @@
+# One entry point for people and CI. `make run` starts the whole pipeline locally; `make test` runs every check.
+SHELL := /bin/bash
+PY := .venv/bin/python
+RUN_ARGS ?= --offline --duration 90
+
+.PHONY: setup run test lint typecheck unit integration e2e bench broker-start broker-stop clean
+
+setup:
+	@bash deploy/local/setup.sh
+
+run: setup
+	@$(PY) -m services.cli run $(RUN_ARGS)
+
+lint: setup
+	$(PY) -m ruff check services tests benchmarks
+	$(PY) -m ruff format --check services tests benchmarks
+
+typecheck: setup
+	$(PY) -m mypy --strict services
+
+test: lint typecheck
+	$(PY) -m pytest -q -m "unit or integration or e2e"
+
+unit: setup
+	$(PY) -m pytest -q -m unit
+
+integration: setup
+	$(PY) -m pytest -q -m integration
+
+e2e: setup
+	$(PY) -m pytest -q -m e2e
+
+bench: setup
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+broker-start: setup
+	@deploy/kafka/kafka.sh start
+
+broker-stop:
+	@deploy/kafka/kafka.sh stop
+
+clean: broker-stop
+	rm -rf .state

@@ -1,0 +1,1 @@
+"""klines: Binance-exact klines from aggTrade streams, on Kafka, into ClickHouse."""

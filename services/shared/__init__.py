@@ -1,0 +1,1 @@
+"""What several services share: settings, Kafka clients, the ClickHouse path, logging, shutdown."""

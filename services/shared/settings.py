@@ -1,0 +1,236 @@
+"""Typed, frozen settings for every service, loaded from the TOML file and the environment.
+
+Sources, strongest first:
+
+1. environment variables ``KLINES_<SECTION>__<KEY>`` (for example ``KLINES_PERSISTENCE__QUEUE_SIZE=10000``),
+   plus the conventional ``KAFKA_BOOTSTRAP`` and ``CLICKHOUSE_DSN`` shortcuts;
+2. the TOML file named by ``KLINES_CONFIG`` (default ``config/klines.toml`` in the working directory);
+3. the defaults below.
+
+A bad value stops the service at start with one line naming the key, where it came from and why it is wrong
+(:class:`ConfigError`). Unknown keys are errors too: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from services.core.intervals import INTERVALS, validate_interval
+
+ENV_PREFIX = "KLINES_"
+DEFAULT_CONFIG_PATH = Path("config/klines.toml")
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or invalid; the message is one actionable line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TopicSettings(_Section):
+    trades: str = "trades"
+    finalized: str = "klines.finalized"
+    snapshots: str = "klines.snapshots"
+    dead_letter: str = "klines.dead-letter"
+
+
+class KafkaSettings(_Section):
+    bootstrap: str = "127.0.0.1:9092"
+    client_id: str = "klines"
+    topics: TopicSettings = TopicSettings()
+    trades_partitions: int = Field(default=6, ge=1, le=1024)
+    klines_partitions: int = Field(default=6, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1, le=16)
+    trades_retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=-1)
+    request_timeout_ms: int = Field(default=30_000, ge=1000)
+    send_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap_has_port(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return value
+
+
+class ClickHouseSettings(_Section):
+    dsn: str = "chdb:///.state/chdb"
+    database: str = "klines"
+    username: str = "default"
+    password: SecretStr = SecretStr("")
+    finalized_table: str = "klines_finalized"
+    snapshots_table: str = "klines_snapshots"
+    dedup_window: int = Field(default=10_000, ge=1)
+
+    @field_validator("dsn")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("chdb:", "http://", "https://")):
+            raise ValueError(f"expected chdb:///path, http://host:8123 or https://host:8443, got {value!r}")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return self.dsn.startswith("chdb:")
+
+
+class PersistenceSettings(_Section):
+    """The seed's ``[persistence]`` section, plus the snapshot writer's own pair."""
+
+    queue_size: int = Field(default=5000, gt=0)
+    finalized_buffer_size: int = Field(default=5000, gt=0)
+    finalized_flush_interval_ms: int = Field(default=1000, gt=0)
+    snapshot_buffer_size: int = Field(default=20_000, gt=0)
+    snapshot_flush_interval_ms: int = Field(default=1000, gt=0)
+    insert_retry_max_s: float = Field(default=5.0, gt=0)
+
+
+class MarketSettings(_Section):
+    venue: Literal["spot", "usdm"] = "spot"
+    symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT")
+    discover: bool = False
+    quote_asset: str = "USDT"
+    intervals: tuple[str, ...] = ("1m", "5m", "30m", "1h", "4h", "1d", "1w")
+    ws_url: str = "wss://stream.binance.com:9443"
+    rest_url: str = "https://api.binance.com"
+
+    @field_validator("symbols")
+    @classmethod
+    def _symbols_upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for symbol in value:
+            if not symbol.isalnum():
+                raise ValueError(f"symbol {symbol!r} must be letters and digits only")
+        return tuple(s.upper() for s in value)
+
+    @field_validator("intervals")
+    @classmethod
+    def _intervals_known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError(f"at least one interval is needed, from {', '.join(INTERVALS)}")
+        return tuple(validate_interval(i) for i in value)
+
+
+class AggregatorSettings(_Section):
+    snapshot_interval_ms: int = Field(default=1000, gt=0)
+    grace_ms: int = Field(default=500, ge=0)
+    http_port: int = Field(default=8081, ge=0, lt=65536)
+
+
+class ServiceSettings(_Section):
+    http_host: str = "127.0.0.1"
+    ingest_http_port: int = Field(default=8080, ge=0, lt=65536)
+    writers_http_port: int = Field(default=8082, ge=0, lt=65536)
+    shutdown_grace_s: float = Field(default=8.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    state_dir: Path = Path(".state")
+
+
+class Settings(BaseSettings):
+    """Everything a klines service can be told. One frozen object per process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True, toml_file=None
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    persistence: PersistenceSettings = PersistenceSettings()
+    market: MarketSettings = MarketSettings()
+    aggregator: AggregatorSettings = AggregatorSettings()
+    service: ServiceSettings = ServiceSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = _CONFIG_PATH_IN_USE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+
+# The TOML path travels to settings_customise_sources through this one-slot holder: pydantic-settings builds
+# the sources from the class, so an argument cannot reach it directly.
+_CONFIG_PATH_IN_USE: dict[str, Path | None] = {"path": None}
+
+_SHORTCUTS = {"KAFKA_BOOTSTRAP": ("kafka", "bootstrap"), "CLICKHOUSE_DSN": ("clickhouse", "dsn")}
+
+
+def config_path(environ: dict[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return Path(env.get("KLINES_CONFIG", str(DEFAULT_CONFIG_PATH)))
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Load the settings, or raise :class:`ConfigError` with one line that says what to fix.
+
+    ``path`` defaults to ``$KLINES_CONFIG`` or ``config/klines.toml``; a missing default file is fine (defaults
+    apply), a missing explicit file is an error. ``overrides`` are section dicts that win over everything.
+    """
+    explicit = path is not None or "KLINES_CONFIG" in os.environ
+    toml_path = path if path is not None else config_path()
+    if not toml_path.exists():
+        if explicit:
+            raise ConfigError(f"config file {toml_path} does not exist (set KLINES_CONFIG or pass --config)")
+        toml_path_in_use: Path | None = None
+    else:
+        toml_path_in_use = toml_path
+    init: dict[str, Any] = {}
+    for env_name, (section, key) in _SHORTCUTS.items():
+        if os.environ.get(env_name):
+            init.setdefault(section, {})[key] = os.environ[env_name]
+    for section, values in overrides.items():
+        init.setdefault(section, {}).update(values)
+    _CONFIG_PATH_IN_USE["path"] = toml_path_in_use
+    try:
+        return Settings(**init)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, toml_path_in_use)) from None
+    except (OSError, ValueError) as exc:  # unreadable file, TOML syntax error
+        raise ConfigError(f"config file {toml_path}: {exc}") from None
+    finally:
+        _CONFIG_PATH_IN_USE["path"] = None
+
+
+def _describe(exc: ValidationError, toml_path: Path | None) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        env_name = ENV_PREFIX + "__".join(str(part) for part in error["loc"]).upper()
+        shortcut = next((name for name, loc in _SHORTCUTS.items() if ".".join(loc) == key), None)
+        if env_name in os.environ:
+            origin = f"environment variable {env_name}"
+        elif shortcut and os.environ.get(shortcut):
+            origin = f"environment variable {shortcut}"
+        elif toml_path is not None:
+            origin = f"config file {toml_path}"
+        else:
+            origin = "defaults"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling against config/klines.toml)"
+        value = error.get("input")
+        shown = "" if error["type"] == "extra_forbidden" or isinstance(value, dict) else f" = {value!r}"
+        problems.append(f"{key}{shown} ({origin}): {message}")
+    return "invalid configuration: " + "; ".join(problems)
