@@ -68,7 +68,8 @@ class KafkaSettings(_Section):
 
 
 class ClickHouseSettings(_Section):
-    dsn: str = "chdb:///.state/chdb"
+    # chdb:///abs/path, chdb:relative/path (resolved against the working directory), or http(s)://host:port
+    dsn: str = "chdb:.state/chdb"
     database: str = "klines"
     username: str = "default"
     password: SecretStr = SecretStr("")
@@ -81,6 +82,8 @@ class ClickHouseSettings(_Section):
     def _known_scheme(cls, value: str) -> str:
         if not value.startswith(("chdb:", "http://", "https://")):
             raise ValueError(f"expected chdb:///path, http://host:8123 or https://host:8443, got {value!r}")
+        if value.startswith("chdb:") and not value.startswith("chdb://"):
+            return "chdb://" + str(Path(value.removeprefix("chdb:")).resolve())
         return value
 
     @property
@@ -126,6 +129,9 @@ class MarketSettings(_Section):
 
 class AggregatorSettings(_Section):
     snapshot_interval_ms: int = Field(default=1000, gt=0)
+    # "wall": the clock that closes quiet klines is the machine's UTC clock (live Binance).
+    # "event": it is the newest trade time seen (replays run faster or slower than real time).
+    clock: Literal["wall", "event"] = "wall"
     grace_ms: int = Field(default=500, ge=0)
     http_port: int = Field(default=8081, ge=0, lt=65536)
 
