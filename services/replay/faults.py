@@ -1,0 +1,208 @@
+"""Fault injection: the ways a real Binance connection goes wrong, on command.
+
+:class:`Faults` is the Python API (``exchange.faults``); the HTTP control endpoints (:mod:`services.replay.control`)
+call the same methods. What each fault does:
+
+* ``drop_connections()`` — every WebSocket connection is closed abruptly (TCP reset, no close frame).
+* ``stall(seconds)`` — existing connections stop receiving anything (frames, pings) without being closed;
+  frames published meanwhile are held and delivered when the stall ends, unless the client gave up first.
+* ``skip_trades(symbol, first_id, last_id)`` — those aggregate ids are never sent on any WebSocket, but they
+  are published: REST ``aggTrades`` serves them, which is how a client repairs the gap.
+* ``duplicate_frames(count, symbol)`` — the next ``count`` trade frames are each sent twice in a row.
+* ``reorder_frames(count, symbol)`` — the next ``count`` pairs of neighbouring frames of one symbol are swapped.
+* ``send_malformed(kind, symbol)`` — one malformed frame to every connection subscribed to the symbol (any
+  symbol if None): ``bad_json``, ``missing_field`` (no ``p``), ``wrong_type`` (``a`` a string, ``q`` a number),
+  ``negative_price``. A malformed frame reuses the symbol's last published ``a``, so it can never shadow a trade
+  still to come and a client that rejects it loses nothing.
+* ``server_shutdown(close_after_s)`` — ``{"e":"serverShutdown","E":...}`` to every connection, then a normal
+  close (1001) after the delay.
+* ``pause_feed()`` / ``resume_feed()`` — market time stops and resumes; ``resume_feed`` also starts a feed that
+  waits for its first subscriber or was configured never to start by itself.
+* ``set_rate_limit(weight_limit, window_s)`` — REST request-weight limit (429 with ``Retry-After``); None = off.
+
+:class:`FaultState` holds the per-trade faults the publisher applies; it is plain data, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, get_args
+
+if TYPE_CHECKING:
+    from services.replay.publisher import Publisher
+    from services.replay.rest import WeightLimiter
+    from services.replay.streams import StreamHub
+    from services.replay.tape import MarketTape
+
+MalformedKind = Literal["bad_json", "missing_field", "wrong_type", "negative_price"]
+MALFORMED_KINDS: tuple[str, ...] = get_args(MalformedKind)
+
+Entry = tuple[int, str]
+"""A frame on its way out: (symbol index, aggTrade payload JSON)."""
+
+
+@dataclass
+class FaultState:
+    """Per-trade faults waiting to be applied by the publisher. Keys are symbol indexes; None = any symbol."""
+
+    skips: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    duplicates: dict[int | None, int] = field(default_factory=dict)
+    reorders: dict[int | None, int] = field(default_factory=dict)
+    held: dict[int, str] = field(default_factory=dict)  # reorder: a frame waiting for its successor
+
+    @property
+    def active(self) -> bool:
+        """Whether the publisher must look at each trade (the fast path skips all of this)."""
+        return bool(self.skips or self.duplicates or self.reorders or self.held)
+
+    def apply(self, trades: list[tuple[int, int, str]]) -> list[Entry]:
+        """Turn (symbol index, a, payload) triples into the frames to send, consuming the pending faults."""
+        out: list[Entry] = []
+        for symbol_index, agg_id, payload in trades:
+            ranges = self.skips.get(symbol_index)
+            if ranges and any(lo <= agg_id <= hi for lo, hi in ranges):
+                continue
+            held = self.held.pop(symbol_index, None)
+            if held is not None:  # the successor of a held frame: send it first, then the held one
+                out.append((symbol_index, payload))
+                out.append((symbol_index, held))
+                continue
+            if self._take(self.duplicates, symbol_index):
+                out.append((symbol_index, payload))
+                out.append((symbol_index, payload))
+                continue
+            if self._take(self.reorders, symbol_index):
+                self.held[symbol_index] = payload
+                continue
+            out.append((symbol_index, payload))
+        return out
+
+    def release_held(self) -> list[Entry]:
+        """Frames held back for a swap that will never come (the feed ended)."""
+        out = list(self.held.items())
+        self.held.clear()
+        return out
+
+    @staticmethod
+    def _take(counters: dict[int | None, int], symbol_index: int) -> bool:
+        for key in (symbol_index, None):
+            remaining = counters.get(key, 0)
+            if remaining > 0:
+                if remaining == 1:
+                    del counters[key]
+                else:
+                    counters[key] = remaining - 1
+                return True
+        return False
+
+
+def malformed_payload(kind: str, last_payload: str) -> str:
+    """A broken variant of a real aggTrade payload (see the module docstring for the kinds)."""
+    if kind == "bad_json":
+        return last_payload[: len(last_payload) // 2]
+    data = json.loads(last_payload)
+    if kind == "missing_field":
+        del data["p"]
+    elif kind == "wrong_type":
+        data["a"] = str(data["a"])
+        data["q"] = float(data["q"])
+    elif kind == "negative_price":
+        data["p"] = "-" + data["p"]
+    else:
+        raise ValueError(f"unknown malformed kind {kind!r}; expected one of {', '.join(MALFORMED_KINDS)}")
+    return json.dumps(data, separators=(",", ":"))
+
+
+class Faults:
+    """Inject faults into a running exchange (see the module docstring for what each one does)."""
+
+    def __init__(
+        self,
+        *,
+        tape: MarketTape,
+        state: FaultState,
+        hub: StreamHub,
+        publisher: Publisher,
+        limiter: WeightLimiter,
+        market_time_ms: Callable[[], int],
+    ) -> None:
+        self._tape = tape
+        self._state = state
+        self._hub = hub
+        self._publisher = publisher
+        self._limiter = limiter
+        self._market_time_ms = market_time_ms
+
+    def _symbol_index(self, symbol: str | None) -> int | None:
+        if symbol is None:
+            return None
+        tape = self._tape.get(symbol.upper())
+        if tape is None:
+            raise ValueError(f"unknown symbol {symbol!r}; this exchange lists {', '.join(self._tape.symbols)}")
+        return tape.index
+
+    def drop_connections(self) -> int:
+        """Close every WebSocket connection abruptly; returns how many were dropped."""
+        return self._hub.drop_all()
+
+    def stall(self, seconds: float) -> int:
+        """Stop sending to the existing connections for ``seconds`` without closing them; returns how many."""
+        if seconds <= 0:
+            raise ValueError(f"stall seconds must be positive, got {seconds}")
+        return self._hub.stall_all(seconds)
+
+    def skip_trades(self, symbol: str, first_id: int, last_id: int) -> None:
+        """Never send aggregate ids ``first_id..last_id`` (inclusive) of ``symbol`` on the WebSocket."""
+        if last_id < first_id:
+            raise ValueError(f"last_id {last_id} is before first_id {first_id}")
+        index = self._symbol_index(symbol)
+        assert index is not None
+        self._state.skips.setdefault(index, []).append((first_id, last_id))
+
+    def duplicate_frames(self, count: int = 1, symbol: str | None = None) -> None:
+        """Send each of the next ``count`` trade frames (of ``symbol``, or of any symbol) twice."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        key = self._symbol_index(symbol)
+        self._state.duplicates[key] = self._state.duplicates.get(key, 0) + count
+
+    def reorder_frames(self, count: int = 1, symbol: str | None = None) -> None:
+        """Swap the next ``count`` pairs of neighbouring frames of one symbol (``symbol``, or any)."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        key = self._symbol_index(symbol)
+        self._state.reorders[key] = self._state.reorders.get(key, 0) + count
+
+    def send_malformed(self, kind: str, symbol: str | None = None) -> int:
+        """Send one malformed frame of ``kind`` to each subscribed connection; returns how many were sent."""
+        if kind not in MALFORMED_KINDS:
+            raise ValueError(f"unknown malformed kind {kind!r}; expected one of {', '.join(MALFORMED_KINDS)}")
+        index = self._symbol_index(symbol)
+        payloads: dict[int, str] = {}
+        for tape in self._tape.by_index:
+            if index is not None and tape.index != index:
+                continue
+            source = tape.payloads[max(tape.published - 1, 0)] if tape.payloads else None
+            if source is not None:
+                payloads[tape.index] = malformed_payload(kind, source)
+        return self._hub.send_malformed(payloads)
+
+    def server_shutdown(self, close_after_s: float | None = None) -> int:
+        """Send ``serverShutdown`` to every connection and close them after the delay; returns how many."""
+        if close_after_s is not None and close_after_s < 0:
+            raise ValueError(f"close_after_s must be >= 0, got {close_after_s}")
+        return self._hub.server_shutdown(self._market_time_ms(), close_after_s)
+
+    def pause_feed(self) -> None:
+        """Freeze market time: nothing is published until :meth:`resume_feed`."""
+        self._publisher.pause()
+
+    def resume_feed(self) -> None:
+        """Let market time run again (also starts a feed that has not started yet)."""
+        self._publisher.resume()
+
+    def set_rate_limit(self, weight_limit: int | None, window_s: float = 60.0) -> None:
+        """Limit REST request weight per window (429 + ``Retry-After`` beyond it); None switches it off."""
+        self._limiter.configure(weight_limit, window_s)

@@ -1,0 +1,205 @@
+"""A deterministic synthetic market: realistic-looking aggTrades for any symbol, reproducible from a seed.
+
+Per symbol, independently (so adding a symbol never changes another one's trades), from
+``random.Random(f"{seed}:{symbol}")``:
+
+* every whole minute gets a regime: **quiet** (no trade at all: Binance then publishes an empty kline), slow,
+  normal or busy. At least one minute in every ten is quiet, so empty klines always occur;
+* taker orders arrive as a Poisson process at the regime's rate, plus **bursts** (dozens of orders within a
+  few milliseconds: many trades share one millisecond, so ordering by ``(T, a)`` matters);
+* an order either fills at one price (one aggTrade) or **sweeps** several price levels (several aggTrades with
+  the same ``T``, consecutive ids, prices walking in the taker's direction);
+* the price is a random walk on the symbol's tick grid (never below one tick), quantities are multiples of the
+  lot size; both are exact decimal strings (spot: 8 decimals like Binance spot, USD-M: the tick's decimals);
+* ``a`` is contiguous; each aggTrade covers 1..n raw trades and ``f``/``l`` are contiguous across aggTrades.
+
+Everything here is pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from decimal import Decimal
+
+from services.core.models import AggTrade
+
+MINUTE_MS = 60_000
+QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "TUSD", "BUSD", "BTC", "ETH", "BNB", "EUR", "TRY", "BRL", "JPY")
+
+
+@dataclass(frozen=True)
+class SymbolProfile:
+    """What a symbol trades like: start price, tick and lot size, activity."""
+
+    symbol: str
+    base_asset: str
+    quote_asset: str
+    price: Decimal
+    tick: Decimal
+    lot: Decimal
+    orders_per_s: float
+    typical_qty: Decimal
+
+
+_KNOWN: dict[str, tuple[str, str, str, float, str]] = {
+    # symbol: (price, tick, lot, taker orders per second in a normal minute, typical quantity)
+    "BTCUSDT": ("87650.00", "0.01", "0.00001", 12.0, "0.004"),
+    "ETHUSDT": ("2970.00", "0.01", "0.0001", 9.0, "0.08"),
+    "BNBUSDT": ("860.00", "0.01", "0.001", 3.0, "0.3"),
+    "SOLUSDT": ("125.00", "0.01", "0.001", 6.0, "2"),
+    "XRPUSDT": ("1.8500", "0.0001", "0.1", 5.0, "250"),
+    "DOGEUSDT": ("0.12000", "0.00001", "1", 4.0, "2000"),
+    "TRXUSDT": ("0.28000", "0.00001", "1", 2.0, "800"),
+}
+
+
+def split_symbol(symbol: str) -> tuple[str, str]:
+    """``"BTCUSDT"`` → ``("BTC", "USDT")``, by the longest known quote-asset suffix (else the last 4 letters)."""
+    for quote in sorted(QUOTE_ASSETS, key=len, reverse=True):
+        if symbol.endswith(quote) and len(symbol) > len(quote):
+            return symbol[: -len(quote)], quote
+    return symbol[:-4] or symbol, symbol[-4:]
+
+
+def profile_for(symbol: str) -> SymbolProfile:
+    """The trading profile of ``symbol``: a built-in one for majors, else one derived from the name's hash."""
+    base, quote = split_symbol(symbol)
+    known = _KNOWN.get(symbol)
+    if known is not None:
+        price_text, tick_text, lot_text, rate, qty_text = known
+        return SymbolProfile(
+            symbol,
+            base,
+            quote,
+            Decimal(price_text),
+            Decimal(tick_text),
+            Decimal(lot_text),
+            rate,
+            Decimal(qty_text),
+        )
+    rng = random.Random(f"profile:{symbol}")
+    magnitude = rng.randint(-3, 4)  # prices from 0.001.. to 10000..
+    price = Decimal(rng.randint(1000, 9999)).scaleb(magnitude - 3)
+    tick = Decimal(1).scaleb(max(-8, min(0, magnitude - 5)))
+    lot = Decimal(1).scaleb(max(-8, min(0, -(magnitude + 1))))
+    notional = Decimal(rng.choice((50, 200, 1000)))
+    qty = max(lot, (notional / price).quantize(lot))
+    return SymbolProfile(symbol, base, quote, price.quantize(tick), tick, lot, rng.uniform(1.0, 6.0), qty)
+
+
+def _decimals(step: Decimal) -> int:
+    exponent = step.normalize().as_tuple().exponent
+    assert isinstance(exponent, int)
+    return max(0, -exponent)
+
+
+def _formatter(decimals: int, shown: int) -> tuple[int, int]:
+    """(multiplier, places): an integer count of steps with ``decimals`` places, printed with ``shown`` places."""
+    return 10 ** (shown - decimals), shown
+
+
+def _fmt(units: int, multiplier: int, places: int) -> str:
+    """Integer ``units`` of 10**-places (after scaling) as a plain decimal string, without float."""
+    digits = str(units * multiplier)
+    if places == 0:
+        return digits
+    digits = digits.rjust(places + 1, "0")
+    return f"{digits[:-places]}.{digits[-places:]}"
+
+
+_REGIMES = (  # (cumulative probability, rate multiplier)
+    (0.05, 0.0),  # quiet minute (besides the forced one per ten minutes)
+    (0.30, 0.2),  # slow: gaps of seconds
+    (0.85, 1.0),
+    (1.00, 3.0),  # busy
+)
+
+
+def generate_trades(symbol: str, *, seed: int, start_ms: int, end_ms: int, venue: str = "spot") -> list[AggTrade]:
+    """All aggTrades of ``symbol`` with ``start_ms <= T < end_ms``, ordered by ``a`` (and so by ``T``)."""
+    if end_ms <= start_ms:
+        return []
+    profile = profile_for(symbol)
+    rng = random.Random(f"{seed}:{symbol}")
+    tick_places, lot_places = _decimals(profile.tick), _decimals(profile.lot)
+    price_fmt = _formatter(tick_places, 8 if venue == "spot" else tick_places)
+    qty_fmt = _formatter(lot_places, 8 if venue == "spot" else lot_places)
+    tick_units_per_price = 10**tick_places
+    price_ticks = int(profile.price * tick_units_per_price * Decimal(rng.uniform(0.97, 1.03)))
+    price_ticks = max(price_ticks, 1)
+    typical_lots = max(1, int(profile.typical_qty * 10**lot_places))
+    agg_id = rng.randrange(10**8, 4 * 10**9)
+    trade_id = rng.randrange(10**8, 6 * 10**9)
+    forced_quiet = rng.randrange(10)  # one whole quiet minute in every ten, at a per-symbol position
+    trades: list[AggTrade] = []
+
+    def fill(t_ms: int, ticks: int, lots: int, buyer_maker: bool) -> None:
+        nonlocal agg_id, trade_id
+        raw = 1
+        while raw < 20 and rng.random() < 0.35:
+            raw += 1
+        trades.append(
+            AggTrade(
+                symbol,
+                agg_id,
+                _fmt(ticks, *price_fmt),
+                _fmt(lots, *qty_fmt),
+                trade_id,
+                trade_id + raw - 1,
+                t_ms,
+                buyer_maker,
+            )
+        )
+        agg_id += 1
+        trade_id += raw
+
+    def order(t_ms: int, sigma: float) -> None:
+        nonlocal price_ticks
+        price_ticks = max(1, price_ticks + round(rng.gauss(0.0, sigma)))
+        taker_sells = rng.random() < 0.5
+        levels = 1 if rng.random() < 0.85 else rng.randint(2, 5)
+        for level in range(levels):
+            if level:  # a sweep takes the next price level in the taker's direction
+                price_ticks = max(1, price_ticks - 1 if taker_sells else price_ticks + 1)
+            lots = max(1, int(typical_lots * rng.lognormvariate(0.0, 1.0)))
+            fill(t_ms, price_ticks, lots, taker_sells)
+
+    minute = start_ms - start_ms % MINUTE_MS
+    while minute < end_ms:
+        window_start, window_end = max(minute, start_ms), min(minute + MINUTE_MS, end_ms)
+        minute_index = minute // MINUTE_MS
+        draw = rng.random()
+        multiplier = next(m for p, m in _REGIMES if draw <= p)
+        if minute_index % 10 == forced_quiet:
+            multiplier = 0.0
+        minute += MINUTE_MS
+        if multiplier == 0.0:
+            continue
+        rate_per_ms = profile.orders_per_s * multiplier / 1000.0
+        expected_orders = max(1.0, rate_per_ms * MINUTE_MS)
+        # ~0.04% price move per minute whatever the activity: spread it over the expected orders.
+        sigma = max(0.3, price_ticks * 0.0004 / math.sqrt(expected_orders))
+        events: list[int] = []
+        t = float(window_start)
+        while True:
+            t += rng.expovariate(rate_per_ms)
+            if t >= window_end:
+                break
+            events.append(int(t))
+            if rng.random() < 0.01:  # a burst: many orders within a few milliseconds
+                span = rng.randint(0, 40)
+                base = int(t)
+                events.extend(min(window_end - 1, base + rng.randint(0, span)) for _ in range(rng.randint(5, 60)))
+        events.sort()
+        for t_ms in events:
+            order(t_ms, sigma)
+    return trades
+
+
+def generate_market(
+    symbols: tuple[str, ...] | list[str], *, seed: int, start_ms: int, end_ms: int, venue: str = "spot"
+) -> dict[str, list[AggTrade]]:
+    """:func:`generate_trades` for each symbol."""
+    return {s: generate_trades(s, seed=seed, start_ms=start_ms, end_ms=end_ms, venue=venue) for s in symbols}
