@@ -1,0 +1,186 @@
+"""Start, serve and stop one or both writers: startup checks, Kafka clients, health endpoints, signals.
+
+Startup applies nothing: it checks that Kafka answers and that each writer's table exists with a version
+column and insert deduplication (``klines schema apply`` creates them), and refuses to start otherwise with
+one line on stderr and exit code 2. Exit code 0 means every buffered batch was stored and committed before the
+process ended; 1 means a writer failed or its last batch could not be stored within the shutdown grace period
+(nothing of that batch was committed, so the next start re-reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from services import finalized_writer, snapshot_writer
+from services.shared import clickhouse
+from services.shared.kafka import KafkaUnreachable, check_reachable, make_consumer, make_producer
+from services.shared.lifecycle import HealthServer, Shutdown
+from services.shared.logs import log_event, setup_logging
+from services.shared.settings import ConfigError, Settings, load_settings
+from services.shared.writer import (
+    InsertFn,
+    KafkaDeadLetters,
+    WriterEngine,
+    WriterSpec,
+    clickhouse_inserter,
+    make_writer,
+)
+
+log = logging.getLogger(__name__)
+
+#: Writer kind -> (log component, spec from the settings).
+WRITER_KINDS: Mapping[str, tuple[str, Callable[[Settings], WriterSpec]]] = {
+    "finalized": (finalized_writer.COMPONENT, finalized_writer.finalized_spec),
+    "snapshot": (snapshot_writer.COMPONENT, snapshot_writer.snapshot_spec),
+}
+
+
+def _component(kinds: Sequence[str]) -> str:
+    return WRITER_KINDS[kinds[0]][0] if len(kinds) == 1 else "writers"
+
+
+async def serve(
+    settings: Settings,
+    kinds: Sequence[str],
+    shutdown: Shutdown,
+    *,
+    consumer_options: Mapping[str, Any] | None = None,
+    engine_options: Mapping[str, Any] | None = None,
+    wrap_insert: Callable[[str, InsertFn], InsertFn] | None = None,
+    started: Callable[[list[WriterEngine], HealthServer], None] | None = None,
+) -> int:
+    """Run the writers named in ``kinds`` until ``shutdown`` is requested; return the process exit code.
+
+    Raises :class:`KafkaUnreachable` or :class:`clickhouse.SchemaError` before anything starts when a startup
+    check fails. ``consumer_options`` / ``engine_options`` / ``wrap_insert`` exist for tests and benchmarks
+    (small timeouts, an insert that fails on purpose); ``started`` is called once everything runs.
+    """
+    specs = [WRITER_KINDS[kind][1](settings) for kind in kinds]
+    await check_reachable(settings.kafka)
+    client = clickhouse.connect(settings.clickhouse)  # one client per process, shared by the writers
+    for spec in specs:
+        clickhouse.check_table(client, settings.clickhouse, spec.table)
+
+    producer = make_producer(settings.kafka, client_suffix="writers-dead-letter")
+    await producer.start()
+    dead_letters = KafkaDeadLetters(producer, settings.kafka.topics.dead_letter, settings.kafka.send_timeout_s)
+    consumers: list[Any] = []
+    engines: list[WriterEngine] = []
+    health: HealthServer | None = None
+    clean = False
+    try:
+        for spec in specs:
+            options: dict[str, Any] = {"max_poll_records": spec.buffer_size, **(consumer_options or {})}
+            consumer = make_consumer(settings.kafka, group_id=spec.group_id, client_suffix=spec.component, **options)
+            await consumer.start()
+            consumers.append(consumer)
+            insert = clickhouse_inserter(client, settings.clickhouse, spec.table)
+            if wrap_insert is not None:
+                insert = wrap_insert(spec.name, insert)
+            max_poll_s = options.get("max_poll_interval_ms", 300_000) / 1000
+            engines.append(
+                make_writer(
+                    spec,
+                    consumer,
+                    client=client,
+                    settings=settings,
+                    dead_letters=dead_letters,
+                    shutdown=shutdown,
+                    insert=insert,
+                    **{"keepalive_s": min(1.0, max_poll_s / 4), **(engine_options or {})},
+                )
+            )
+
+        health = HealthServer(
+            settings.service.http_host,
+            settings.service.writers_http_port,
+            ready=lambda: all(e.ready for e in engines),
+            metrics=lambda: {e.spec.component: e.metrics() for e in engines},
+        )
+        await health.start()
+        log_event(
+            log,
+            logging.INFO,
+            "writers running",
+            writers=[e.spec.component for e in engines],
+            http_port=health.port,
+            clickhouse=settings.clickhouse.dsn,
+        )
+        if started is not None:
+            started(engines, health)
+        clean = await _run_all(engines, shutdown)
+    finally:
+        for consumer in consumers:
+            try:
+                await asyncio.wait_for(consumer.stop(), max(1.0, shutdown.remaining()))
+            except Exception as exc:  # a broker gone at shutdown must not turn a clean stop into a crash
+                log_event(log, logging.WARNING, "consumer did not stop cleanly", error=str(exc)[:200])
+        try:
+            await asyncio.wait_for(producer.stop(), max(1.0, shutdown.remaining()))
+        except Exception as exc:
+            log_event(log, logging.WARNING, "dead-letter producer did not stop cleanly", error=str(exc)[:200])
+        if health is not None:
+            await health.stop()
+        if clean:
+            # Release the embedded directory (after an abandoned flush a worker thread may still use it).
+            clickhouse.close(settings.clickhouse)
+    return 0 if clean else 1
+
+
+async def _run_all(engines: list[WriterEngine], shutdown: Shutdown) -> bool:
+    """Run every engine; when one fails, stop the others (they flush and commit) and report failure."""
+    tasks = {asyncio.create_task(e.run(), name=e.spec.component): e for e in engines}
+    clean = True
+    pending = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            engine = tasks[task]
+            error = task.exception()
+            if error is None:
+                continue
+            clean = False
+            log_event(
+                log,
+                logging.ERROR,
+                "writer failed",
+                component=engine.spec.component,
+                error=f"{type(error).__name__}: {error}"[:500],
+                exc_info=error,
+            )
+            shutdown.request(f"{engine.spec.component} failed")
+    return clean
+
+
+async def _main_async(settings: Settings, kinds: Sequence[str]) -> int:
+    shutdown = Shutdown(settings.service.shutdown_grace_s)
+    shutdown.install()
+    return await serve(settings, kinds, shutdown)
+
+
+def main(kinds: Sequence[str], argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m services.{writers,finalized_writer,snapshot_writer}``."""
+    component = _component(kinds)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{component}",
+        description=f"Persist {' and '.join(kinds)} klines from Kafka into ClickHouse.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML config (default: $KLINES_CONFIG or config/klines.toml)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"{component}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(component, settings.service.log_level, settings.service.log_format)
+    try:
+        return asyncio.run(_main_async(settings, kinds))
+    except (KafkaUnreachable, clickhouse.SchemaError) as exc:
+        print(f"{component}: {exc}", file=sys.stderr)
+        return 2
