@@ -229,11 +229,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        from clickhouse_connect.driver.exceptions import ClickHouseError
+
         from services.shared.clickhouse import SchemaError
         from services.shared.kafka import KafkaUnreachable
 
         if isinstance(exc, SchemaError | KafkaUnreachable):
             print(f"klines: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, ClickHouseError):
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"klines: ClickHouse at {settings.clickhouse.dsn}: {first_line}", file=sys.stderr)
             return 2
         raise
 

@@ -101,3 +101,11 @@ def test_overrides_win_and_defaults_fill_the_rest(tmp_path: Path) -> None:
     assert isinstance(s, Settings)
     assert s.persistence.queue_size == 3
     assert s.persistence.finalized_buffer_size == 5000
+
+
+def test_relative_chdb_path_resolves_against_the_working_directory(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, '[clickhouse]\ndsn = "chdb:data/ch"\n'))
+    assert s.clickhouse.dsn == f"chdb://{Path.cwd() / 'data' / 'ch'}"
+    assert s.clickhouse.embedded
+    with pytest.raises(ConfigError, match=r"clickhouse\.dsn.*expected chdb"):
+        load_settings(write(tmp_path, '[clickhouse]\ndsn = "tcp://x:9000"\n'))
