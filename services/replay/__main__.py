@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     conn = p.add_argument_group("connections")
     conn.add_argument("--ping-interval", type=float, default=20.0, help="seconds between server pings")
     conn.add_argument("--pong-timeout", type=float, default=60.0)
+    conn.add_argument("--max-connection-age", type=float, default=None, help="seconds (Binance: 86400)")
     conn.add_argument("--rate-limit", type=int, default=None, help="REST weight per minute (default: unlimited)")
     p.add_argument("--log-level", default="WARNING")
     return p
@@ -102,6 +103,7 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Replay
             port=args.port,
             ping_interval_s=args.ping_interval,
             pong_timeout_s=args.pong_timeout,
+            max_connection_age_s=args.max_connection_age,
             rest_weight_limit=args.rate_limit,
         )
     except (ValidationError, ValueError) as exc:

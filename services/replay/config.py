@@ -94,6 +94,7 @@ class ReplayConfig(_Frozen):
     port: int = Field(default=0, ge=0, lt=65536)  # 0 = pick a free port
     ping_interval_s: float = Field(default=20.0, gt=0)
     pong_timeout_s: float = Field(default=60.0, gt=0)
+    max_connection_age_s: float | None = Field(default=None, gt=0)  # Binance: 86400 (24 h); None = forever
     max_streams_per_connection: int = Field(default=1024, ge=1)
     # Binance: 5 incoming messages/s on spot, 10 on USD-M futures; None = the venue's value.
     max_control_messages_per_s: int | None = Field(default=None, ge=1)

@@ -26,7 +26,7 @@ call the same methods. What each fault does:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -39,8 +39,16 @@ if TYPE_CHECKING:
 MalformedKind = Literal["bad_json", "missing_field", "wrong_type", "negative_price"]
 MALFORMED_KINDS: tuple[str, ...] = get_args(MalformedKind)
 
-Entry = tuple[int, str]
-"""A frame on its way out: (symbol index, aggTrade payload JSON)."""
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Trade frames on their way out, in order: ``payloads[i]`` belongs to symbol index ``symbols[i]``."""
+
+    symbols: Sequence[int]
+    payloads: list[str]
+
+    def __len__(self) -> int:
+        return len(self.payloads)
 
 
 @dataclass
@@ -57,33 +65,39 @@ class FaultState:
         """Whether the publisher must look at each trade (the fast path skips all of this)."""
         return bool(self.skips or self.duplicates or self.reorders or self.held)
 
-    def apply(self, trades: list[tuple[int, int, str]]) -> list[Entry]:
+    def apply(self, trades: list[tuple[int, int, str]]) -> Batch:
         """Turn (symbol index, a, payload) triples into the frames to send, consuming the pending faults."""
-        out: list[Entry] = []
+        symbols: list[int] = []
+        payloads: list[str] = []
+
+        def send(symbol_index: int, payload: str) -> None:
+            symbols.append(symbol_index)
+            payloads.append(payload)
+
         for symbol_index, agg_id, payload in trades:
             ranges = self.skips.get(symbol_index)
             if ranges and any(lo <= agg_id <= hi for lo, hi in ranges):
                 continue
             held = self.held.pop(symbol_index, None)
             if held is not None:  # the successor of a held frame: send it first, then the held one
-                out.append((symbol_index, payload))
-                out.append((symbol_index, held))
+                send(symbol_index, payload)
+                send(symbol_index, held)
                 continue
             if self._take(self.duplicates, symbol_index):
-                out.append((symbol_index, payload))
-                out.append((symbol_index, payload))
+                send(symbol_index, payload)
+                send(symbol_index, payload)
                 continue
             if self._take(self.reorders, symbol_index):
                 self.held[symbol_index] = payload
                 continue
-            out.append((symbol_index, payload))
-        return out
+            send(symbol_index, payload)
+        return Batch(symbols, payloads)
 
-    def release_held(self) -> list[Entry]:
+    def release_held(self) -> Batch:
         """Frames held back for a swap that will never come (the feed ended)."""
-        out = list(self.held.items())
+        batch = Batch(list(self.held), list(self.held.values()))
         self.held.clear()
-        return out
+        return batch
 
     @staticmethod
     def _take(counters: dict[int | None, int], symbol_index: int) -> bool:

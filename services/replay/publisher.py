@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 from bisect import bisect_right
+from collections import Counter
 
 from services.replay.clock import PlaybackClock
-from services.replay.faults import Entry, FaultState
+from services.replay.faults import Batch, FaultState
 from services.replay.streams import StreamHub
 from services.replay.tape import MarketTape
 
@@ -82,7 +83,7 @@ class Publisher:
                     await self._sleep(wait)
                     continue
                 held = self.faults.release_held()
-                if held:
+                if len(held):
                     self.hub.broadcast(held)
                 self.exhausted.set()
                 return
@@ -101,27 +102,22 @@ class Publisher:
             await self._sleep(clock.real_seconds_until(times[self.cursor]))
 
     def _publish(self, hi: int) -> None:
-        """Publish timeline entries ``[cursor, hi)``."""
-        tapes = self.tape.by_index
-        symbols = self.tape.timeline_symbols
-        counts = [t.published for t in tapes]
+        """Publish timeline entries ``[cursor, hi)``: REST sees them, connections get their frames."""
+        tape = self.tape
+        lo = self.cursor
+        symbols = tape.timeline_symbols[lo:hi]
         if self.faults.active:
+            tapes = tape.by_index
+            counts = [t.published for t in tapes]
             triples: list[tuple[int, int, str]] = []
-            for i in range(self.cursor, hi):
-                s = symbols[i]
+            for s in symbols:
                 k = counts[s]
                 counts[s] = k + 1
                 triples.append((s, tapes[s].ids[k], tapes[s].payloads[k]))
-            entries: list[Entry] = self.faults.apply(triples)
+            batch = self.faults.apply(triples)
         else:
-            entries = []
-            append = entries.append
-            for i in range(self.cursor, hi):
-                s = symbols[i]
-                k = counts[s]
-                counts[s] = k + 1
-                append((s, tapes[s].payloads[k]))
-        for tape, count in zip(tapes, counts, strict=True):
-            tape.published = count
+            batch = Batch(symbols, tape.timeline_payloads[lo:hi])
+        for index, count in Counter(symbols).items():
+            tape.by_index[index].published += count
         self.cursor = hi
-        self.hub.broadcast(entries)
+        self.hub.broadcast(batch)

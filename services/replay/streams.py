@@ -17,7 +17,8 @@ than ``max_streams_per_connection`` streams, or more than the venue's control me
 error and a close (1008).
 
 The server pings every ``ping_interval_s`` and closes a connection whose ping stays unanswered (a pong with
-the same payload) for ``pong_timeout_s``.
+the same payload) for ``pong_timeout_s``. With ``max_connection_age_s`` (Binance: 24 h) it closes connections
+that old (1001), so clients can test their planned reconnection.
 
 Sending is built for throughput: the publisher hands each connection ready-made JSON strings, and a per-connection
 writer task frames a whole batch into one buffer and writes it to the transport in one call (aiohttp's
@@ -29,42 +30,78 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from services.replay.config import ReplayConfig
-from services.replay.faults import Entry
+from services.replay.faults import Batch
 from services.replay.tape import MarketTape
 
 _STREAM_NAME = re.compile(r"^[a-z0-9_.\-]+@[A-Za-z0-9_@]+$")
 _LEN2 = struct.Struct("!BBH").pack
 _LEN3 = struct.Struct("!BBQ").pack
 _WRITE_HIGH_WATER = 4 << 20  # bytes in the transport buffer before the writer waits
-_MAX_FRAMES_PER_WRITE = 2048
+_MAX_FRAMES_PER_WRITE = 8192
 _FAST_MODE_HIGH_FRAMES = 50_000  # fast mode: the publisher waits while a connection is this far behind
 _CLOSE_TIMEOUT_S = 2.0
 
 
-def encode_text_frames(messages: Iterable[str]) -> bytes:
-    """Unmasked, unfragmented WebSocket text frames (server → client) for ``messages``, concatenated."""
-    parts: list[bytes] = []
-    append = parts.append
-    for message in messages:
-        data = message.encode()
-        n = len(data)
+_HEADERS: dict[int, str] = {}
+
+
+def _header(n: int) -> str:
+    """The header of an unmasked, final text frame of ``n`` bytes, as a latin-1 string (one char per byte)."""
+    header = _HEADERS.get(n)
+    if header is None:
         if n < 126:
-            append(bytes((0x81, n)))
+            raw = bytes((0x81, n))
         elif n < 65536:
-            append(_LEN2(0x81, 126, n))
+            raw = _LEN2(0x81, 126, n)
         else:
-            append(_LEN3(0x81, 127, n))
-        append(data)
-    return b"".join(parts)
+            raw = _LEN3(0x81, 127, n)
+        header = raw.decode("latin-1")
+        if n < 65536:
+            _HEADERS[n] = header
+    return header
+
+
+Chunk = tuple[Sequence[int] | None, list[str]]
+"""Queued frames: (symbol indexes to wrap them in the combined envelope, or None for as-is; ASCII texts)."""
+
+
+def encode_chunks(chunks: Iterable[Chunk], prefixes: Sequence[str]) -> bytes:
+    """Unmasked WebSocket text frames (server → client) for ``chunks``, in one buffer.
+
+    Every text is ASCII (trade payloads are checked when the tape is built; control replies come from
+    ``json.dumps``, which escapes), so a character is a byte: frames are assembled as one string and encoded
+    once, instead of encoding and framing each message separately.
+    """
+    parts: list[str] = []
+    append = parts.append
+    for symbols, texts in chunks:
+        if symbols is None:
+            for text in texts:
+                append(_header(len(text)))
+                append(text)
+        else:
+            for index, text in zip(symbols, texts, strict=True):
+                prefix = prefixes[index]
+                append(_header(len(prefix) + len(text) + 1))
+                append(prefix)
+                append(text)
+                append("}")
+    return "".join(parts).encode("latin-1")
+
+
+def encode_text_frames(messages: list[str]) -> bytes:
+    """Frames for plain ASCII ``messages`` (see :func:`encode_chunks`)."""
+    return encode_chunks([(None, messages)], ())
 
 
 def _error(code: int, msg: str, request_id: Any) -> str:
@@ -99,55 +136,75 @@ class Connection:
         self.silent = silent
         self.streams: dict[str, None] = {}  # an ordered set, for LIST_SUBSCRIPTIONS
         self.symbols: set[int] = set()
-        self.pending: list[str] = []
+        self.pending: list[Chunk] = []
+        self.pending_frames = 0
         self.sent_frames = 0
         self.stalled_until = 0.0
         self.closing = False
         self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._drained.set()
         self._control_times: deque[float] = deque()
         self._pings: dict[bytes, float] = {}
         self._ping_seq = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ outgoing
-    def deliver(self, entries: list[Entry]) -> None:
-        """Queue the trade frames of the symbols this connection subscribes to."""
+    def deliver(self, batch: Batch) -> None:
+        """Queue the trade frames of the symbols this connection subscribes to (no copy when it has them all)."""
         subscribed = self.symbols
-        if self.silent or not subscribed or self.closing:
+        if self.silent or not subscribed or self.closing or not len(batch):
             return
-        if self.combined:
-            prefixes = self.hub.prefixes
-            frames = [prefixes[s] + p + "}" for s, p in entries if s in subscribed]
+        symbols: Sequence[int]
+        if len(subscribed) == len(self.hub.prefixes):
+            symbols, texts = batch.symbols, batch.payloads
         else:
-            frames = [p for s, p in entries if s in subscribed]
-        if frames:
-            self.pending.extend(frames)
-            self._drained.clear()
-            self._wake.set()
+            pairs = [(s, p) for s, p in zip(batch.symbols, batch.payloads, strict=True) if s in subscribed]
+            if not pairs:
+                return
+            symbols, texts = [s for s, _ in pairs], [p for _, p in pairs]
+        self._queue((symbols if self.combined else None, texts))
 
     def send_text(self, text: str) -> None:
-        """Queue one text frame (a control reply or an event), in order with the trade frames."""
+        """Queue one ASCII text frame (a control reply or an event), in order with the trade frames."""
+        if not text.isascii():
+            raise ValueError("frames must be ASCII (use json.dumps)")
+        self._queue((None, [text]))
+
+    def send_trade_text(self, symbol_index: int, payload: str) -> None:
+        """Queue one trade-stream text as this connection frames it (combined envelope or raw)."""
+        self._queue(([symbol_index] if self.combined else None, [payload]))
+
+    def _queue(self, chunk: Chunk) -> None:
         if self.closing:
             return
-        self.pending.append(text)
-        self._drained.clear()
+        self.pending.append(chunk)
+        self.pending_frames += len(chunk[1])
         self._wake.set()
-
-    def wrap(self, symbol_index: int, payload: str) -> str:
-        """``payload`` as this connection frames it (combined envelope or raw)."""
-        return self.hub.prefixes[symbol_index] + payload + "}" if self.combined else payload
 
     @property
     def stalled(self) -> bool:
         """Inside an injected stall."""
         return self.hub.monotonic() < self.stalled_until
 
-    def _write_now(self, frames: list[str]) -> None:
-        if frames and not self.transport.is_closing():
-            self.transport.write(encode_text_frames(frames))
-            self.sent_frames += len(frames)
+    def _take(self, max_frames: int | None) -> list[Chunk]:
+        """Dequeue whole chunks up to about ``max_frames`` frames (at least one chunk; None = everything)."""
+        if max_frames is None or self.pending_frames <= max_frames:
+            chunks, self.pending, self.pending_frames = self.pending, [], 0
+            return chunks
+        taken = 0
+        count = 0
+        for count, (_, texts) in enumerate(self.pending, start=1):  # noqa: B007 - count is used after the loop
+            taken += len(texts)
+            if taken >= max_frames:
+                break
+        chunks = self.pending[:count]
+        del self.pending[:count]
+        self.pending_frames -= taken
+        return chunks
+
+    def _write_now(self, chunks: list[Chunk]) -> None:
+        if chunks and not self.transport.is_closing():
+            self.transport.write(encode_chunks(chunks, self.hub.prefixes))
+            self.sent_frames += sum(len(texts) for _, texts in chunks)
 
     async def _write_loop(self) -> None:
         while not self.closing:
@@ -160,27 +217,26 @@ class Connection:
                     continue
                 if self.transport.is_closing():
                     return
-                if len(self.pending) <= _MAX_FRAMES_PER_WRITE:
-                    batch, self.pending = self.pending, []
-                else:
-                    batch = self.pending[:_MAX_FRAMES_PER_WRITE]
-                    del self.pending[:_MAX_FRAMES_PER_WRITE]
-                self._write_now(batch)
+                # Synchronous from dequeue to write: nothing can slip in between, so order is kept.
+                self._write_now(self._take(_MAX_FRAMES_PER_WRITE))
                 while self.transport.get_write_buffer_size() > _WRITE_HIGH_WATER and not self.closing:
                     if self.transport.is_closing():
                         return
                     await asyncio.sleep(0.001)
-            if not self.pending:
-                self._drained.set()
 
     # ------------------------------------------------------------------ pings
     async def _ping_loop(self) -> None:
         config = self.hub.config
-        tick = min(config.ping_interval_s, config.pong_timeout_s) / 2
-        next_ping = self.hub.monotonic() + config.ping_interval_s
+        max_age = config.max_connection_age_s
+        tick = min(config.ping_interval_s, config.pong_timeout_s, max_age or math.inf) / 2
+        opened = self.hub.monotonic()
+        next_ping = opened + config.ping_interval_s
         while not self.closing:
             await asyncio.sleep(tick)
             now = self.hub.monotonic()
+            if max_age is not None and now - opened >= max_age:
+                self.hub.spawn(self.close(1001, "connection lifetime reached"))
+                return
             if now < self.stalled_until:
                 next_ping = max(next_ping, self.stalled_until)
                 continue
@@ -311,8 +367,7 @@ class Connection:
         if self.closing:
             return
         if flush and not self.stalled:
-            frames, self.pending = self.pending, []
-            self._write_now(frames)
+            self._write_now(self._take(None))
         self.closing = True
         self._wake.set()
         try:
@@ -325,10 +380,6 @@ class Connection:
         self.closing = True
         self._wake.set()
         self.transport.abort()
-
-    async def wait_drained(self) -> None:
-        """Until the queued frames have been written to the transport."""
-        await self._drained.wait()
 
 
 class StreamHub:
@@ -363,12 +414,12 @@ class StreamHub:
         task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ fan-out
-    def broadcast(self, entries: list[Entry]) -> None:
+    def broadcast(self, batch: Batch) -> None:
         """Hand published frames to every connection; in real-time mode drop a hopelessly slow one."""
         limit = self.config.max_pending_frames
         for conn in list(self.connections):
-            conn.deliver(entries)
-            if len(conn.pending) > limit and not self.config.speed == 0:
+            conn.deliver(batch)
+            if conn.pending_frames > limit and self.config.speed != 0 and not conn.closing:
                 self.spawn(conn.close(1008, "slow consumer", flush=False))
 
     async def wait_for_room(self) -> None:
@@ -377,7 +428,7 @@ class StreamHub:
             behind = [
                 c
                 for c in self.connections
-                if not c.closing and len(c.pending) > _FAST_MODE_HIGH_FRAMES and not c.stalled
+                if not c.closing and c.pending_frames > _FAST_MODE_HIGH_FRAMES and not c.stalled
             ]
             if not behind:
                 return
@@ -406,7 +457,7 @@ class StreamHub:
                 continue
             for symbol_index, payload in payloads.items():
                 if symbol_index in conn.symbols:
-                    conn.send_text(conn.wrap(symbol_index, payload))
+                    conn.send_trade_text(symbol_index, payload)
                     sent += 1
                     break
         return sent

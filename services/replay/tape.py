@@ -13,11 +13,9 @@ on Binance where ``E >= T``; the delay sometimes crosses a kline boundary, which
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from services.core.models import AggTrade
@@ -31,17 +29,18 @@ def event_time(trade: AggTrade) -> int:
     return trade.T + 1 + trade.a % 23
 
 
-def _bool(value: bool) -> str:
-    return "true" if value else "false"
-
-
 def stream_payload(trade: AggTrade, venue: Venue) -> str:
     """The exact aggTrade stream payload (spot has ``M``; USD-M futures does not)."""
+    return _stream_payloads([trade], venue)[0]
+
+
+def _stream_payloads(trades: list[AggTrade], venue: Venue) -> list[str]:
     tail = ',"M":true}' if venue == "spot" else "}"
-    return (
-        f'{{"e":"aggTrade","E":{event_time(trade)},"s":"{trade.s}","a":{trade.a},"p":"{trade.p}",'
-        f'"q":"{trade.q}","f":{trade.f},"l":{trade.l},"T":{trade.T},"m":{_bool(trade.m)}{tail}'
-    )
+    return [
+        f'{{"e":"aggTrade","E":{t.T + 1 + t.a % 23},"s":"{t.s}","a":{t.a},"p":"{t.p}","q":"{t.q}",'
+        f'"f":{t.f},"l":{t.l},"T":{t.T},"m":{"true" if t.m else "false"}{tail}'
+        for t in trades
+    ]
 
 
 def rest_payload(trade: AggTrade, venue: Venue) -> str:
@@ -49,7 +48,7 @@ def rest_payload(trade: AggTrade, venue: Venue) -> str:
     tail = ',"M":true}' if venue == "spot" else "}"
     return (
         f'{{"a":{trade.a},"p":"{trade.p}","q":"{trade.q}","f":{trade.f},"l":{trade.l},'
-        f'"T":{trade.T},"m":{_bool(trade.m)}{tail}'
+        f'"T":{trade.T},"m":{"true" if trade.m else "false"}{tail}'
     )
 
 
@@ -115,33 +114,37 @@ class MarketTape:
             for before, after in itertools.pairwise(ordered):
                 if after.a == before.a:
                     raise ValueError(f"{symbol}: aggregate trade id {after.a} appears twice")
+            payloads = _stream_payloads(ordered, venue)
+            # Every frame is ASCII (symbols, digits, json.dumps escapes): one character is one byte on the wire.
+            if not all(p.isascii() for p in payloads):
+                raise ValueError(f"{symbol}: trade fields must be ASCII")
             self.symbols[symbol] = SymbolTape(
                 symbol,
                 index,
                 ordered,
-                [stream_payload(t, venue) for t in ordered],
+                payloads,
                 array("q", (t.T for t in ordered)),
                 array("q", (t.a for t in ordered)),
             )
         self.by_index: list[SymbolTape] = list(self.symbols.values())
         # The timeline: one entry per trade, ordered by (scheduled time, symbol order); per symbol in `a` order.
-        # A recording whose T ever steps back is scheduled at the running maximum, so `a` order is kept.
-        self.timeline_times: array[int] = array("q")
-        self.timeline_symbols: array[int] = array("H")
-        for ms, symbol_index in heapq.merge(*(self._schedule(tape) for tape in self.by_index)):
-            self.timeline_times.append(ms)
-            self.timeline_symbols.append(symbol_index)
+        # A recording whose T ever steps back is scheduled at the running maximum, so `a` order is kept. Each
+        # symbol's entries are already sorted, so the sort only merges runs.
+        merged = sorted(
+            itertools.chain.from_iterable(
+                zip(itertools.accumulate(tape.times, max), itertools.repeat(tape.index), strict=False)
+                for tape in self.by_index
+            )
+        )
+        self.timeline_times: array[int] = array("q", (ms for ms, _ in merged))
+        self.timeline_symbols: array[int] = array("H", (index for _, index in merged))
+        # The payloads in timeline order (references, not copies): publishing a batch is a slice.
+        cursors = [iter(tape.payloads) for tape in self.by_index]
+        self.timeline_payloads: list[str] = [next(cursors[index]) for index in self.timeline_symbols]
         first = self.timeline_times[0] if self.timeline_times else start_ms
         last = self.timeline_times[-1] if self.timeline_times else start_ms
         self.start_ms = min(start_ms, first)
         self.end_ms = max(end_ms, last)
-
-    @staticmethod
-    def _schedule(tape: SymbolTape) -> Iterator[tuple[int, int]]:
-        running = -(2**62)
-        for ms in tape.times:
-            running = max(running, ms)
-            yield running, tape.index
 
     def __len__(self) -> int:
         return len(self.timeline_times)

@@ -226,6 +226,16 @@ async def test_server_pings_and_drops_a_client_that_never_pongs() -> None:
             assert await recv_json(answering) == {"result": [], "id": 1}
 
 
+async def test_connections_are_closed_at_their_maximum_age() -> None:
+    async with ReplayExchange(generated(autostart="never", max_connection_age_s=0.3)) as ex:
+        async with connect(f"{ex.ws_url}/ws") as ws:
+            started = time.monotonic()
+            with pytest.raises(websockets.ConnectionClosedOK) as closed:
+                await recv_json(ws, timeout=3)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            assert 0.25 < time.monotonic() - started < 2
+
+
 # --------------------------------------------------------------------------------------------- REST
 
 

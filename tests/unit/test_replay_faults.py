@@ -7,7 +7,7 @@ import json
 import pytest
 
 from services.core.models import InvalidInput, parse_agg_trade
-from services.replay.faults import MALFORMED_KINDS, FaultState, malformed_payload
+from services.replay.faults import MALFORMED_KINDS, Batch, FaultState, malformed_payload
 from services.replay.streams import encode_text_frames
 
 pytestmark = pytest.mark.unit
@@ -22,39 +22,44 @@ def frames(symbol: int, ids: range) -> list[tuple[int, int, str]]:
     return [(symbol, a, f"{symbol}:{a}") for a in ids]
 
 
+def sent(batch: Batch) -> list[tuple[int, str]]:
+    assert len(batch.symbols) == len(batch.payloads) == len(batch)
+    return list(zip(batch.symbols, batch.payloads, strict=True))
+
+
 def test_no_fault_passes_everything_through() -> None:
     state = FaultState()
     assert not state.active
-    assert state.apply(frames(0, range(3))) == [(0, "0:0"), (0, "0:1"), (0, "0:2")]
+    assert sent(state.apply(frames(0, range(3)))) == [(0, "0:0"), (0, "0:1"), (0, "0:2")]
 
 
 def test_skip_drops_exactly_the_range_of_that_symbol() -> None:
     state = FaultState(skips={0: [(2, 3)]})
-    out = state.apply(frames(0, range(6)) + frames(1, range(6)))
+    out = sent(state.apply(frames(0, range(6)) + frames(1, range(6))))
     assert [p for s, p in out if s == 0] == ["0:0", "0:1", "0:4", "0:5"]
     assert len([p for s, p in out if s == 1]) == 6
 
 
 def test_duplicate_sends_the_next_frames_twice() -> None:
     state = FaultState(duplicates={None: 2})
-    out = [p for _, p in state.apply(frames(0, range(4)))]
+    out = [p for _, p in sent(state.apply(frames(0, range(4))))]
     assert out == ["0:0", "0:0", "0:1", "0:1", "0:2", "0:3"]
     assert not state.active
 
 
 def test_reorder_swaps_neighbours_of_one_symbol_even_across_batches() -> None:
     state = FaultState(reorders={1: 2})
-    first = [p for _, p in state.apply(frames(0, range(2)) + frames(1, range(3)))]
+    first = [p for _, p in sent(state.apply(frames(0, range(2)) + frames(1, range(3))))]
     assert first == ["0:0", "0:1", "1:1", "1:0"]  # 1:2 is held for the next pair
-    second = [p for _, p in state.apply(frames(1, range(3, 5)))]
+    second = [p for _, p in sent(state.apply(frames(1, range(3, 5))))]
     assert second == ["1:3", "1:2", "1:4"]
     assert not state.active
 
 
 def test_held_frame_is_released_at_the_end() -> None:
     state = FaultState(reorders={None: 1})
-    assert state.apply(frames(0, range(1))) == []
-    assert state.release_held() == [(0, "0:0")]
+    assert sent(state.apply(frames(0, range(1)))) == []
+    assert sent(state.release_held()) == [(0, "0:0")]
 
 
 @pytest.mark.parametrize("kind", MALFORMED_KINDS)
