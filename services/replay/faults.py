@@ -12,8 +12,8 @@ call the same methods. What each fault does:
 * ``reorder_frames(count, symbol)`` — the next ``count`` pairs of neighbouring frames of one symbol are swapped.
 * ``send_malformed(kind, symbol)`` — one malformed frame to every connection subscribed to the symbol (any
   symbol if None): ``bad_json``, ``missing_field`` (no ``p``), ``wrong_type`` (``a`` a string, ``q`` a number),
-  ``negative_price``. A malformed frame reuses the symbol's last published ``a``, so it can never shadow a trade
-  still to come and a client that rejects it loses nothing.
+  ``negative_price``. A malformed frame reuses the symbol's last published ``a`` (before the first trade: the
+  first id minus one), so it never shadows a trade still to come and a client that rejects it loses nothing.
 * ``server_shutdown(close_after_s)`` — ``{"e":"serverShutdown","E":...}`` to every connection, then a normal
   close (1001) after the delay.
 * ``pause_feed()`` / ``resume_feed()`` — market time stops and resumes; ``resume_feed`` also starts a feed that
@@ -196,11 +196,15 @@ class Faults:
         index = self._symbol_index(symbol)
         payloads: dict[int, str] = {}
         for tape in self._tape.by_index:
-            if index is not None and tape.index != index:
+            if (index is not None and tape.index != index) or not tape.payloads:
                 continue
-            source = tape.payloads[max(tape.published - 1, 0)] if tape.payloads else None
-            if source is not None:
-                payloads[tape.index] = malformed_payload(kind, source)
+            if tape.published:
+                source = tape.payloads[tape.published - 1]
+            else:  # nothing public yet: the first trade's shape under an id just before it
+                first = json.loads(tape.payloads[0])
+                first["a"] -= 1
+                source = json.dumps(first, separators=(",", ":"))
+            payloads[tape.index] = malformed_payload(kind, source)
         return self._hub.send_malformed(payloads)
 
     def server_shutdown(self, close_after_s: float | None = None) -> int:

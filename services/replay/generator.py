@@ -163,7 +163,7 @@ def generate_trades(symbol: str, *, seed: int, start_ms: int, end_ms: int, venue
         for level in range(levels):
             if level:  # a sweep takes the next price level in the taker's direction
                 price_ticks = max(1, price_ticks - 1 if taker_sells else price_ticks + 1)
-            lots = max(1, int(typical_lots * rng.lognormvariate(0.0, 1.0)))
+            lots = max(1, int(typical_lots * math.exp(rng.gauss(0.0, 1.0))))  # log-normal sizes
             fill(t_ms, price_ticks, lots, taker_sells)
 
     minute = start_ms - start_ms % MINUTE_MS

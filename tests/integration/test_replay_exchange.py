@@ -389,7 +389,7 @@ async def test_stall_stops_sending_without_closing_then_resumes_without_loss() -
     async with ReplayExchange(generated(symbols=("BTCUSDT",), speed=30)) as ex:
         async with connect(ex.stream_url(["BTCUSDT"])) as ws:
             frames = await collect(ws, 5)
-            assert ex.faults.stall(0.8) == 1
+            assert ex.faults.stall(1.5) == 1
             while True:  # what was already on the wire still arrives
                 try:
                     frames.append(json.loads(await asyncio.wait_for(ws.recv(), 0.1)))
@@ -435,20 +435,34 @@ async def test_duplicate_and_reorder_frames() -> None:
 
 @pytest.mark.parametrize("kind", ["bad_json", "missing_field", "wrong_type", "negative_price"])
 async def test_malformed_frames(kind: str) -> None:
-    async with ReplayExchange(generated()) as ex, connect(ex.stream_url(["BTCUSDT"])) as ws:
+    async with ReplayExchange(generated(symbols=("BTCUSDT",), minutes=1)) as ex:
         btc = ex.trades("BTCUSDT")
-        await collect(ws, len(btc))
-        assert await control(ex, "malformed", {"kind": kind, "symbol": "BTCUSDT"}) == (200, {"ok": True, "sent": 1})
-        text = await asyncio.wait_for(ws.recv(), 5)
+        async with connect(ex.stream_url(["BTCUSDT"])) as ws:
+            first = await recv_json(ws)
+            await ex.wait_exhausted(5)
+            await collect(ws, len(btc) - 1)
+            assert await control(ex, "malformed", {"kind": kind, "symbol": "BTCUSDT"}) == (
+                200,
+                {"ok": True, "sent": 1},
+            )
+            text = await asyncio.wait_for(ws.recv(), 5)
         if kind == "bad_json":
             with pytest.raises(ValueError):
                 json.loads(text)
             return
         frame = json.loads(text)
-        assert frame["stream"] == "btcusdt@aggTrade"
+        assert frame["stream"] == "btcusdt@aggTrade" and first["stream"] == "btcusdt@aggTrade"
         with pytest.raises(InvalidInput):
             parse_agg_trade(frame["data"])
         assert frame["data"]["a"] in (btc[-1].a, str(btc[-1].a))  # never the id of a trade still to come
+
+
+async def test_malformed_frame_before_the_first_trade_uses_an_id_before_it() -> None:
+    async with ReplayExchange(generated(symbols=("BTCUSDT",), minutes=1, autostart="never")) as ex:
+        async with connect(ex.stream_url(["BTCUSDT"], combined=False)) as ws:
+            assert ex.faults.send_malformed("negative_price") == 1
+            frame = await recv_json(ws)
+        assert frame["a"] == ex.trades("BTCUSDT")[0].a - 1 and frame["p"].startswith("-")
 
 
 async def test_server_shutdown_event_then_close() -> None:
