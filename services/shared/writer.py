@@ -58,6 +58,24 @@ _MAX_INTEGER_DIGITS = 20
 _UINT64_LIMIT = 2**64
 _DECIMAL_FIELDS = ("o", "h", "l", "c", "v", "q", "V", "Q")
 
+#: What an engine reports (``/metrics``): counters since start, and gauges (lag, paused, last flush).
+_METRICS = (
+    "rows_inserted",
+    "batches",
+    "dead_letters",
+    "tombstones_skipped",
+    "insert_retries",
+    "dead_letter_retries",
+    "commits",
+    "commit_failures",
+    "assignments",
+    "revocations",
+    "lag",
+    "paused",
+    "last_flush_latency_ms",
+    "last_batch_rows",
+)
+
 Row = tuple[Any, ...]
 InsertFn = Callable[[Sequence[Row], str], None]
 """Blocking insert of rows with a deduplication token; runs in a worker thread."""
@@ -375,6 +393,8 @@ class WriterEngine:
         # to commit any more, whenever that flush completes.
         self._forfeit: set[Any] = set()
         self._assigned = False
+        for name in _METRICS:  # every figure exists from the start: /metrics has a stable shape
+            self.counters.set(name, self.counters.get(name))
 
     # --- the protocol --------------------------------------------------------------------------------------
 

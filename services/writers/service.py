@@ -101,7 +101,7 @@ async def serve(
             settings.service.http_host,
             settings.service.writers_http_port,
             ready=lambda: all(e.ready for e in engines),
-            metrics=lambda: {e.spec.component: e.metrics() for e in engines},
+            metrics=lambda: combined_metrics(engines),
         )
         await health.start()
         log_event(
@@ -131,6 +131,26 @@ async def serve(
             # Release the embedded directory (after an abandoned flush a worker thread may still use it).
             clickhouse.close(settings.clickhouse)
     return 0 if clean else 1
+
+
+#: Gauges where the process-wide figure is the worst writer's, not a sum.
+_WORST_OF = {"last_flush_latency_ms": max, "flush_age_s": max, "paused": max, "ready": min}
+
+
+def combined_metrics(engines: Sequence[WriterEngine]) -> dict[str, Any]:
+    """``/metrics``: process-wide figures at the top level (``rows_inserted``, ``lag``, ``dead_letters`` ...
+    summed over the writers; latency and flush age the worst writer's), and each writer's own under ``writers``.
+    """
+    per_writer = {e.spec.component: e.metrics() for e in engines}
+    combined: dict[str, Any] = {}
+    for values in per_writer.values():
+        for key, value in values.items():
+            if key in combined:
+                combined[key] = _WORST_OF.get(key, sum)((combined[key], value))
+            else:
+                combined[key] = value
+    combined["writers"] = per_writer
+    return combined
 
 
 async def _run_all(engines: list[WriterEngine], shutdown: Shutdown) -> bool:

@@ -1,0 +1,300 @@
+"""Throughput and latency of the two writers against a bare clickhouse-connect insert loop, in one run (chDB).
+
+Run: ``.venv/bin/python benchmarks/bench_writers.py [--rows N] [--latency-s S] [--rate R]`` with a broker at
+``$KAFKA_BOOTSTRAP`` (default 127.0.0.1:9092). Everything runs in this process on the embedded engine in a
+temporary directory; the topics are created for the run and deleted after it.
+
+Throughput (rows/s): N klines are produced to each topic first, then each writer is started from the beginning
+of its topic and timed from its partition assignment until every row is inserted and committed, with the default
+``[persistence]`` buffer sizes. The baseline is a bare clickhouse-connect loop inserting the same rows (already
+built, no Kafka, no decoding) in batches of ``finalized_buffer_size``: the ceiling of the write path itself. A
+split of the per-row cost (JSON, ``Kline.from_dict``, row building, insert) shows where the writer's time goes.
+
+Latency: klines are produced at ``--rate`` per second (the close of each kline is the moment it is produced) while
+the finalized writer runs; a poller in the same process (an embedded directory opens in one process only) looks
+for new rows every 20 ms. Reported per flush interval: p50 / p99 / max from produce to queryable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.core.models import Kline
+from services.finalized_writer import finalized_spec
+from services.shared import clickhouse
+from services.shared.kafka import delete_topics, ensure_topics, make_producer
+from services.shared.lifecycle import Shutdown
+from services.shared.messages import decode_kline, encode_kline, kline_key
+from services.shared.settings import Settings, load_settings
+from services.shared.writer import WriterEngine
+from services.writers import serve
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = 1_735_689_600_000  # 2025-01-01 00:00 UTC
+SYMBOLS = [f"S{k:04d}USDT" for k in range(500)]
+
+
+def synthetic_kline(n: int, *, closed: bool = True) -> Kline:
+    """Deterministic, realistic klines: 500 symbols x consecutive minutes, 8-decimal prices and volumes."""
+    symbol = SYMBOLS[n % len(SYMBOLS)]
+    t = T0 + (n // len(SYMBOLS)) * 60_000
+    base = Decimal(20_000 + n % 977) + Decimal(n % 99_991) / Decimal(10**8)
+    v = Decimal(1 + n % 13) + Decimal(n % 7919) / Decimal(10**8)
+    c = base + Decimal("0.5")
+    q = (v * c).quantize(Decimal("1E-16"))
+    return Kline(symbol, "1m", t, t + 59_999, 10 * n, 10 * n + 9, base, base + 1, base - 1, c, v, 10, closed, q,
+                 v / 2, q / 2)  # fmt: skip
+
+
+def bench_settings(database: str, topics: dict[str, str], chdb_dir: Path, **persistence: Any) -> Settings:
+    return load_settings(
+        REPO / "config" / "klines.toml",
+        kafka={"bootstrap": os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"), "topics": topics,
+               "klines_partitions": 3, "client_id": f"bench-{database}-{uuid.uuid4().hex[:6]}"},
+        clickhouse={"dsn": f"chdb://{chdb_dir}", "database": database},
+        service={"writers_http_port": 0, "log_level": "WARNING"},
+        persistence=persistence,
+    )  # fmt: skip
+
+
+async def produce(settings: Settings, topic: str, values: Sequence[tuple[bytes, bytes]]) -> None:
+    producer = make_producer(settings.kafka, linger_ms=20)
+    await producer.start()
+    try:
+        for key, value in values:
+            await producer.send(topic, key=key, value=value)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+# --- throughput ---------------------------------------------------------------------------------------------
+
+
+def bare_insert_loop(
+    settings: Settings, rows: list[tuple[Any, ...]], batch: int, *, decimals_as_text: bool = False
+) -> float:
+    """rows/s of clickhouse-connect inserting prebuilt rows: no Kafka, no JSON, no validation.
+
+    ``decimals_as_text``: send the Decimal(38, 18) columns as strings for ClickHouse to parse (a what-if for the
+    write path: clickhouse-connect converts every Decimal in Python, which is most of an insert's cost).
+    """
+    client = clickhouse.connect(settings.clickhouse)
+    clickhouse.apply_schema(client, settings.clickhouse)
+    columns = list(clickhouse.KLINE_COLUMNS)
+    types = None
+    if decimals_as_text:
+        described = dict(
+            clickhouse.query_rows(
+                client,
+                f"SELECT name, type FROM system.columns WHERE database = "
+                f"'{settings.clickhouse.database}' AND table = '{settings.clickhouse.finalized_table}'",
+            )
+        )
+        types = ["String" if described[c].startswith("Decimal") else described[c] for c in columns]
+        rows = [tuple(format(v, "f") if isinstance(v, Decimal) else v for v in row) for row in rows]
+    started = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        client.insert(settings.clickhouse.finalized_table, rows[i : i + batch], database=settings.clickhouse.database,
+                      column_names=columns, column_type_names=types,
+                      settings={"insert_deduplication_token": f"bare:{i}"})  # fmt: skip
+    return len(rows) / (time.perf_counter() - started)
+
+
+def cost_split(values: list[bytes]) -> dict[str, float]:
+    """Microseconds per row of each stage of the writer's work, measured one stage at a time."""
+    n = len(values)
+    started = time.perf_counter()
+    objs = [json.loads(v) for v in values]
+    json_us = (time.perf_counter() - started) / n * 1e6
+    started = time.perf_counter()
+    klines = [decode_kline(v)[0] for v in values]
+    decode_us = (time.perf_counter() - started) / n * 1e6 - json_us
+    started = time.perf_counter()
+    rows = [clickhouse.kline_row(k, version=0, partition=0, offset=i, token="t") for i, k in enumerate(klines)]
+    row_us = (time.perf_counter() - started) / n * 1e6
+    del objs, rows
+    return {"json.loads": json_us, "Kline.from_dict + checks": decode_us, "kline_row": row_us}
+
+
+async def run_writers(settings: Settings, kinds: list[str], expected: int) -> float:
+    """Start ``kinds`` from the beginning of their topics; rows/s from the first assignment to the last row."""
+    clickhouse.apply_schema(clickhouse.connect(settings.clickhouse), settings.clickhouse)
+    shutdown = Shutdown(30)
+    holder: list[list[WriterEngine]] = []
+    task = asyncio.create_task(serve(settings, kinds, shutdown, started=lambda e, _h: holder.append(e)))
+    while not holder:
+        await asyncio.sleep(0.005)
+    engines = holder[0]
+    while not all(e.counters.get("assignments") for e in engines):
+        await asyncio.sleep(0.005)
+    started = time.perf_counter()
+    while sum(e.counters.get("rows_inserted") for e in engines) < expected or any(e.uncommitted for e in engines):
+        if task.done():
+            task.result()
+            raise RuntimeError("writers stopped early")
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    shutdown.request("benchmark done")
+    if await task != 0:
+        raise RuntimeError("writers did not stop cleanly")
+    return expected / elapsed
+
+
+# --- latency ------------------------------------------------------------------------------------------------
+
+
+async def latency(settings: Settings, rate: float, seconds: float, first: int) -> list[float]:
+    """Seconds from produce (the kline's close) to queryable, for every kline produced at ``rate`` per second."""
+    client = clickhouse.connect(settings.clickhouse)
+    clickhouse.apply_schema(client, settings.clickhouse)
+    shutdown = Shutdown(30)
+    holder: list[list[WriterEngine]] = []
+    task = asyncio.create_task(serve(settings, ["finalized"], shutdown, started=lambda e, _h: holder.append(e)))
+    while not holder or not holder[0][0].counters.get("assignments"):
+        await asyncio.sleep(0.005)
+    spec = finalized_spec(settings)
+    produced_at: dict[tuple[str, int], float] = {}
+    seen_at: dict[tuple[str, int], float] = {}
+    count = int(rate * seconds)
+
+    async def producing() -> None:
+        producer = make_producer(settings.kafka)
+        await producer.start()
+        try:
+            begin = time.monotonic()
+            for n in range(first, first + count):
+                k = synthetic_kline(n)
+                produced_at[(k.s, k.t)] = time.time()
+                await producer.send(spec.topic, key=kline_key(k.s, k.i), value=encode_kline(k))
+                ahead = (n - first + 1) / rate - (time.monotonic() - begin)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    async def polling() -> None:
+        # Rows inserted in the last few seconds: each row is seen by the first poll after its insert.
+        sql = (
+            f"SELECT symbol, open_time FROM {settings.clickhouse.database}.{spec.table} "
+            "WHERE inserted_at >= now64(3) - INTERVAL 5 SECOND"
+        )
+        while len(seen_at) < count:
+            rows = await asyncio.to_thread(clickhouse.query_rows, client, sql)
+            now = time.time()
+            for symbol, open_time in rows:
+                if (symbol, open_time) in produced_at:
+                    seen_at.setdefault((symbol, open_time), now)
+            await asyncio.sleep(0.02)
+
+    await asyncio.gather(producing(), asyncio.wait_for(polling(), seconds + 30))
+    shutdown.request("benchmark done")
+    await task
+    return sorted(seen_at[key] - produced_at[key] for key in produced_at)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [list(header)] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=50_000, help="klines per topic for the throughput runs")
+    parser.add_argument("--latency-s", type=float, default=10.0, help="seconds of paced production per run")
+    parser.add_argument("--rate", type=float, default=1000.0, help="klines per second in the latency runs")
+    args = parser.parse_args()
+
+    name = f"bench-writers-{uuid.uuid4().hex[:8]}"
+    topics = {"trades": f"{name}.trades", "finalized": f"{name}.finalized", "snapshots": f"{name}.snapshots",
+              "dead_letter": f"{name}.dead-letter"}  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="bench-writers-"))
+    chdb_dir = tmp / "chdb"
+    extra_topics: list[str] = []
+    base = bench_settings("bench_setup", topics, chdb_dir)
+    await ensure_topics(base.kafka)
+    try:
+        klines = [synthetic_kline(n) for n in range(args.rows)]
+        finals = [(kline_key(k.s, k.i), encode_kline(k)) for k in klines]
+        snaps = [(kline_key(k.s, k.i), encode_kline(synthetic_kline(n, closed=False), seq=n)) for n, k in
+                 enumerate(klines)]  # fmt: skip
+        t = time.perf_counter()
+        await produce(base, topics["finalized"], finals)
+        await produce(base, topics["snapshots"], snaps)
+        print(f"produced {2 * args.rows} klines in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+
+        bare_rows = [clickhouse.kline_row(k, version=0, partition=0, offset=i, token="bare") for i, k in
+                     enumerate(klines)]  # fmt: skip
+        batch = base.persistence.finalized_buffer_size
+        bare = bare_insert_loop(bench_settings("bench_bare", topics, chdb_dir), bare_rows, batch)
+        fin = await run_writers(bench_settings("bench_fin", topics, chdb_dir), ["finalized"], args.rows)
+        snap = await run_writers(bench_settings("bench_snap", topics, chdb_dir), ["snapshot"], args.rows)
+        both = await run_writers(
+            bench_settings("bench_both", topics, chdb_dir), ["finalized", "snapshot"], 2 * args.rows
+        )
+        results = [
+            ("bare clickhouse-connect insert loop (prebuilt rows)", f"{bare:,.0f}"),
+            ("finalized_writer (Kafka -> decode -> insert -> commit)", f"{fin:,.0f}"),
+            ("snapshot_writer", f"{snap:,.0f}"),
+            ("both writers in one process (sum)", f"{both:,.0f}"),
+        ]
+        print(f"\nThroughput, {args.rows:,} klines per topic, batches of {batch:,} (2 cores shared, chDB)\n")
+        print_table(["path", "rows/s"], results)
+
+        sample = min(20_000, args.rows)
+        split = cost_split([v for _k, v in finals[:sample]])
+        insert_rate = bare_insert_loop(bench_settings("bench_split", topics, chdb_dir), bare_rows[:sample], batch)
+        split["clickhouse-connect insert (Decimal columns)"] = 1e6 / insert_rate
+        text_rate = bare_insert_loop(
+            bench_settings("bench_text", topics, chdb_dir), bare_rows[:sample], batch, decimals_as_text=True
+        )
+        print("\nWhere a writer's time goes, per row\n")
+        print_table(["stage", "us/row"], [(k, f"{v:.1f}") for k, v in split.items()] +
+                    [("total", f"{sum(split.values()):.1f}"),
+                     ("what-if: insert with decimals sent as text (parsed by ClickHouse)",
+                      f"{1e6 / text_rate:.1f}")])  # fmt: skip
+
+        print(f"\nLatency, produce (kline close) -> queryable, {args.rate:,.0f} klines/s for {args.latency_s:g}s\n")
+        lat_rows = []
+        for interval_ms in (1000, 200):
+            # A topic of its own, so the writer starts on an empty topic and only the paced klines count.
+            lat_topics = {**topics, "finalized": f"{name}.latency-{interval_ms}"}
+            settings = bench_settings(f"bench_lat{interval_ms}", lat_topics, chdb_dir,
+                                      finalized_flush_interval_ms=interval_ms)  # fmt: skip
+            await ensure_topics(settings.kafka)
+            extra_topics.append(lat_topics["finalized"])
+            values = await latency(settings, args.rate, args.latency_s, 0)
+            lat_rows.append((f"finalized_flush_interval_ms={interval_ms}", len(values),
+                             f"{statistics.median(values) * 1000:.0f}", f"{percentile(values, 0.99) * 1000:.0f}",
+                             f"{values[-1] * 1000:.0f}"))  # fmt: skip
+        print_table(["config", "klines", "p50 ms", "p99 ms", "max ms"], lat_rows)
+    finally:
+        clickhouse.close(base.clickhouse)
+        await delete_topics(base.kafka, [*topics.values(), *extra_topics])
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
