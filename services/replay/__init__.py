@@ -26,14 +26,15 @@ Python API::
         ex.trades("BTCUSDT")                           # every trade of the feed
         ex.published_trades("BTCUSDT")                 # the ones public so far
         ex.faults.drop_connections()                   # ... see Faults
-        await ex.wait_exhausted(timeout=10)
-        ex.status()                                    # = GET /_control/status
+        ex.start_feed()                                # start market time now (see autostart)
+        await ex.wait_exhausted(timeout=10)            # all published and market time at the feed's end
+        ex.market_time_ms(), ex.status()               # = GET /api/v3/time, GET /_control/status
 
 ``ReplayExchange(config, trades={"BTCUSDT": [...]})`` replays scripted trades instead of the configured feed.
 By default the feed starts at the first aggTrade subscription (``autostart``), so a fast replay is not over
 before the client has connected.
 
-Command line: ``python -m services.replay --help``.
+Command line: ``python -m services.replay --help``. Send rate: ``python -m services.replay.send_rate``.
 """
 
 from services.replay.config import FileFeed, GeneratorFeed, ReplayConfig
