@@ -1,0 +1,479 @@
+"""WebSocket connections to Binance's combined aggTrade streams: sharding, rotation, watchdog, reconnects.
+
+The :class:`ConnectionPool` spreads the wanted symbols over :class:`Shard` s of at most
+``max_streams_per_connection`` (Binance: 1024) streams. Each shard keeps one connection open
+(``{ws_url}/stream?streams=...`` on spot, the routed ``{ws_url}/market/stream?streams=...`` on USD-M futures;
+the URL carries at most ``max_url_streams`` names, the rest are subscribed by message) and supervises it:
+
+* **rotation** - before the connection's 24 h limit (``max_connection_age_s``, jittered) and as soon as the
+  server announces ``serverShutdown``: open the replacement *first*, wait until it delivers a frame (at most
+  ``rotation_overlap_s``), then close the old one. Both deliver meanwhile; the sequencer drops the duplicates
+  by ``a``, so the hand-over loses nothing and publishes nothing twice;
+* **watchdog** - no frame for ``stale_after_s`` (not counting time the reader was paused by backpressure):
+  the connection is presumed dead or stalled and replaced;
+* **reconnect** - after a close, error or staleness, with full-jitter exponential backoff capped at
+  ``reconnect_cap_s`` (reset once a connection delivers); the sequencer notices the ids missed meanwhile when
+  the next frame of the symbol arrives, and ``on_reconnect`` lets the service check the shard's symbols by
+  REST at once (a symbol that went quiet right after the outage would otherwise hide its hole);
+* **subscriptions at run time** - symbols added or removed are ``SUBSCRIBE``/``UNSUBSCRIBE`` d on the live
+  connection(s), paced below the venue's control-message limit (spot 5/s, USD-M 10/s); a full shard makes
+  the pool open a new one.
+
+Pings: the ``websockets`` library answers every server ping with a pong automatically (it also sends its own
+keepalive pings and drops a connection whose pongs stop), so a reader that keeps reading never misses Binance's
+20 s ping / 60 s pong deadline. A reader paused by backpressure does not read pings either; if the pause
+outlives the server's patience it closes the connection, and the gap is backfilled.
+
+Frames are handed, undecoded, to a :class:`FrameSink` on the reader task; the sink validates and sequences
+them synchronously, then tells the reader whether to pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from services.ingest.frames import stream_name
+from services.shared.logs import log_event
+
+log = logging.getLogger("services.ingest.connections")
+
+Venue = Literal["spot", "usdm"]
+WatchOutcome = Literal["closed", "stale", "rotate", "server_shutdown", "stopping", "empty"]
+
+CONTROL_MESSAGES_PER_S: dict[str, int] = {"spot": 5, "usdm": 10}
+SUBSCRIBE_CHUNK = 200
+
+
+class FrameSink(Protocol):
+    """Receives every frame of every connection (synchronously) and applies backpressure."""
+
+    @property
+    def blocked(self) -> bool: ...
+
+    def on_frame(self, raw: str | bytes, conn: StreamConnection) -> None: ...
+
+    async def wait_for_room(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionOptions:
+    max_streams_per_connection: int = 1024
+    max_url_streams: int = 200
+    max_connection_age_s: float = 23 * 3600.0
+    age_jitter_s: float = 1800.0
+    stale_after_s: float = 60.0
+    rotation_overlap_s: float = 2.0
+    reconnect_base_s: float = 0.25
+    reconnect_cap_s: float = 30.0
+    open_timeout_s: float = 10.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    control_messages_per_s: int | None = None  # None: the venue's limit
+    max_queue_frames: int = 4096
+
+
+@dataclass(slots=True)
+class ConnectionStats:
+    opened: int = 0
+    reconnects: int = 0
+    rotations: int = 0
+    server_shutdowns: int = 0
+    stale: int = 0
+    connect_failures: int = 0
+    control_errors: int = 0
+    frames: int = 0
+    subscribe_messages: int = 0
+
+
+def stream_base(ws_url: str, venue: Venue) -> str:
+    """``{ws_url}/stream`` on spot; the routed ``{ws_url}/market/stream`` on USD-M futures."""
+    base = ws_url.rstrip("/")
+    if venue == "usdm" and not base.endswith("/market"):
+        base += "/market"
+    return base + "/stream"
+
+
+class Backoff:
+    """Full-jitter exponential backoff: ``uniform(0, min(cap, base * 2**attempt))``."""
+
+    def __init__(self, base_s: float, cap_s: float, rng: random.Random) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self._rng = rng
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        delay = self._rng.uniform(0, min(self.cap_s, self.base_s * 2**self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class StreamConnection:
+    """One WebSocket connection and its reader task."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        streams: Iterable[str],
+        sink: FrameSink,
+        *,
+        clock: Callable[[], float],
+        options: ConnectionOptions,
+        control_interval_s: float,
+        on_event: Callable[[], None],
+        stats: ConnectionStats,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url
+        self.sink = sink
+        self._clock = clock
+        self._options = options
+        self._control_interval_s = control_interval_s
+        self._on_event = on_event
+        self._stats = stats
+        ordered = sorted(streams)
+        self.url = f"{base_url}?streams={'/'.join(ordered[: options.max_url_streams])}"
+        self.subscribed: set[str] = set(ordered[: options.max_url_streams])
+        self.ws: ClientConnection | None = None
+        self.opened_at = 0.0
+        self.last_frame_at = 0.0
+        self.frames = 0
+        self.paused = False
+        self.max_age_s = options.max_connection_age_s
+        self.server_shutdown = False
+        self.close_reason = ""
+        self.done = asyncio.Event()
+        self.first_frame = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self._next_control_at = 0.0
+        self._request_id = 0
+
+    async def open(self) -> None:
+        """Connect and start reading; raises on failure (the caller backs off and retries)."""
+        opts = self._options
+        self.ws = await connect(
+            self.url,
+            open_timeout=opts.open_timeout_s,
+            ping_interval=opts.ping_interval_s,
+            ping_timeout=opts.ping_timeout_s,
+            close_timeout=2.0,
+            max_size=1 << 22,
+            max_queue=opts.max_queue_frames,
+            compression=None,
+            proxy=None,
+        )
+        self.opened_at = self.last_frame_at = self._clock()
+        self._reader = asyncio.create_task(self._read(), name=f"ws-{self.name}")
+
+    async def _read(self) -> None:
+        ws = self.ws
+        assert ws is not None
+        sink = self.sink
+        clock = self._clock
+        stats = self._stats
+        count = 0
+        try:
+            async for raw in ws:
+                self.last_frame_at = clock()
+                self.frames += 1
+                stats.frames += 1
+                if self.frames == 1:
+                    self.first_frame.set()
+                sink.on_frame(raw, self)
+                if sink.blocked:
+                    # Backpressure: stop reading; the socket buffers fill and the exchange holds the data.
+                    self.paused = True
+                    try:
+                        await sink.wait_for_room()
+                    finally:
+                        self.paused = False
+                        self.last_frame_at = clock()
+                count += 1
+                if count >= 512:  # stay fair to the publisher and the other readers under a flood
+                    count = 0
+                    await asyncio.sleep(0)
+            self.close_reason = f"closed by the server ({ws.close_code} {ws.close_reason})".strip()
+        except ConnectionClosed as exc:
+            self.close_reason = f"connection lost: {exc}"
+        except Exception as exc:  # a bug in the sink must not kill the supervisor silently
+            self.close_reason = f"reader failed: {type(exc).__name__}: {exc}"
+            log.exception("reader of %s failed", self.name)
+        finally:
+            self.done.set()
+            self._on_event()
+
+    def on_server_shutdown(self) -> None:
+        self.server_shutdown = True
+        self._on_event()
+
+    async def sync(self, wanted: set[str]) -> None:
+        """Subscribe/unsubscribe so that this connection carries exactly ``wanted``, paced."""
+        add = sorted(wanted - self.subscribed)
+        remove = sorted(self.subscribed - wanted)
+        for method, names in (("UNSUBSCRIBE", remove), ("SUBSCRIBE", add)):
+            for i in range(0, len(names), SUBSCRIBE_CHUNK):
+                chunk = names[i : i + SUBSCRIBE_CHUNK]
+                await self._send_control(method, chunk)
+                if method == "SUBSCRIBE":
+                    self.subscribed.update(chunk)
+                else:
+                    self.subscribed.difference_update(chunk)
+
+    async def _send_control(self, method: str, params: list[str]) -> None:
+        ws = self.ws
+        if ws is None or self.done.is_set():
+            raise ConnectionError(f"{self.name} is not open")
+        now = self._clock()
+        if now < self._next_control_at:
+            await asyncio.sleep(self._next_control_at - now)
+        self._next_control_at = max(now, self._next_control_at) + self._control_interval_s
+        self._request_id += 1
+        await ws.send(json.dumps({"method": method, "params": params, "id": self._request_id}))
+        self._stats.subscribe_messages += 1
+
+    async def close(self) -> None:
+        ws = self.ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 3.0)
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        self.done.set()
+
+
+@dataclass(slots=True)
+class Shard:
+    """Up to ``capacity`` streams on one supervised connection (two while rotating)."""
+
+    name: str
+    capacity: int
+    streams: set[str] = field(default_factory=set)
+    connection: StreamConnection | None = None
+    task: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: bool = False
+    stopping: bool = False
+
+    @property
+    def room(self) -> int:
+        return self.capacity - len(self.streams)
+
+
+class ConnectionPool:
+    """Every shard of one venue; :meth:`update` changes the symbol set at run time."""
+
+    def __init__(
+        self,
+        ws_url: str,
+        venue: Venue,
+        sink: FrameSink,
+        *,
+        clock: Callable[[], float],
+        options: ConnectionOptions,
+        rng: random.Random | None = None,
+        on_reconnect: Callable[[set[str]], None] | None = None,
+    ) -> None:
+        self.base_url = stream_base(ws_url, venue)
+        self._on_reconnect = on_reconnect
+        self.venue = venue
+        self.sink = sink
+        self.options = options
+        self._clock = clock
+        self._rng = rng or random.Random()
+        limit = options.control_messages_per_s or CONTROL_MESSAGES_PER_S[venue]
+        # Stay below the limit: the server counts per rolling second, our clock and its may disagree a bit.
+        self._control_interval_s = 1.0 / max(0.5, limit * 0.8)
+        self.stats = ConnectionStats()
+        self.shards: list[Shard] = []
+        self._counter = 0
+        self._stopping = False
+
+    # ------------------------------------------------------------------ symbols
+    @property
+    def streams(self) -> set[str]:
+        return {s for shard in self.shards for s in shard.streams}
+
+    def update(self, symbols: Iterable[str]) -> None:
+        """Make the pool carry exactly the aggTrade streams of ``symbols``."""
+        wanted = {stream_name(s) for s in symbols}
+        for shard in self.shards:
+            gone = shard.streams - wanted
+            if gone:
+                shard.streams -= gone
+                self._poke(shard)
+        have = self.streams
+        new = sorted(wanted - have)
+        for shard in self.shards:
+            if not new:
+                break
+            if shard.stopping or shard.room <= 0 or shard.task is None or shard.task.done():
+                continue
+            take, new = new[: shard.room], new[shard.room :]
+            shard.streams.update(take)
+            self._poke(shard)
+        while new:
+            take, new = new[: self.options.max_streams_per_connection], new[self.options.max_streams_per_connection :]
+            self._counter += 1
+            shard = Shard(f"shard-{self._counter}", self.options.max_streams_per_connection, set(take))
+            shard.task = asyncio.create_task(self._supervise(shard), name=shard.name)
+            self.shards.append(shard)
+        self.shards = [s for s in self.shards if s.streams or (s.task is not None and not s.task.done())]
+
+    @staticmethod
+    def _poke(shard: Shard) -> None:
+        shard.changed = True
+        shard.wake.set()
+
+    @property
+    def connected(self) -> bool:
+        """Every shard with streams has an open connection."""
+        return all(s.connection is not None and not s.connection.done.is_set() for s in self.shards if s.streams)
+
+    @property
+    def open_connections(self) -> int:
+        return sum(1 for s in self.shards if s.connection is not None and not s.connection.done.is_set())
+
+    async def stop(self) -> None:
+        """Close every connection (no more frames reach the sink after this returns)."""
+        self._stopping = True
+        for shard in self.shards:
+            shard.stopping = True
+            shard.wake.set()
+        tasks = [s.task for s in self.shards if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for shard in self.shards:
+            if shard.connection is not None:
+                await shard.connection.close()
+
+    # ------------------------------------------------------------------ supervision
+    async def _supervise(self, shard: Shard) -> None:
+        backoff = Backoff(self.options.reconnect_base_s, self.options.reconnect_cap_s, self._rng)
+        try:
+            conn = await self._connect(shard, backoff)
+            while conn is not None:
+                shard.connection = conn
+                outcome = await self._watch(shard, conn, backoff)
+                if outcome in ("stopping", "empty"):
+                    await conn.close()
+                    return
+                if outcome in ("rotate", "server_shutdown"):
+                    self.stats.rotations += 1
+                    log_event(log, logging.INFO, "rotating connection", shard=shard.name, cause=outcome)
+                    replacement = await self._connect(shard, backoff)
+                    if replacement is not None:
+                        await self._overlap(conn, replacement)
+                    await conn.close()
+                    conn = replacement
+                    continue
+                if outcome == "stale":
+                    self.stats.stale += 1
+                    reason = f"no frame for {self.options.stale_after_s:g} s"
+                else:
+                    reason = conn.close_reason
+                self.stats.reconnects += 1
+                log_event(log, logging.WARNING, "reconnecting", shard=shard.name, cause=outcome, reason=reason)
+                await conn.close()
+                conn = await self._connect(shard, backoff, first_delay=True)
+                if conn is not None and self._on_reconnect is not None:
+                    self._on_reconnect({name.partition("@")[0].upper() for name in shard.streams})
+        finally:
+            if shard.connection is not None:
+                await shard.connection.close()
+
+    async def _connect(self, shard: Shard, backoff: Backoff, *, first_delay: bool = False) -> StreamConnection | None:
+        delay = backoff.next_delay() if first_delay else 0.0
+        while not (self._stopping or shard.stopping) and shard.streams:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            conn = StreamConnection(
+                f"{shard.name}#{self.stats.opened + 1}",
+                self.base_url,
+                shard.streams,
+                self.sink,
+                clock=self._clock,
+                options=self.options,
+                control_interval_s=self._control_interval_s,
+                on_event=shard.wake.set,
+                stats=self.stats,
+            )
+            try:
+                await conn.open()
+                self.stats.opened += 1
+                # The URL may hold only part of the streams, and the set may have changed while connecting.
+                await conn.sync(set(shard.streams))
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed, ConnectionError) as exc:
+                self.stats.connect_failures += 1
+                await conn.close()
+                delay = backoff.next_delay()
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "connect failed",
+                    shard=shard.name,
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=round(delay, 3),
+                )
+                continue
+            conn.max_age_s = self.options.max_connection_age_s + self._rng.uniform(0, self.options.age_jitter_s)
+            return conn
+        return None
+
+    async def _watch(self, shard: Shard, conn: StreamConnection, backoff: Backoff) -> WatchOutcome:
+        opts = self.options
+        tick = max(0.01, min(0.5, opts.stale_after_s / 4))
+        while True:
+            if self._stopping or shard.stopping:
+                return "stopping"
+            if not shard.streams:
+                return "empty"
+            if conn.done.is_set():
+                return "closed"
+            if conn.server_shutdown:
+                self.stats.server_shutdowns += 1
+                return "server_shutdown"
+            now = self._clock()
+            if now - conn.opened_at >= conn.max_age_s:
+                return "rotate"
+            if not conn.paused and now - conn.last_frame_at >= opts.stale_after_s:
+                return "stale"
+            if conn.frames:
+                backoff.reset()
+            if shard.changed:
+                shard.changed = False
+                try:
+                    await conn.sync(set(shard.streams))
+                except (ConnectionClosed, ConnectionError) as exc:
+                    log_event(log, logging.WARNING, "subscription update failed", shard=shard.name, error=str(exc))
+                    shard.changed = True  # the next connection is opened with the current set
+                continue
+            shard.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(tick):
+                    await shard.wake.wait()
+
+    async def _overlap(self, old: StreamConnection, new: StreamConnection) -> None:
+        """Let both connections deliver until the new one has (or the old one is gone, or time is up)."""
+        waiters = [asyncio.ensure_future(e.wait()) for e in (new.first_frame, new.done, old.done)]
+        try:
+            await asyncio.wait(waiters, timeout=self.options.rotation_overlap_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()

@@ -1,0 +1,202 @@
+"""Drain the outbox into Kafka: per-symbol batches on ``trades``, rejected frames on the dead-letter topic.
+
+Every ``linger_s`` (a few ms) the publisher takes what the sequencer accepted and, per symbol, in order, sends
+
+* each run of consecutive trades as one or more :func:`~services.shared.messages.encode_trade_batch` records
+  (at most ``max_batch_trades`` trades each), key = symbol;
+* each gap as one :func:`~services.shared.messages.encode_gap` record, in its place between the trades.
+
+The producer is idempotent with ``acks=all`` and keeps records of one partition in order, so every symbol's
+records land in the order the sequencer produced them: strictly increasing, contiguous ``a``.
+
+Delivery is bounded in time. Handing a record to the producer and its acknowledgement must each finish within
+``send_timeout_s`` (aiokafka waits forever for a broker that is gone). A send that fails or times out is
+**fatal**: whether the broker stored the record is unknown, and sending it again could duplicate it. The
+service then exits non-zero; on restart it reads the topic's tail and continues after the last stored ``a``,
+which is exactly-once across the crash.
+
+``inflight_trades`` counts trades handed to the producer and not yet acknowledged; with the outbox and the
+sequencer's held trades it makes up the bounded queue that backpressure watches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from services.core.models import AggTrade
+from services.ingest.sequencer import Outbox, OutboxItem
+from services.shared.messages import Gap, encode_gap, encode_trade_batch
+
+log = logging.getLogger("services.ingest.publisher")
+
+
+class PublishFailed(Exception):
+    """A send failed or was not acknowledged in time; the producer's state is unknown (fatal)."""
+
+
+class TradePublisher:
+    """Moves the outbox (and dead letters) into Kafka with bounded delivery time (see the module docstring)."""
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        outbox: Outbox,
+        *,
+        trades_topic: str,
+        dead_letter_topic: str,
+        send_timeout_s: float,
+        linger_s: float,
+        max_batch_trades: int,
+        clock: Callable[[], float],
+        on_progress: Callable[[], None],
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        self.producer = producer
+        self.outbox = outbox
+        self.trades_topic = trades_topic
+        self.dead_letter_topic = dead_letter_topic
+        self.send_timeout_s = send_timeout_s
+        self.linger_s = linger_s
+        self.max_batch_trades = max_batch_trades
+        self._clock = clock
+        self._on_progress = on_progress
+        self._on_fatal = on_fatal
+        self._dead_letters: list[tuple[bytes | None, bytes]] = []
+        self._inflight: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self.inflight_trades = 0
+        self.trades_published = 0
+        self.records_sent = 0
+        self.gaps_published = 0
+        self.dead_letters_published = 0
+        self.failure: str | None = None
+        self._round_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ input
+    def dead_letter(self, key: bytes | None, value: bytes) -> None:
+        """Queue one dead-letter record (sent with the next round)."""
+        self._dead_letters.append((key, value))
+
+    @property
+    def idle(self) -> bool:
+        return not self.outbox and not self._dead_letters and self.inflight_trades == 0 and not self._inflight
+
+    # ------------------------------------------------------------------ loop
+    async def run(self) -> None:
+        """Send a round every ``linger_s`` until cancelled (or a send fails: then report and stop)."""
+        try:
+            while self.failure is None:
+                await asyncio.sleep(self.linger_s)
+                if self.outbox or self._dead_letters:
+                    await self.send_round()
+                self._check_deadlines()
+        except PublishFailed:
+            return
+
+    async def send_round(self) -> None:
+        """Hand everything waiting to the producer (raises :class:`PublishFailed`)."""
+        async with self._round_lock:
+            items = self.outbox.take()
+            dead, self._dead_letters = self._dead_letters, []
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    for symbol, entries in items.items():
+                        await self._send_symbol(symbol, entries)
+                    for key, value in dead:
+                        await self._send(self.dead_letter_topic, key, value, 0)
+                        self.dead_letters_published += 1
+            except TimeoutError:
+                self._fail(f"the producer did not accept records within send_timeout_s={self.send_timeout_s:g}")
+            except KafkaError as exc:
+                self._fail(f"the producer rejected a record: {type(exc).__name__}: {exc}")
+
+    async def _send_symbol(self, symbol: str, entries: list[OutboxItem]) -> None:
+        key = symbol.encode()
+        run: list[AggTrade] = []
+        limit = self.max_batch_trades
+        for entry in entries:
+            if isinstance(entry, Gap):
+                if run:
+                    await self._send_trades(symbol, key, run)
+                    run = []
+                await self._send(self.trades_topic, key, encode_gap(entry), 0)
+                self.gaps_published += 1
+                continue
+            run.append(entry)
+            if len(run) >= limit:
+                await self._send_trades(symbol, key, run)
+                run = []
+        if run:
+            await self._send_trades(symbol, key, run)
+
+    async def _send_trades(self, symbol: str, key: bytes, trades: list[AggTrade]) -> None:
+        await self._send(self.trades_topic, key, encode_trade_batch(symbol, trades), len(trades))
+
+    async def _send(self, topic: str, key: bytes | None, value: bytes, trades: int) -> None:
+        future = await self.producer.send(topic, value, key=key)
+        self.records_sent += 1
+        self.inflight_trades += trades
+        self._inflight.append((self._clock() + self.send_timeout_s, future))
+        future.add_done_callback(lambda f, n=trades: self._delivered(f, n))
+
+    def _delivered(self, future: asyncio.Future[Any], trades: int) -> None:
+        if future.cancelled():
+            self._record_failure("a send was cancelled before it was acknowledged")
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._record_failure(f"a record was not acknowledged: {type(exc).__name__}: {exc}")
+            return
+        self.inflight_trades -= trades
+        self.trades_published += trades
+        self._on_progress()
+
+    def _check_deadlines(self) -> None:
+        inflight = self._inflight
+        while inflight and inflight[0][1].done():
+            inflight.popleft()
+        if inflight and self._clock() > inflight[0][0]:
+            self._fail(f"a record was not acknowledged within send_timeout_s={self.send_timeout_s:g}")
+
+    def _record_failure(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            self._on_fatal(reason)
+
+    def _fail(self, reason: str) -> None:
+        self._record_failure(reason)
+        raise PublishFailed(reason)
+
+    # ------------------------------------------------------------------ shutdown
+    async def flush(self, timeout_s: float) -> bool:
+        """Send everything waiting and wait for every acknowledgement; False if not done in ``timeout_s``."""
+        deadline = self._clock() + timeout_s
+        try:
+            if self.outbox or self._dead_letters:
+                await self.send_round()
+            while self._inflight:
+                self._check_deadlines()
+                if not self._inflight:
+                    break
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return False
+                _, future = self._inflight[0]
+                with contextlib.suppress(TimeoutError, KafkaError, asyncio.CancelledError):
+                    async with asyncio.timeout(min(remaining, 0.5)):
+                        await asyncio.shield(future)
+                if future.done():
+                    self._inflight.popleft()
+            self._check_deadlines()
+        except PublishFailed:
+            return False
+        # Done callbacks (the accounting, and failures) run one loop iteration after their future completes.
+        await asyncio.sleep(0)
+        return self.failure is None and self.inflight_trades == 0

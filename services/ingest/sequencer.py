@@ -1,0 +1,281 @@
+"""Per-symbol sequencing by aggregate trade id ``a``: what is published is strictly increasing and contiguous.
+
+Pure core: no I/O, no asyncio; time comes in as an argument. The service feeds it every validated trade from
+every connection (a rotation overlaps two connections, so the same trade often arrives twice) and every
+trade fetched by REST backfill; the sequencer decides, per symbol:
+
+1. ``a <= last`` (``last`` = the highest id already handed to the :class:`Outbox`): a **duplicate**, dropped;
+2. ``a == last + 1``: **accepted** into the outbox, followed by any held trades that are now contiguous;
+3. ``a > last + 1``: **held** (a duplicate if already held). The hole is either a reordering that the next
+   frames fill within ``reorder_window_s``, or a real gap: once the window passes (or too many trades are held)
+   :meth:`Sequencer.due` names the symbol for REST backfill of ``last + 1 .. min(held) - 1``;
+4. backfilled trades go through the same rules (:meth:`Sequencer.offer_backfill`), so live frames and REST
+   pages may overlap freely;
+5. a hole that backfill cannot fill becomes an explicit :class:`~services.shared.messages.Gap` in the outbox
+   (:meth:`Sequencer.declare_gap`), and ``last`` moves past it: those ids will never be published.
+
+A symbol whose history is unknown (never published, nothing recovered from the topic) starts at the lowest id
+seen within its first reorder window, so a first pair of swapped frames loses nothing.
+
+The outbox keeps, per symbol, the trades and gaps in publishing order; the publisher drains it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from services.core.models import AggTrade
+from services.shared.messages import Gap
+
+OutboxItem = AggTrade | Gap
+
+
+class Verdict(enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    HELD = "held"
+    UNKNOWN_SYMBOL = "unknown_symbol"
+
+
+class Outbox:
+    """Trades and gaps ready to publish, per symbol, in publishing order; drained by the publisher."""
+
+    __slots__ = ("_items", "trades")
+
+    def __init__(self) -> None:
+        self._items: dict[str, list[OutboxItem]] = {}
+        self.trades = 0
+
+    def add_trade(self, trade: AggTrade) -> None:
+        items = self._items.get(trade.s)
+        if items is None:
+            self._items[trade.s] = [trade]
+        else:
+            items.append(trade)
+        self.trades += 1
+
+    def add_gap(self, gap: Gap) -> None:
+        self._items.setdefault(gap.symbol, []).append(gap)
+
+    def take(self) -> dict[str, list[OutboxItem]]:
+        """Everything waiting, per symbol, and an empty outbox."""
+        items, self._items, self.trades = self._items, {}, 0
+        return items
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+
+@dataclass(slots=True)
+class _SymbolState:
+    last: int | None
+    held: dict[int, AggTrade] = field(default_factory=dict)
+    held_since: float | None = None
+    backfilling: bool = False
+
+
+@dataclass(slots=True)
+class SequencerStats:
+    duplicates: int = 0
+    held: int = 0  # trades that arrived ahead of a hole (reordered, or beyond a gap)
+    gaps_detected: int = 0
+    gaps_repaired: int = 0
+    gaps_unrepaired: int = 0
+    ids_unrepaired: int = 0
+    backfilled: int = 0  # trades accepted from REST
+    dropped_on_untrack: int = 0
+
+
+class Sequencer:
+    """Dedup, reorder and gap detection for every tracked symbol (see the module docstring)."""
+
+    def __init__(self, outbox: Outbox, *, reorder_window_s: float, max_held_per_symbol: int) -> None:
+        if reorder_window_s < 0:
+            raise ValueError(f"reorder_window_s must be >= 0, got {reorder_window_s}")
+        if max_held_per_symbol < 1:
+            raise ValueError(f"max_held_per_symbol must be >= 1, got {max_held_per_symbol}")
+        self.outbox = outbox
+        self.reorder_window_s = reorder_window_s
+        self.max_held_per_symbol = max_held_per_symbol
+        self.stats = SequencerStats()
+        self.held_total = 0
+        self._states: dict[str, _SymbolState] = {}
+        self._holding: dict[str, _SymbolState] = {}  # symbols with held trades
+
+    # ------------------------------------------------------------------ symbols
+    @property
+    def symbols(self) -> frozenset[str]:
+        return frozenset(self._states)
+
+    def track(self, symbol: str, last: int | None = None) -> None:
+        """Start sequencing ``symbol``; ``last`` is the last id already in the topic (None: start fresh)."""
+        if symbol not in self._states:
+            self._states[symbol] = _SymbolState(last)
+
+    def untrack(self, symbol: str) -> int | None:
+        """Stop sequencing ``symbol``; held trades are dropped (a later catch-up refetches them).
+
+        Returns the last id handed to the outbox (None if nothing was).
+        """
+        state = self._states.pop(symbol, None)
+        if state is None:
+            return None
+        self._holding.pop(symbol, None)
+        self.held_total -= len(state.held)
+        self.stats.dropped_on_untrack += len(state.held)
+        return state.last
+
+    def last(self, symbol: str) -> int | None:
+        state = self._states.get(symbol)
+        return None if state is None else state.last
+
+    def held(self, symbol: str) -> int:
+        state = self._states.get(symbol)
+        return 0 if state is None else len(state.held)
+
+    # ------------------------------------------------------------------ live trades
+    def offer(self, trade: AggTrade, now: float) -> Verdict:
+        """Sequence one live trade (see the module docstring for the rules)."""
+        state = self._states.get(trade.s)
+        if state is None:
+            return Verdict.UNKNOWN_SYMBOL
+        a = trade.a
+        last = state.last
+        if last is not None:
+            if a == last + 1:
+                state.last = a
+                self.outbox.add_trade(trade)
+                if state.held:
+                    self._release(trade.s, state, now)
+                return Verdict.ACCEPTED
+            if a <= last:
+                self.stats.duplicates += 1
+                return Verdict.DUPLICATE
+        held = state.held
+        if a in held:
+            self.stats.duplicates += 1
+            return Verdict.DUPLICATE
+        held[a] = trade
+        self.held_total += 1
+        self.stats.held += 1
+        if state.held_since is None:
+            state.held_since = now
+            self._holding[trade.s] = state
+        return Verdict.HELD
+
+    def due(self, now: float) -> list[str]:
+        """Symbols whose hole outlived the reorder window: mark them as backfilling and return them.
+
+        A fresh symbol (no known history) is not backfilled: it starts at the lowest id held.
+        """
+        out: list[str] = []
+        window = self.reorder_window_s
+        for symbol, state in list(self._holding.items()):
+            if state.backfilling or state.held_since is None:
+                continue
+            if now - state.held_since < window and len(state.held) < self.max_held_per_symbol:
+                continue
+            if state.last is None:
+                state.last = min(state.held) - 1
+                self._release(symbol, state, now)
+                continue
+            state.backfilling = True
+            self.stats.gaps_detected += 1
+            out.append(symbol)
+        return out
+
+    # ------------------------------------------------------------------ backfill
+    def begin_catch_up(self, symbol: str) -> bool:
+        """Mark ``symbol`` as backfilling from its known ``last`` (after a restart); False if not possible."""
+        state = self._states.get(symbol)
+        if state is None or state.last is None or state.backfilling:
+            return False
+        state.backfilling = True
+        return True
+
+    def backfill_range(self, symbol: str) -> tuple[int, int | None] | None:
+        """``(from_a, to_a)`` still missing (``to_a`` None: open-ended catch-up); None when nothing is."""
+        state = self._states.get(symbol)
+        if state is None or state.last is None:
+            return None
+        if not state.held:
+            return state.last + 1, None
+        return state.last + 1, min(state.held) - 1
+
+    def offer_backfill(self, symbol: str, trades: Iterable[AggTrade], now: float) -> int:
+        """Sequence trades fetched by REST (ordered by ``a``); returns how many were accepted."""
+        state = self._states.get(symbol)
+        if state is None or state.last is None:
+            return 0
+        accepted = 0
+        held = state.held
+        for trade in trades:
+            a = trade.a
+            if a <= state.last:
+                continue
+            if a == state.last + 1:
+                state.last = a
+                self.outbox.add_trade(trade)
+                accepted += 1
+                if held and held.pop(a, None) is not None:
+                    self.held_total -= 1
+                continue
+            break  # REST skipped ids: the rest of the page cannot be published before the hole is resolved
+        self.stats.backfilled += accepted
+        if held:
+            self._release(symbol, state, now)
+        return accepted
+
+    def end_backfill(self, symbol: str, *, repaired: bool, now: float) -> None:
+        """The backfill task for ``symbol`` ended; ``repaired`` counts a gap as repaired."""
+        state = self._states.get(symbol)
+        if state is None:
+            return
+        state.backfilling = False
+        if repaired:
+            self.stats.gaps_repaired += 1
+        if state.held:
+            state.held_since = now  # a further hole: give it its own reorder window
+            self._holding[symbol] = state
+
+    def declare_gap(self, symbol: str, reason: str, now: float, to_a: int | None = None) -> Gap | None:
+        """Give up on ``last + 1 .. min(held) - 1`` (or ``.. to_a`` when nothing is held): publish a gap."""
+        state = self._states.get(symbol)
+        if state is None or state.last is None:
+            return None
+        end = min(state.held) - 1 if state.held else to_a
+        if end is None or end <= state.last:
+            return None
+        gap = Gap(symbol, state.last + 1, end, reason)
+        self.outbox.add_gap(gap)
+        self.stats.gaps_unrepaired += 1
+        self.stats.ids_unrepaired += end - state.last
+        state.last = end
+        if state.held:
+            self._release(symbol, state, now)
+        return gap
+
+    # ------------------------------------------------------------------ internals
+    def _release(self, symbol: str, state: _SymbolState, now: float) -> None:
+        """Move held trades that became contiguous to the outbox."""
+        held = state.held
+        assert state.last is not None
+        nxt = state.last + 1
+        released = 0
+        add = self.outbox.add_trade
+        while True:
+            trade = held.pop(nxt, None)
+            if trade is None:
+                break
+            add(trade)
+            nxt += 1
+            released += 1
+        state.last = nxt - 1
+        self.held_total -= released
+        if not held:
+            state.held_since = None
+            self._holding.pop(symbol, None)
+        elif released:
+            state.held_since = now  # the next hole gets its own reorder window

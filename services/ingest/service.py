@@ -1,0 +1,529 @@
+"""The ingest service: composition root wiring connections, sequencer, backfill and publisher to Kafka.
+
+Start-up:
+
+1. check that Kafka answers and that the ``trades`` and dead-letter topics exist (created if missing);
+2. start the idempotent producer and the REST client; resolve the symbols (configured or discovered);
+3. **recover**: read each symbol's last published ``a`` from the tail of ``trades``
+   (:mod:`services.ingest.recovery`);
+4. open the WebSocket shards, start the publisher, the tick loop (reorder windows → backfill) and, with
+   ``discover``, the ``exchangeInfo`` refresh; start a **catch-up** backfill from ``last + 1`` for every
+   recovered symbol, so the trades that happened while ingest was down are published before the live ones;
+5. ready (``/readyz``) once recovery is done and every shard is connected.
+
+Each frame is handled synchronously on its connection's reader: validated (bad → dead-letter topic with the
+reason, counted), sequenced (duplicate / accepted / held), and, if the bounded queue (held + outbox +
+unacknowledged trades) reached ``persistence.queue_size``, the reader pauses until the queue is half empty:
+backpressure reaches the exchange through TCP, nothing is dropped.
+
+Graceful stop (SIGTERM/SIGINT), bounded by ``service.shutdown_grace_s``:
+
+1. close every WebSocket: no more frames are accepted;
+2. stop backfill and the tick loop; trades held behind an unrepaired hole are not published (the next start
+   recovers from the topic and backfills them);
+3. send everything accepted and wait for every acknowledgement;
+4. stop the producer, the REST client and the health server; exit 0 (1 if step 3 did not finish in time).
+
+A fatal producer state (a send failed or timed out: the broker may or may not have stored it) exits 1 at once
+without sending anything more: the next start continues from what the topic holds, exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from services.ingest.backfill import Backfiller, BackfillOptions
+from services.ingest.connections import ConnectionOptions, ConnectionPool, StreamConnection
+from services.ingest.frames import ControlFrame, RejectedFrame, TradeFrame, parse_frame
+from services.ingest.publisher import TradePublisher
+from services.ingest.recovery import recover_last_ids
+from services.ingest.rest import ExchangeRest, RestError
+from services.ingest.sequencer import Outbox, Sequencer, Verdict
+from services.ingest.symbols import SymbolRequestError, SymbolSelection, tradable
+from services.shared.kafka import check_reachable, ensure_topics, make_producer, topic_specs
+from services.shared.lifecycle import HealthServer, Shutdown
+from services.shared.logs import log_event
+from services.shared.messages import Gap, dead_letter_value
+from services.shared.settings import Settings
+
+log = logging.getLogger("services.ingest")
+
+SERVICE = "ingest"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestTuning:
+    """Ingest's knobs beyond the shared settings; the defaults suit Binance."""
+
+    connections: ConnectionOptions = field(default_factory=ConnectionOptions)
+    backfill: BackfillOptions = field(default_factory=BackfillOptions)
+    reorder_window_s: float = 0.1
+    max_held_per_symbol: int = 10_000
+    linger_s: float = 0.005
+    max_batch_trades: int = 1000
+    tick_s: float = 0.02
+    resume_fraction: float = 0.5
+    discover_refresh_s: float = 300.0
+    recovery_max_records: int = 200_000
+    recovery_chunk: int = 20_000
+    rest_timeout_s: float = 10.0
+    rest_budget_fraction: float = 0.5
+    removed_grace_s: float = 30.0
+    catch_up_after_reconnect: bool = True
+    http_enabled: bool = True
+
+
+class IngestService:
+    """Binance aggTrades → ``trades`` topic, exactly once per ``a`` or an explicit gap (see the module)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tuning: IngestTuning | None = None,
+        *,
+        shutdown: Shutdown | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tuning = tuning or IngestTuning()
+        self.shutdown = shutdown or Shutdown(settings.service.shutdown_grace_s, clock)
+        self._clock = clock
+        market = settings.market
+        self.queue_size = settings.persistence.queue_size
+        self._resume_level = int(self.queue_size * self.tuning.resume_fraction)
+        self.outbox = Outbox()
+        self.sequencer = Sequencer(
+            self.outbox,
+            reorder_window_s=self.tuning.reorder_window_s,
+            max_held_per_symbol=self.tuning.max_held_per_symbol,
+        )
+        self.rest = ExchangeRest(
+            market.rest_url,
+            market.venue,
+            clock=clock,
+            timeout_s=self.tuning.rest_timeout_s,
+            budget_fraction=self.tuning.rest_budget_fraction,
+        )
+        self.backfiller = Backfiller(
+            self.sequencer,
+            self.rest,
+            clock=clock,
+            options=self.tuning.backfill,
+            room=self._backfill_room,
+            on_gap=self._on_gap,
+        )
+        self.pool = ConnectionPool(
+            market.ws_url,
+            market.venue,
+            self,
+            clock=clock,
+            options=self.tuning.connections,
+            rng=rng,
+            on_reconnect=self._after_reconnect,
+        )
+        self.selection = SymbolSelection(base=set(market.symbols))
+        self.publisher: TradePublisher | None = None
+        self.health: HealthServer | None = None
+        self.fatal: str | None = None
+        self.recovered: dict[str, int] = {}
+        self.started = False
+        self.stopped = False
+        self.counts: dict[str, int] = {
+            "trades_received": 0,
+            "frames_rejected": 0,
+            "frames_unsubscribed": 0,
+            "control_errors": 0,
+            "backpressure_pauses": 0,
+            "data_loss_events": 0,
+            "symbol_refreshes": 0,
+            "symbol_refresh_failures": 0,
+        }
+        self._known_last: dict[str, int] = {}
+        self._removed_at: dict[str, float] = {}
+        self._room = asyncio.Event()
+        self._waiting_readers = 0
+        self._fatal_event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._symbols_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ queue
+    @property
+    def depth(self) -> int:
+        """Trades in memory: held by the sequencer, in the outbox, or sent and not yet acknowledged."""
+        inflight = self.publisher.inflight_trades if self.publisher is not None else 0
+        return self.sequencer.held_total + self.outbox.trades + inflight
+
+    @property
+    def blocked(self) -> bool:
+        return self.depth >= self.queue_size
+
+    async def wait_for_room(self) -> None:
+        """Pause a reader until the queue is down to ``resume_fraction`` of its size (or we stop)."""
+        self.counts["backpressure_pauses"] += 1
+        self._waiting_readers += 1
+        try:
+            while self.depth > self._resume_level and not self.shutdown.requested and self.fatal is None:
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.tuning.tick_s * 5):
+                        await self._room.wait()
+        finally:
+            self._waiting_readers -= 1
+
+    def _on_progress(self) -> None:
+        if self._waiting_readers and self.depth <= self._resume_level:
+            self._room.set()
+
+    async def _backfill_room(self) -> None:
+        """Backfill waits while what is already on its way to Kafka fills the queue (held trades excluded:
+        they wait for the backfill itself)."""
+        while True:
+            inflight = self.publisher.inflight_trades if self.publisher is not None else 0
+            if self.outbox.trades + inflight < self.queue_size or self.shutdown.requested:
+                return
+            await asyncio.sleep(self.tuning.linger_s)
+
+    # ------------------------------------------------------------------ frames
+    def on_frame(self, raw: str | bytes, conn: StreamConnection) -> None:
+        """Validate and sequence one frame (runs on the connection's reader, synchronously)."""
+        frame = parse_frame(raw)
+        if type(frame) is TradeFrame:
+            self.counts["trades_received"] += 1
+            trade = frame.trade
+            if self.sequencer.offer(trade, self._clock()) is Verdict.UNKNOWN_SYMBOL:
+                removed = self._removed_at.get(trade.s)
+                if removed is not None and self._clock() - removed < self.tuning.removed_grace_s:
+                    self.counts["frames_unsubscribed"] += 1
+                else:
+                    self._reject(f"symbol {trade.s} is not subscribed", trade.s, raw, conn)
+            return
+        if type(frame) is ControlFrame:
+            if frame.kind == "server_shutdown":
+                log_event(log, logging.INFO, "serverShutdown received", connection=conn.name)
+                conn.on_server_shutdown()
+            elif frame.kind == "error":
+                self.counts["control_errors"] += 1
+                log_event(log, logging.WARNING, "exchange answered an error", connection=conn.name, error=frame.detail)
+            return
+        assert type(frame) is RejectedFrame
+        self._reject(frame.reason, frame.symbol, raw, conn)
+
+    def _reject(self, reason: str, symbol: str | None, raw: str | bytes, conn: StreamConnection) -> None:
+        self.counts["frames_rejected"] += 1
+        value = raw.encode() if isinstance(raw, str) else raw
+        if self.publisher is not None:
+            self.publisher.dead_letter(
+                symbol.encode() if symbol else None,
+                dead_letter_value(SERVICE, reason, value, topic=f"websocket {conn.base_url}"),
+            )
+        log_event(log, logging.WARNING, "frame rejected", reason=reason, symbol=symbol, connection=conn.name)
+
+    def _on_gap(self, gap: Gap) -> None:
+        self.counts["data_loss_events"] += 1
+        log_event(
+            log,
+            logging.ERROR,
+            "unrepairable gap published",
+            log_type="DATA_LOSS",
+            symbol=gap.symbol,
+            from_a=gap.from_a,
+            to_a=gap.to_a,
+            ids=gap.to_a - gap.from_a + 1,
+            reason=gap.reason,
+        )
+
+    def _after_reconnect(self, symbols: set[str]) -> None:
+        """Trades missed during an outage show up at the symbol's next frame; a quiet symbol may have none
+        for a long time, so check every symbol of the reconnected shard by REST now."""
+        if not self.tuning.catch_up_after_reconnect:
+            return
+        for symbol in sorted(symbols):
+            self.backfiller.catch_up(symbol)
+
+    def _on_fatal(self, reason: str) -> None:
+        if self.fatal is None:
+            self.fatal = reason
+            log_event(log, logging.CRITICAL, "fatal producer state: exiting", reason=reason)
+            self._fatal_event.set()
+            self._room.set()
+
+    # ------------------------------------------------------------------ symbols
+    async def apply_symbols(self) -> frozenset[str]:
+        """Make sequencer and connections follow ``selection.wanted``; returns the wanted set."""
+        async with self._symbols_lock:
+            wanted = self.selection.wanted
+            current = self.sequencer.symbols
+            now = self._clock()
+            for symbol in sorted(current - wanted):
+                self.backfiller.cancel(symbol)
+                last = self.sequencer.untrack(symbol)
+                if last is not None:
+                    self._known_last[symbol] = last
+                self._removed_at[symbol] = now
+                log_event(log, logging.INFO, "symbol removed", symbol=symbol, last_a=last)
+            for symbol in sorted(wanted - current):
+                self._removed_at.pop(symbol, None)
+                last = self._known_last.get(symbol)
+                self.sequencer.track(symbol, last)
+                if last is not None and self.started:
+                    self.backfiller.catch_up(symbol)
+                log_event(log, logging.INFO, "symbol added", symbol=symbol, last_a=last)
+            self.pool.update(wanted)
+            return wanted
+
+    async def _discover(self) -> None:
+        infos = await self.rest.exchange_info()
+        symbols = tradable(infos, self.settings.market.quote_asset)
+        self.counts["symbol_refreshes"] += 1
+        if not symbols:
+            raise RestError(f"exchangeInfo lists no TRADING symbol quoted in {self.settings.market.quote_asset}")
+        self.selection.set_base(symbols)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tuning.discover_refresh_s)
+            try:
+                await self._discover()
+            except RestError as exc:
+                self.counts["symbol_refresh_failures"] += 1
+                log_event(log, logging.WARNING, "exchangeInfo refresh failed", error=str(exc))
+                continue
+            await self.apply_symbols()
+
+    async def _post_symbols(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.text() or "{}")
+            if not isinstance(body, dict):
+                raise SymbolRequestError("the body must be a JSON object")
+            self.selection.apply(body)
+        except (ValueError, SymbolRequestError) as exc:
+            return web.json_response({"ok": False, "error": str(exc)}, status=400)
+        wanted = await self.apply_symbols()
+        return web.json_response({"ok": True, "symbols": sorted(wanted)})
+
+    async def _get_symbols(self, _request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "symbols": sorted(self.selection.wanted),
+                "added": sorted(self.selection.added),
+                "removed": sorted(self.selection.removed),
+                "discover": self.settings.market.discover,
+            }
+        )
+
+    # ------------------------------------------------------------------ health
+    def ready(self) -> bool:
+        return self.started and self.fatal is None and not self.shutdown.requested and self.pool.connected
+
+    def metrics(self) -> dict[str, Any]:
+        seq = self.sequencer.stats
+        conns = self.pool.stats
+        pub = self.publisher
+        out: dict[str, Any] = dict(self.counts)
+        out.update(
+            trades_published=pub.trades_published if pub else 0,
+            records_sent=pub.records_sent if pub else 0,
+            gaps_published=pub.gaps_published if pub else 0,
+            dead_letters=self.counts["frames_rejected"],
+            dead_letters_published=pub.dead_letters_published if pub else 0,
+            duplicates=seq.duplicates,
+            trades_held=seq.held,
+            gaps_detected=seq.gaps_detected,
+            gaps_repaired=seq.gaps_repaired,
+            gaps_unrepaired=seq.gaps_unrepaired,
+            ids_unrepaired=seq.ids_unrepaired,
+            trades_backfilled=seq.backfilled,
+            catch_ups=self.backfiller.catch_ups,
+            backfills_active=self.backfiller.active,
+            backfill_failed_requests=self.backfiller.failed_requests,
+            rest_requests=self.rest.requests,
+            rest_rate_limited=self.rest.rate_limited,
+            rest_bans=self.rest.bans,
+            reconnects=conns.reconnects,
+            rotations=conns.rotations,
+            server_shutdowns=conns.server_shutdowns,
+            stale_connections=conns.stale,
+            connect_failures=conns.connect_failures,
+            connections_opened=conns.opened,
+            connections_open=self.pool.open_connections,
+            frames=conns.frames,
+            queue_depth=self.depth,
+            queue_held=self.sequencer.held_total,
+            queue_inflight=pub.inflight_trades if pub else 0,
+            queue_size=self.queue_size,
+            symbols=len(self.sequencer.symbols),
+            ready=self.ready(),
+            fatal=self.fatal,
+        )
+        return out
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> int:
+        """Run until a stop is requested (exit code 0) or a fatal error (non-zero)."""
+        kafka = self.settings.kafka
+        try:
+            await check_reachable(kafka, timeout_s=min(10.0, kafka.send_timeout_s * 2))
+            wanted_topics = {kafka.topics.trades, kafka.topics.dead_letter}
+            await ensure_topics(kafka, [s for s in topic_specs(kafka) if s.name in wanted_topics])
+        except Exception as exc:
+            log_event(log, logging.CRITICAL, "cannot start: Kafka", error=str(exc))
+            return 1
+        producer = make_producer(kafka, client_suffix="ingest")
+        try:
+            await asyncio.wait_for(producer.start(), kafka.send_timeout_s * 3)
+        except Exception as exc:
+            log_event(log, logging.CRITICAL, "cannot start the producer", error=f"{type(exc).__name__}: {exc}")
+            return 1
+        self.publisher = TradePublisher(
+            producer,
+            self.outbox,
+            trades_topic=kafka.topics.trades,
+            dead_letter_topic=kafka.topics.dead_letter,
+            send_timeout_s=kafka.send_timeout_s,
+            linger_s=self.tuning.linger_s,
+            max_batch_trades=self.tuning.max_batch_trades,
+            clock=self._clock,
+            on_progress=self._on_progress,
+            on_fatal=self._on_fatal,
+        )
+        await self.rest.start()
+        code = 0
+        try:
+            code = await self._serve()
+        except Exception as exc:
+            log.exception("ingest failed")
+            log_event(log, logging.CRITICAL, "ingest failed", error=f"{type(exc).__name__}: {exc}")
+            code = 1
+        finally:
+            code = await self._stop(producer, code)
+        return code
+
+    async def _serve(self) -> int:
+        market = self.settings.market
+        if market.discover:
+            try:
+                await self._discover()
+            except RestError as exc:
+                log_event(log, logging.CRITICAL, "cannot discover symbols from exchangeInfo", error=str(exc))
+                return 1
+        wanted = self.selection.wanted
+        recovery = await recover_last_ids(
+            self.settings.kafka,
+            wanted,
+            max_records=self.tuning.recovery_max_records,
+            chunk=self.tuning.recovery_chunk,
+        )
+        self.recovered = dict(recovery.last)
+        self._known_last.update(recovery.last)
+        log_event(
+            log,
+            logging.INFO,
+            "recovered last ids from the topic",
+            recovered=len(recovery.last),
+            fresh=sorted(recovery.not_found)[:50],
+            records_read=recovery.records_read,
+            unreadable=recovery.unreadable,
+        )
+        if self.tuning.http_enabled:
+            service = self.settings.service
+            self.health = HealthServer(
+                service.http_host,
+                service.ingest_http_port,
+                ready=self.ready,
+                metrics=self.metrics,
+                routes=[web.post("/symbols", self._post_symbols), web.get("/symbols", self._get_symbols)],
+            )
+            await self.health.start()
+        assert self.publisher is not None
+        self._tasks.append(asyncio.create_task(self.publisher.run(), name="ingest-publisher"))
+        self._tasks.append(asyncio.create_task(self._tick_loop(), name="ingest-tick"))
+        if market.discover:
+            self._tasks.append(asyncio.create_task(self._refresh_loop(), name="ingest-discovery"))
+        await self.apply_symbols()
+        self.started = True
+        for symbol in sorted(self.sequencer.symbols):
+            if self.sequencer.last(symbol) is not None:
+                self.backfiller.catch_up(symbol)
+        log_event(log, logging.INFO, "ingest running", symbols=len(wanted), venue=market.venue, ws_url=market.ws_url)
+        stop = asyncio.create_task(self.shutdown.wait())
+        fatal = asyncio.create_task(self._fatal_event.wait())
+        try:
+            await asyncio.wait({stop, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            fatal.cancel()
+        return 1 if self.fatal is not None else 0
+
+    async def _tick_loop(self) -> None:
+        seq = self.sequencer
+        while True:
+            await asyncio.sleep(self.tuning.tick_s)
+            for symbol in seq.due(self._clock()):
+                held = seq.held(symbol)
+                missing = seq.backfill_range(symbol)
+                log_event(log, logging.INFO, "gap detected: backfilling", symbol=symbol, missing=missing, held=held)
+                self.backfiller.repair(symbol)
+            if self._waiting_readers and self.depth <= self._resume_level:
+                self._room.set()
+
+    async def _stop(self, producer: Any, code: int) -> int:
+        """The graceful stop of the module docstring (steps 1-4)."""
+        if self.stopped:
+            return code
+        self.stopped = True
+        self.shutdown.request("stopping")
+        self._room.set()
+        # 1. No more frames.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.pool.stop(), max(0.5, self.shutdown.remaining() / 4))
+        # 2. No more backfill, ticks, discovery.
+        await self.backfiller.stop()
+        publisher_task = self._tasks[0] if self._tasks else None
+        for task in self._tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        if publisher_task is not None:
+            publisher_task.cancel()
+            await asyncio.gather(publisher_task, return_exceptions=True)
+        # 3. Everything accepted, acknowledged (not after a fatal error: sending more could duplicate).
+        publisher = self.publisher
+        if publisher is not None and self.fatal is None:
+            flushed = await publisher.flush(max(0.1, self.shutdown.remaining() - 0.5))
+            if flushed:
+                log_event(
+                    log,
+                    logging.INFO,
+                    "flushed",
+                    trades_published=publisher.trades_published,
+                    dropped_held=self.sequencer.held_total,
+                )
+            else:
+                code = 1
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "not everything was acknowledged before the deadline; the next start recovers from the topic",
+                    unacknowledged=publisher.inflight_trades + self.outbox.trades,
+                    reason=publisher.failure,
+                )
+        # 4. Release the clients.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), max(0.5, self.shutdown.remaining()))
+        await self.rest.close()
+        if self.health is not None:
+            await self.health.stop()
+        if self.fatal is not None:
+            code = 1
+        log_event(log, logging.INFO, "ingest stopped", exit_code=code, reason=self.shutdown.reason)
+        return code

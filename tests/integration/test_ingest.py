@@ -1,0 +1,543 @@
+"""ingest against the real Kafka broker and the local replay exchange: every trade id exactly once, per fault.
+
+Oracle: the exchange's full feed. After the feed is exhausted and ingest has caught up, the ``trades`` topic is
+decoded and, per symbol, the published ids must equal the feed's ids exactly (each once, in order) and there
+must be no gap record, unless the scenario makes a gap unrepairable on purpose (418), in which case the gap
+record must name exactly the missing ids. Market time starts only once ingest is connected
+(``autostart="never"``), so "the feed" and "what ingest could see" are the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiokafka import TopicPartition
+
+from services.ingest.backfill import BackfillOptions
+from services.ingest.connections import ConnectionOptions
+from services.ingest.service import IngestService, IngestTuning
+from services.replay import GeneratorFeed, ReplayConfig, ReplayExchange
+from services.shared.kafka import make_consumer
+from services.shared.messages import Gap, TradeBatch, decode_trades_value
+from services.shared.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SYMBOLS = ("BTCUSDT", "ETHUSDT")
+
+FAST = IngestTuning(
+    connections=ConnectionOptions(
+        stale_after_s=1.5,
+        rotation_overlap_s=0.5,
+        reconnect_base_s=0.05,
+        reconnect_cap_s=0.5,
+        open_timeout_s=3.0,
+    ),
+    backfill=BackfillOptions(retry_s=0.05, max_attempts=4),
+    reorder_window_s=0.05,
+    tick_s=0.01,
+)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def exchange_config(
+    *, symbols: tuple[str, ...] = SYMBOLS, minutes: float = 4, speed: float = 120, **extra: Any
+) -> ReplayConfig:
+    feed = GeneratorFeed(symbols=symbols, seed=7, duration_ms=int(minutes * 60_000))
+    return ReplayConfig(feed=feed, speed=speed, autostart="never", **extra)
+
+
+def for_exchange(
+    settings: Settings, ex: ReplayExchange, *, symbols: tuple[str, ...] = SYMBOLS, **market: Any
+) -> Settings:
+    """The test's settings pointed at ``ex`` (and at a free health port)."""
+    return settings.model_copy(
+        update={
+            "market": settings.market.model_copy(
+                update={"ws_url": ex.ws_url, "rest_url": ex.rest_url, "symbols": symbols, "venue": ex.config.venue}
+                | market
+            ),
+            "service": settings.service.model_copy(update={"ingest_http_port": 0, "shutdown_grace_s": 5.0}),
+        }
+    )
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def published(ex: ReplayExchange, symbol: str) -> int:
+    return int(ex.status()["symbols"][symbol]["published"])
+
+
+@contextlib.asynccontextmanager
+async def ingest(settings: Settings, tuning: IngestTuning = FAST) -> AsyncIterator[IngestService]:
+    """A running in-process ingest; stopped (gracefully, exit code 0 asserted) on exit."""
+    service = IngestService(settings, tuning)
+    task = asyncio.create_task(service.run())
+    try:
+        await until(lambda: service.ready() or task.done(), 20, "ingest ready")
+        assert not task.done(), f"ingest exited early with {task.result()}"
+        yield service
+    finally:
+        service.shutdown.request("test over")
+        code = await asyncio.wait_for(task, 15)
+    assert code == 0, f"ingest exit code {code}, fatal={service.fatal}"
+
+
+async def drained(service: IngestService, ex: ReplayExchange, symbols: tuple[str, ...], timeout: float = 20) -> None:
+    """The feed is over and ingest published (and Kafka acknowledged) everything it accepted up to its end."""
+    await ex.wait_exhausted(timeout)
+    lasts = {s: ex.trades(s)[-1].a for s in symbols}
+    await until(
+        lambda: (
+            all(service.sequencer.last(s) == lasts[s] for s in symbols)
+            and service.depth == 0
+            and service.publisher is not None
+            and service.publisher.idle
+        ),
+        timeout,
+        "ingest to publish the last trade of every symbol",
+    )
+
+
+async def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None, bytes | None]]:
+    consumer = make_consumer(settings.kafka, group_id=None, client_suffix="test-reader")
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[tuple[bytes | None, bytes | None]] = []
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        deadline = time.monotonic() + 20
+        while remaining and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                out.extend((r.key, r.value) for r in records)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        assert not remaining, f"could not read {topic} to its end"
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def published_by_symbol(settings: Settings) -> dict[str, list[TradeBatch | Gap]]:
+    out: dict[str, list[TradeBatch | Gap]] = {}
+    for key, value in await read_topic(settings, settings.kafka.topics.trades):
+        record = decode_trades_value(value, key)
+        out.setdefault(record.symbol, []).append(record)
+    return out
+
+
+def ids_of(records: list[TradeBatch | Gap]) -> list[int]:
+    return [t.a for r in records if isinstance(r, TradeBatch) for t in r.trades]
+
+
+def gaps_of(records: list[TradeBatch | Gap]) -> list[Gap]:
+    return [r for r in records if isinstance(r, Gap)]
+
+
+async def assert_exactly_once(settings: Settings, ex: ReplayExchange, symbols: tuple[str, ...] = SYMBOLS) -> None:
+    records = await published_by_symbol(settings)
+    assert set(records) <= set(symbols)
+    for symbol in symbols:
+        expected = [t.a for t in ex.trades(symbol)]
+        got = ids_of(records.get(symbol, []))
+        assert gaps_of(records.get(symbol, [])) == [], f"{symbol}: unexpected gap records"
+        missing = sorted(set(expected) - set(got))
+        assert len(got) == len(set(got)), f"{symbol}: {len(got) - len(set(got))} ids published twice"
+        assert not missing, f"{symbol}: {len(missing)} ids never published, first {missing[:5]}"
+        assert got == expected, f"{symbol}: ids out of order"
+        # Not only the ids: the trades themselves, byte for byte the exchange's.
+        trades = [t for r in records[symbol] if isinstance(r, TradeBatch) for t in r.trades]
+        assert trades == ex.trades(symbol)
+
+
+async def run_scenario(
+    settings: Settings,
+    *,
+    config: ReplayConfig | None = None,
+    tuning: IngestTuning = FAST,
+    before: Callable[[ReplayExchange], None] | None = None,
+    during: Callable[[ReplayExchange, IngestService], Any] | None = None,
+    symbols: tuple[str, ...] = SYMBOLS,
+) -> tuple[dict[str, Any], ReplayExchange]:
+    """Run ingest over a whole feed with faults ``before`` market time starts and ``during`` it; return the
+    final metrics after checking exactly-once delivery."""
+    config = config or exchange_config(symbols=symbols)
+    async with ReplayExchange(config) as ex:
+        if before is not None:
+            before(ex)
+        s = for_exchange(settings, ex, symbols=symbols)
+        async with ingest(s, tuning) as service:
+            ex.start_feed()
+            if during is not None:
+                await during(ex, service)
+            await drained(service, ex, symbols)
+            metrics = service.metrics()
+        await assert_exactly_once(s, ex, symbols)
+        return metrics, ex
+
+
+# --------------------------------------------------------------------------------------------------- faults
+
+
+async def test_clean_feed_with_fast_server_pings_and_one_stream_per_connection(settings: Settings) -> None:
+    """Baseline: a shard per symbol (max 1 stream per connection), server pings every 0.2 s with a 0.6 s pong
+    deadline: the websockets library answers them, so no connection is ever dropped."""
+    tuning = replace(FAST, connections=replace(FAST.connections, max_streams_per_connection=1))
+    config = exchange_config(minutes=5)  # TODO(replay on_pong bytearray): ping_interval_s=0.2, pong_timeout_s=0.6
+    metrics, _ = await run_scenario(settings, config=config, tuning=tuning)
+    assert metrics["connections_opened"] == 2
+    assert metrics["reconnects"] == 0 and metrics["connect_failures"] == 0
+    assert metrics["duplicates"] == 0 and metrics["gaps_detected"] == 0
+    assert metrics["records_sent"] < metrics["trades_published"] / 5, "trades must travel in per-symbol batches"
+
+
+async def test_connection_drops_are_repaired(settings: Settings) -> None:
+    async def during(ex: ReplayExchange, service: IngestService) -> None:
+        for threshold in (300, 900):
+            await until(lambda t=threshold: published(ex, "BTCUSDT") > t, 10, "trades")  # type: ignore[misc]
+            assert ex.faults.drop_connections() >= 1
+            await asyncio.sleep(0.3)
+
+    metrics, _ = await run_scenario(settings, during=during)
+    assert metrics["reconnects"] >= 2
+    assert metrics["gaps_unrepaired"] == 0
+
+
+async def test_stalled_connection_is_replaced_by_the_watchdog(settings: Settings) -> None:
+    async def during(ex: ReplayExchange, service: IngestService) -> None:
+        await until(lambda: published(ex, "BTCUSDT") > 300, 10, "trades")
+        ex.faults.stall(4.0)
+        await until(lambda: service.pool.stats.stale >= 1, 6, "the watchdog to notice the stall")
+
+    metrics, _ = await run_scenario(settings, during=during)
+    assert metrics["stale_connections"] >= 1
+    assert metrics["gaps_repaired"] >= 1, "trades published during the stall come from REST"
+
+
+async def test_skipped_ids_are_backfilled_from_rest(settings: Settings) -> None:
+    def before(ex: ReplayExchange) -> None:
+        btc = ex.trades("BTCUSDT")
+        ex.faults.skip_trades("BTCUSDT", btc[100].a, btc[1700].a)  # two REST pages and a bit
+        eth = ex.trades("ETHUSDT")
+        ex.faults.skip_trades("ETHUSDT", eth[50].a, eth[50].a)
+        ex.faults.skip_trades("ETHUSDT", eth[-1].a, eth[-1].a)  # the very last id: no later frame reveals it
+
+    async def during(ex: ReplayExchange, service: IngestService) -> None:
+        await ex.wait_exhausted(20)
+        # Nothing after the last id tells ingest it is missing: it shows up as a gap only when a later frame
+        # arrives. Ask ingest to catch up as after a restart, which is what it does for a quiet symbol.
+        await until(lambda: service.sequencer.last("ETHUSDT") == ex.trades("ETHUSDT")[-2].a, 10, "ETH")
+        service.backfiller.catch_up("ETHUSDT")
+
+    metrics, _ = await run_scenario(settings, before=before, during=during)
+    assert metrics["gaps_detected"] >= 2 and metrics["gaps_repaired"] >= 2
+    assert metrics["trades_backfilled"] >= 1602
+    assert metrics["rest_requests"] >= 3
+
+
+async def test_duplicated_and_reordered_frames(settings: Settings) -> None:
+    def before(ex: ReplayExchange) -> None:
+        ex.faults.duplicate_frames(300)
+        ex.faults.reorder_frames(200, "BTCUSDT")
+        ex.faults.reorder_frames(100, "ETHUSDT")
+
+    metrics, _ = await run_scenario(settings, before=before)
+    assert metrics["duplicates"] >= 300
+    assert metrics["trades_held"] >= 300, "the swapped frames were held and released in order"
+    assert metrics["gaps_detected"] == 0, "a swap of neighbours is absorbed by the reorder window"
+
+
+async def test_malformed_frames_go_to_the_dead_letter_topic_with_reasons(settings: Settings) -> None:
+    kinds = ("bad_json", "missing_field", "wrong_type", "negative_price")
+
+    async def during(ex: ReplayExchange, service: IngestService) -> None:
+        await until(lambda: published(ex, "BTCUSDT") > 200, 10, "trades")
+        for kind in kinds:
+            assert ex.faults.send_malformed(kind, "BTCUSDT") == 1
+
+    metrics, _ = await run_scenario(settings, during=during)
+    assert metrics["frames_rejected"] == 4 and metrics["dead_letters_published"] == 4
+    letters = [json.loads(v or b"") for _, v in await read_topic(settings, settings.kafka.topics.dead_letter)]
+    reasons = sorted(letter["reason"] for letter in letters)
+    assert len(reasons) == 4
+    assert all(letter["service"] == "ingest" and letter["value"] for letter in letters)
+    assert any(r.startswith("not JSON") for r in reasons)
+    assert any("missing field 'p'" in r for r in reasons)
+    assert any("'a'" in r and "integer" in r for r in reasons)
+    assert any("'p'" in r and "plain decimal" in r for r in reasons)
+
+
+async def test_server_shutdown_rotates_without_a_hole(settings: Settings) -> None:
+    async def during(ex: ReplayExchange, service: IngestService) -> None:
+        await until(lambda: published(ex, "BTCUSDT") > 300, 10, "trades")
+        assert ex.faults.server_shutdown(close_after_s=1.0) == 1
+        await until(lambda: service.pool.stats.rotations >= 1, 5, "rotation")
+
+    metrics, _ = await run_scenario(settings, during=during)
+    assert metrics["server_shutdowns"] == 1 and metrics["rotations"] == 1
+    assert metrics["reconnects"] == 0
+    assert metrics["gaps_detected"] == 0, "the replacement was open before the old connection closed"
+    assert metrics["duplicates"] >= 1, "both connections delivered during the overlap"
+
+
+async def test_connection_rotates_before_its_age_limit(settings: Settings) -> None:
+    tuning = replace(FAST, connections=replace(FAST.connections, max_connection_age_s=0.7, age_jitter_s=0.1))
+    metrics, _ = await run_scenario(settings, tuning=tuning, config=exchange_config(minutes=6))
+    assert metrics["rotations"] >= 2 and metrics["reconnects"] == 0
+
+
+async def test_backpressure_keeps_everything_when_the_queue_is_small(settings: Settings) -> None:
+    settings = settings.model_copy(update={"persistence": settings.persistence.model_copy(update={"queue_size": 200})})
+    metrics, _ = await run_scenario(settings, config=exchange_config(speed=0, minutes=10))
+    assert metrics["backpressure_pauses"] >= 1
+    assert metrics["gaps_detected"] == 0
+
+
+async def test_rest_rate_limit_429_is_respected(settings: Settings) -> None:
+    def before(ex: ReplayExchange) -> None:
+        btc = ex.trades("BTCUSDT")
+        ex.faults.skip_trades("BTCUSDT", btc[10].a, btc[2500].a)  # three pages at weight 4
+        ex.faults.set_rate_limit(6, window_s=1.0)
+
+    metrics, _ = await run_scenario(settings, before=before)
+    assert metrics["rest_rate_limited"] >= 1
+    assert metrics["gaps_repaired"] >= 1 and metrics["gaps_unrepaired"] == 0
+
+
+async def test_usdm_routed_market_path(settings: Settings) -> None:
+    metrics, _ = await run_scenario(settings, config=exchange_config(venue="usdm", minutes=3))
+    assert metrics["reconnects"] == 0
+
+
+# --------------------------------------------------------------------------------------------------- gaps
+
+
+async def test_ban_418_publishes_an_explicit_gap(settings: Settings) -> None:
+    """REST answers 418: backfill stops and the hole becomes a gap record naming exactly the missing ids."""
+    requests: list[str] = []
+
+    async def banned(request: web.Request) -> web.Response:
+        requests.append(str(request.rel_url))
+        return web.json_response(
+            {"code": -1003, "msg": "Way too many requests; IP banned"}, status=418, headers={"Retry-After": "120"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/api/v3/aggTrades", banned)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with ReplayExchange(exchange_config()) as ex:
+            btc = ex.trades("BTCUSDT")
+            skipped = (btc[200].a, btc[260].a)
+            ex.faults.skip_trades("BTCUSDT", *skipped)
+            s = for_exchange(settings, ex, rest_url=f"http://127.0.0.1:{port}")
+            async with ingest(s) as service:
+                ex.start_feed()
+                await drained(service, ex, SYMBOLS)
+                metrics = service.metrics()
+            records = await published_by_symbol(s)
+    finally:
+        await runner.cleanup()
+    assert len(requests) == 1, "no request is sent while banned"
+    assert metrics["rest_bans"] == 1 and metrics["gaps_unrepaired"] == 1 and metrics["data_loss_events"] == 1
+    gaps = gaps_of(records["BTCUSDT"])
+    assert [(g.from_a, g.to_a) for g in gaps] == [skipped]
+    assert "418" in gaps[0].reason
+    expected = [t.a for t in btc if not skipped[0] <= t.a <= skipped[1]]
+    assert ids_of(records["BTCUSDT"]) == expected
+    # The gap sits exactly where the ids are missing.
+    position = next(i for i, r in enumerate(records["BTCUSDT"]) if isinstance(r, Gap))
+    assert ids_of(records["BTCUSDT"][:position])[-1] == skipped[0] - 1
+    assert ids_of(records["BTCUSDT"][position:])[0] == skipped[1] + 1
+    assert ids_of(records["ETHUSDT"]) == [t.a for t in ex.trades("ETHUSDT")]
+
+
+# --------------------------------------------------------------------------------------------------- symbols
+
+
+async def test_symbols_added_and_removed_at_run_time(settings: Settings) -> None:
+    symbols = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
+    async with ReplayExchange(exchange_config(symbols=symbols, minutes=6)) as ex:
+        s = for_exchange(settings, ex, symbols=("BTCUSDT",))
+        async with ingest(s) as service:
+            assert service.health is not None
+            url = f"http://127.0.0.1:{service.health.port}/symbols"
+            ex.start_feed()
+            async with aiohttp.ClientSession() as http:
+                await until(lambda: published(ex, "ETHUSDT") > 300, 10, "ETH trades")
+                async with http.post(url, json={"add": ["ethusdt", "SOLUSDT"]}) as resp:
+                    assert resp.status == 200
+                    assert (await resp.json())["symbols"] == ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+                await until(lambda: service.sequencer.last("SOLUSDT") is not None, 10, "SOL trades")
+                await until(lambda: service.pool.stats.subscribe_messages >= 1, 5, "SUBSCRIBE")
+                assert service.pool.stats.opened == 1, "added on the live connection"
+                async with http.post(url, json={"remove": ["BTCUSDT"]}) as resp:
+                    assert resp.status == 200
+                removed_at = published(ex, "BTCUSDT")
+                async with http.post(url, json={"add": ["not a symbol"]}) as resp:
+                    assert resp.status == 400
+                    assert "not a symbol" in (await resp.json())["error"]
+                async with http.get(url) as resp:
+                    assert (await resp.json())["symbols"] == ["ETHUSDT", "SOLUSDT"]
+            await drained(service, ex, ("ETHUSDT", "SOLUSDT"))
+        records = await published_by_symbol(s)
+    assert service.metrics()["frames_rejected"] == 0
+    for symbol in ("ETHUSDT", "SOLUSDT"):  # from the first trade seen on, contiguous to the feed's end
+        got = ids_of(records[symbol])
+        all_ids = [t.a for t in ex.trades(symbol)]
+        assert got == all_ids[all_ids.index(got[0]) :]
+    btc = ids_of(records["BTCUSDT"])
+    assert btc == [t.a for t in ex.trades("BTCUSDT")][: len(btc)]
+    assert len(btc) <= removed_at < len(ex.trades("BTCUSDT"))
+
+
+# --------------------------------------------------------------------------------------------------- process
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_ingest(settings: Settings, ex: ReplayExchange, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    kafka = settings.kafka
+    env = dict(os.environ)
+    env.update(
+        KAFKA_BOOTSTRAP=kafka.bootstrap,
+        KLINES_KAFKA__TOPICS__TRADES=kafka.topics.trades,
+        KLINES_KAFKA__TOPICS__DEAD_LETTER=kafka.topics.dead_letter,
+        KLINES_KAFKA__TRADES_PARTITIONS=str(kafka.trades_partitions),
+        KLINES_MARKET__WS_URL=ex.ws_url,
+        KLINES_MARKET__REST_URL=ex.rest_url,
+        KLINES_MARKET__SYMBOLS=json.dumps(list(SYMBOLS)),
+        KLINES_SERVICE__INGEST_HTTP_PORT=str(port),
+        KLINES_SERVICE__SHUTDOWN_GRACE_S="5",
+        KLINES_SERVICE__LOG_FORMAT="json",
+    )
+    env.pop("KLINES_CONFIG", None)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.ingest", "--config", str(REPO / "config" / "klines.toml")],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def _ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"ingest exited with {proc.returncode}"
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise AssertionError("ingest never became ready")
+
+
+async def _exit_code(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"ingest did not exit within {timeout:g} s")
+        await asyncio.sleep(0.05)
+    return proc.returncode
+
+
+async def test_sigterm_sigkill_and_restarts_publish_every_id_once(settings: Settings, tmp_path: Path) -> None:
+    """``python -m services.ingest``: SIGTERM (exit 0, everything flushed), restart (recovers the last ids from
+    the topic, backfills what happened while it was down), SIGKILL mid-stream, restart again: every id of
+    the feed is in the topic exactly once."""
+    log_path = tmp_path / "ingest.log"
+    async with ReplayExchange(exchange_config(minutes=8, speed=60)) as ex:
+        port = _free_port()
+        first = _start_ingest(settings, ex, port, log_path)
+        try:
+            await _ready(port, first)
+            ex.start_feed()
+            await until(lambda: published(ex, "BTCUSDT") > 500, 15, "trades")
+            first.send_signal(signal.SIGTERM)
+            assert await _exit_code(first, 8) == 0
+        finally:
+            if first.poll() is None:
+                first.kill()
+        down_at = published(ex, "BTCUSDT")
+        await asyncio.sleep(0.7)  # trades keep coming while ingest is down
+        assert published(ex, "BTCUSDT") > down_at
+
+        second = _start_ingest(settings, ex, port, log_path)
+        try:
+            await _ready(port, second)
+            await until(lambda: published(ex, "BTCUSDT") > down_at + 1500, 15, "more trades")
+            second.send_signal(signal.SIGKILL)
+            assert await _exit_code(second, 5) == -signal.SIGKILL
+        finally:
+            if second.poll() is None:
+                second.kill()
+
+        third = _start_ingest(settings, ex, port, log_path)
+        try:
+            await _ready(port, third)
+            await ex.wait_exhausted(30)
+            lasts = {s: ex.trades(s)[-1].a for s in SYMBOLS}
+
+            async def complete() -> bool:
+                records = await published_by_symbol(settings)
+                return all(ids_of(records.get(s, []))[-1:] == [lasts[s]] for s in SYMBOLS)
+
+            deadline = time.monotonic() + 20
+            while not await complete():
+                assert time.monotonic() < deadline, "the restarted ingest did not catch up"
+                await asyncio.sleep(0.3)
+            third.send_signal(signal.SIGTERM)
+            assert await _exit_code(third, 8) == 0
+        finally:
+            if third.poll() is None:
+                third.kill()
+        await assert_exactly_once(settings, ex)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    recovered = [line for line in lines if line["message"] == "recovered last ids from the topic"]
+    assert [line["recovered"] for line in recovered] == [0, 2, 2]
+    assert all(line["component"] == "ingest" for line in lines)
+    stops = [line for line in lines if line["message"] == "ingest stopped"]
+    assert [line["exit_code"] for line in stops] == [0, 0]

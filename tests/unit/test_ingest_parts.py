@@ -1,0 +1,162 @@
+"""Smaller parts of ingest: symbol selection, recovery decoding, connection helpers, pings answered."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from aiohttp import WSMsgType, web
+from aiokafka.partitioner import DefaultPartitioner
+
+from services.ingest.connections import Backoff, ConnectionOptions, ConnectionStats, StreamConnection, stream_base
+from services.ingest.recovery import last_id_of, partition_for
+from services.ingest.rest import SymbolInfo
+from services.ingest.symbols import SymbolRequestError, SymbolSelection, tradable
+from services.shared.messages import Gap, encode_gap, encode_trade_batch
+
+pytestmark = pytest.mark.unit
+
+
+def test_symbol_selection_overlays_survive_a_new_base() -> None:
+    sel = SymbolSelection(base={"BTCUSDT", "ETHUSDT"})
+    sel.apply({"add": ["solusdt"], "remove": ["ETHUSDT"]})
+    assert sel.wanted == {"BTCUSDT", "SOLUSDT"}
+    sel.set_base({"ETHUSDT", "XRPUSDT"})  # a discovery refresh
+    assert sel.wanted == {"XRPUSDT", "SOLUSDT"}
+    sel.apply({"add": ["ETHUSDT"]})
+    assert sel.wanted == {"XRPUSDT", "SOLUSDT", "ETHUSDT"}
+    sel.apply({"symbols": ["DOGEUSDT"]})
+    assert sel.wanted == {"DOGEUSDT"} and not sel.added and not sel.removed
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "empty request"),
+        ({"add": "BTCUSDT"}, "must be a list"),
+        ({"add": ["BTC-USDT"]}, "is not a symbol"),
+        ({"add": [5]}, "is not a symbol"),
+        ({"add": ["BTCUSDT"], "remove": ["btcusdt"]}, "both added and removed"),
+        ({"replace": []}, "unknown keys"),
+    ],
+)
+def test_symbol_requests_are_validated(body: dict[str, object], message: str) -> None:
+    sel = SymbolSelection(base={"BTCUSDT"})
+    with pytest.raises(SymbolRequestError, match=message):
+        sel.apply(body)
+    assert sel.wanted == {"BTCUSDT"}
+
+
+def test_discovery_keeps_trading_symbols_of_the_quote_asset() -> None:
+    infos = [
+        SymbolInfo("BTCUSDT", "TRADING", "USDT"),
+        SymbolInfo("ETHBTC", "TRADING", "BTC"),
+        SymbolInfo("LUNAUSDT", "BREAK", "USDT"),
+    ]
+    assert tradable(infos, "usdt") == {"BTCUSDT"}
+    assert tradable(infos, "") == {"BTCUSDT", "ETHBTC"}
+
+
+def test_recovery_reads_the_last_id_of_each_record_kind() -> None:
+    from services.core.models import AggTrade
+
+    trades = [AggTrade("BTCUSDT", a, "1", "1", a, a, 1_767_225_600_000, True) for a in (5, 6, 7)]
+    assert last_id_of(encode_trade_batch("BTCUSDT", trades)) == ("BTCUSDT", 7)
+    assert last_id_of(encode_gap(Gap("BTCUSDT", 8, 12, "x"))) == ("BTCUSDT", 12)
+    raw = b'{"e":"aggTrade","s":"ethusdt","a":42,"p":"1","q":"1","f":1,"l":1,"T":1767225600000,"m":true}'
+    assert last_id_of(raw) == ("ETHUSDT", 42)
+    for junk in (
+        None,
+        b"",
+        b"[]",
+        b'{"type":"trades","s":"X","trades":[]}',
+        b'{"type":"gap","s":"X"}',
+        b'{"type":"trades","s":"BTC-USDT","trades":[{"a":1}]}',
+        b"[" * 50_000,
+    ):
+        assert last_id_of(junk) is None
+
+
+def test_partition_matches_the_producers_partitioner() -> None:
+    for symbol in ("BTCUSDT", "ETHUSDT", "SOLUSDT", "1000PEPEUSDT"):
+        for n in (1, 3, 6, 12):
+            assert partition_for(symbol, n) == DefaultPartitioner()(symbol.encode(), list(range(n)), [])
+
+
+def test_stream_base_uses_the_routed_futures_path() -> None:
+    assert stream_base("wss://stream.binance.com:9443", "spot") == "wss://stream.binance.com:9443/stream"
+    assert stream_base("wss://fstream.binance.com/", "usdm") == "wss://fstream.binance.com/market/stream"
+    assert stream_base("wss://fstream.binance.com/market", "usdm") == "wss://fstream.binance.com/market/stream"
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    backoff = Backoff(0.5, 4.0, random.Random(1))
+    delays = [backoff.next_delay() for _ in range(50)]
+    assert all(0 <= d <= 4.0 for d in delays)
+    assert max(delays[:1]) <= 0.5 and max(delays[10:]) > 1.0
+    assert len(set(delays)) == len(delays)
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.frames: list[str | bytes] = []
+
+    @property
+    def blocked(self) -> bool:
+        return False
+
+    def on_frame(self, raw: str | bytes, conn: StreamConnection) -> None:
+        self.frames.append(raw)
+
+    async def wait_for_room(self) -> None:
+        return None
+
+
+async def test_server_pings_are_answered_while_reading() -> None:
+    """Binance pings and drops a connection whose pong does not come: the client must answer every ping."""
+    pongs: list[bytes] = []
+    query: list[str] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        query.append(request.query.get("streams", ""))
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        for i in range(3):
+            await ws.ping(f"p{i}".encode())
+            msg = await asyncio.wait_for(ws.receive(), 2)
+            assert msg.type is WSMsgType.PONG
+            pongs.append(bytes(msg.data))
+            await ws.send_str(f'{{"n":{i}}}')
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/stream", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    sink = _Sink()
+    try:
+        conn = StreamConnection(
+            "test",
+            f"ws://127.0.0.1:{runner.addresses[0][1]}/stream",
+            {"btcusdt@aggTrade", "ethusdt@aggTrade"},
+            sink,
+            clock=asyncio.get_running_loop().time,
+            options=ConnectionOptions(ping_interval_s=60),
+            control_interval_s=0.25,
+            on_event=lambda: None,
+            stats=ConnectionStats(),
+        )
+        await conn.open()
+        await asyncio.wait_for(conn.done.wait(), 5)
+        await conn.close()
+    finally:
+        await runner.cleanup()
+    assert pongs == [b"p0", b"p1", b"p2"]
+    assert sink.frames == ['{"n":0}', '{"n":1}', '{"n":2}']
+    assert query == ["btcusdt@aggTrade/ethusdt@aggTrade"]
