@@ -33,7 +33,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any, Protocol, TypeVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -55,6 +55,7 @@ T = TypeVar("T")
 #: by ClickHouse, so it is rejected (dead-lettered) before it can stall the batch it is in.
 _MAX_SCALE = 18
 _MAX_INTEGER_DIGITS = 20
+_SCALE = Decimal(1).scaleb(-_MAX_SCALE)
 _UINT64_LIMIT = 2**64
 _DECIMAL_FIELDS = ("o", "h", "l", "c", "v", "q", "V", "Q")
 
@@ -85,8 +86,7 @@ DecodeFn = Callable[[bytes | None], tuple[Kline, int | None]]
 
 
 class FlushAbandoned(Exception):
-    """The shutdown deadline passed before a batch could be stored; its offsets stay uncommitted (re-read
-    later)."""
+    """The shutdown deadline passed before a batch was stored; its offsets stay uncommitted (it is re-read)."""
 
 
 class Clock(Protocol):
@@ -194,10 +194,21 @@ def check_fits_table(kline: Kline, version: int) -> None:
     for name in _DECIMAL_FIELDS:
         value: Decimal = getattr(kline, name)
         exponent = value.as_tuple().exponent
-        if not isinstance(exponent, int) or exponent < -_MAX_SCALE or value.adjusted() >= _MAX_INTEGER_DIGITS:
+        if (
+            not isinstance(exponent, int)
+            or value.adjusted() >= _MAX_INTEGER_DIGITS
+            or (exponent < -_MAX_SCALE and not _exact_at_scale(value))
+        ):
             raise InvalidInput(f"field {name!r} = {value} does not fit Decimal(38, 18) exactly")
     if not 0 <= version < _UINT64_LIMIT:
         raise InvalidInput(f"version {version} does not fit UInt64")
+
+
+def _exact_at_scale(value: Decimal) -> bool:
+    """More than 18 fractional digits are fine when the extra ones are zeros (``1.50000000000000000000``)."""
+    with localcontext() as context:
+        context.prec = 2 * (_MAX_SCALE + _MAX_INTEGER_DIGITS)
+        return value.quantize(_SCALE) == value
 
 
 class Batch:
@@ -513,6 +524,7 @@ class WriterEngine:
                 self._stored[tp] = (offset, token)
 
     async def _await_with_keepalive(self, task: asyncio.Task[None]) -> None:
+        reported_stuck = False
         while True:
             done, _ = await asyncio.wait({task}, timeout=self._keepalive_s)
             if done:
@@ -527,11 +539,12 @@ class WriterEngine:
             records = await self._consumer.getmany(timeout_ms=0)
             self._accept(records)
             self._pause_assigned()
-            if self.stuck:
+            if self.stuck and not reported_stuck:
+                reported_stuck = True  # once per batch: /readyz and flush_age_s carry it from here on
                 log_event(
                     log,
                     logging.ERROR,
-                    "ClickHouse has not accepted a batch for a long time",
+                    "ClickHouse has not accepted a batch for a long time; not ready until it does",
                     component=self.spec.component,
                     seconds=round(self._flush_age(), 1),
                 )

@@ -99,6 +99,7 @@ def test_values_that_do_not_fit_decimal_38_18_are_rejected(field: str, value: De
 
 def test_values_at_the_limits_fit() -> None:
     k = kline()
+    k.v = Decimal("1.5000000000000000000000")  # more digits than the scale, but only zeros
     k.q = Decimal("99999999999999999999.999999999999999999")
     check_fits_table(k, 2**64 - 1)
     with pytest.raises(InvalidInput, match="UInt64"):
