@@ -161,12 +161,15 @@ class LocalPipeline:
             "aggregator", [PY, "-m", "services.aggregator"], s.aggregator.http_port, self.logs / "aggregator.log"
         )
         ingest = Service("ingest", [PY, "-m", "services.ingest"], s.service.ingest_http_port, self.logs / "ingest.log")
-        for service in [*writers, aggregator, ingest]:
+        # The gateway only reads the kline topics (live push to browsers): after the aggregator, before ingest.
+        gateway = Service("gateway", [PY, "-m", "services.gateway"], s.gateway.http_port, self.logs / "gateway.log")
+        for service in [*writers, aggregator, gateway, ingest]:
             self.say(f"starting {service.name} (log: {self._rel(service.log_path)})")
             service.start(self.env)
             self.services.append(service)
             self._wait_ready(service, timeout=90)
         self.say("pipeline is up: " + ", ".join(f"{x.name} ready" for x in self.services))
+        self.say(f"live chart: http://{s.service.http_host}:{s.gateway.http_port}/ (gateway)")
 
     def _dsn(self) -> str:
         return self.settings.clickhouse.dsn

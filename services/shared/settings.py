@@ -136,6 +136,27 @@ class AggregatorSettings(_Section):
     http_port: int = Field(default=8081, ge=0, lt=65536)
 
 
+class GatewaySettings(_Section):
+    """``services/gateway``: the WebSocket push of live klines to web clients, and its limits."""
+
+    http_port: int = Field(default=8084, ge=0, lt=65536)  # page, /ws, /stream, /healthz /readyz /metrics
+    max_connections: int = Field(default=1000, ge=1)
+    max_connections_per_ip: int = Field(default=100, ge=1)
+    max_subscriptions: int = Field(default=200, ge=1, le=1024)  # per connection (Binance: 1024)
+    max_messages_per_s: float = Field(default=5.0, gt=0)  # incoming control messages per connection (Binance: 5)
+    max_message_bytes: int = Field(default=4096, ge=256)
+    queue_size: int = Field(default=1024, ge=16)  # pending updates per client after coalescing
+    slow_client_timeout_s: float = Field(default=5.0, gt=0)  # an update pending longer disconnects the client
+    socket_send_buffer: int = Field(default=131_072, ge=0)  # SO_SNDBUF per client socket; 0 = OS default
+    heartbeat_s: float = Field(default=20.0, gt=0)
+    # History on subscribe: "auto" reads ClickHouse only when it is a server (an embedded chDB directory opens in
+    # one process, and in `klines run` that is the writers'); "on" also opens an embedded directory; "off" never.
+    history: Literal["auto", "on", "off"] = "auto"
+    history_limit: int = Field(default=500, ge=0, le=5000)  # most klines one subscription may ask for
+    recent_klines: int = Field(default=120, ge=0)  # finalized klines kept per key in memory when history is off
+    warmup_records: int = Field(default=5000, ge=0)  # records per partition read back at start
+
+
 class ServiceSettings(_Section):
     http_host: str = "127.0.0.1"
     ingest_http_port: int = Field(default=8080, ge=0, lt=65536)
@@ -158,6 +179,7 @@ class Settings(BaseSettings):
     persistence: PersistenceSettings = PersistenceSettings()
     market: MarketSettings = MarketSettings()
     aggregator: AggregatorSettings = AggregatorSettings()
+    gateway: GatewaySettings = GatewaySettings()
     service: ServiceSettings = ServiceSettings()
 
     @classmethod
