@@ -88,7 +88,14 @@ def test_drop_partitions_forgets_their_records_ranges_and_letters() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("q", Decimal("0.0000000000000000001")), ("v", Decimal("100000000000000000000")), ("c", Decimal("1E-19"))],
+    [
+        ("q", Decimal("0.0000000000000000001")),
+        ("v", Decimal("100000000000000000000")),
+        ("c", Decimal("1E-19")),
+        ("v", Decimal("1E+20")),
+        ("Q", Decimal("-1")),
+        ("V", Decimal("NaN")),
+    ],
 )
 def test_values_that_do_not_fit_decimal_38_18_are_rejected(field: str, value: Decimal) -> None:
     k = kline()
@@ -101,6 +108,8 @@ def test_values_at_the_limits_fit() -> None:
     k = kline()
     k.v = Decimal("1.5000000000000000000000")  # more digits than the scale, but only zeros
     k.q = Decimal("99999999999999999999.999999999999999999")
+    k.Q = Decimal("1E+19")
+    k.V = Decimal("1.5E-17")
     check_fits_table(k, 2**64 - 1)
     with pytest.raises(InvalidInput, match="UInt64"):
         check_fits_table(k, 2**64)

@@ -89,6 +89,7 @@ class ScriptedConsumer:
     commit_log: list[dict[TopicPartition, tuple[int, str]]] = field(default_factory=list)
     polls: int = 0
     polls_while_paused: int = 0
+    pause_calls: int = 0
     listener: Any = None
 
     def __post_init__(self) -> None:
@@ -125,6 +126,7 @@ class ScriptedConsumer:
         return set(self.assigned)
 
     def pause(self, *partitions: Any) -> None:
+        self.pause_calls += 1
         self.paused_tps |= set(partitions) & self.assigned
 
     def resume(self, *partitions: Any) -> None:
@@ -545,17 +547,18 @@ async def test_revoked_partitions_lose_their_unstored_buffer_and_are_reread_by_t
     assert r.consumer.committed == {tp(0): 1}
 
 
-async def test_partitions_assigned_during_a_flush_are_paused_too() -> None:
+async def test_partitions_assigned_while_backpressure_is_on_are_paused_too() -> None:
     r = await assigned(rig())
     r.consumer.assigned = {tp(0)}
     r.table.gate = threading.Event()
     r.consumer.produce(0, kline_value(0))
     task = asyncio.create_task(r.engine.run())
-    await asyncio.to_thread(r.table.entered.wait, 5)
+    while not r.engine.metrics()["paused"]:  # the insert outlasted keepalive_s: backpressure is on
+        await asyncio.sleep(0.001)
     r.consumer.produce(2, kline_value(2))
+    r.consumer.assigned.add(tp(2))  # aiokafka sets the new assignment, then calls the listener
     await r.consumer.listener.on_partitions_assigned({tp(2)})
-    r.consumer.assigned.add(tp(2))
-    r.consumer.pause(tp(2))  # what the engine asked for (aiokafka applies it to the new assignment)
+    assert tp(2) in r.consumer.paused_tps
     await asyncio.sleep(0.03)
     assert r.consumer.positions[tp(2)] == 0  # nothing fetched from it while ClickHouse is busy
     r.table.gate.set()
@@ -565,6 +568,15 @@ async def test_partitions_assigned_during_a_flush_are_paused_too() -> None:
         await asyncio.sleep(0.005)
     r.shutdown.request("test")
     await asyncio.wait_for(task, 5)
+
+
+async def test_a_quick_insert_pauses_nothing_so_prefetched_records_are_kept() -> None:
+    r = await assigned(rig(keepalive_s=5.0, buffer_size=2))
+    for n in range(6):
+        r.consumer.produce(0, kline_value(n))
+    await r.run_until(lambda: r.consumer.committed.get(tp(0)) == 6)
+    assert r.engine.counters.get("batches") == 3
+    assert r.consumer.pause_calls == 0 and r.consumer.polls_while_paused == 0
 
 
 # --- stopping ---------------------------------------------------------------------------------------------
