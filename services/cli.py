@@ -197,22 +197,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="TOML config (default: $KLINES_CONFIG or config/klines.toml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _load_plugins()
-    for name, (configure, help_text) in _COMMANDS.items():
+    registry = _load_plugins()
+    for name, (configure, help_text) in registry.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
-def _load_plugins() -> None:
-    """Import the modules that register more commands (run, replay, verify) when they are installed."""
+def _load_plugins() -> dict[str, tuple[Configure, str]]:
+    """Import the modules that register more commands (run, verify); return the registry.
+
+    The registry is the one of the importable ``services.cli`` module, which is not this module when it runs as
+    ``python -m services.cli`` (then this is ``__main__``, and the plugins register into ``services.cli``).
+    """
     import importlib
 
     for module in ("services.runner", "services.verify"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+        importlib.import_module(module)
+    registry: dict[str, tuple[Configure, str]] = importlib.import_module("services.cli")._COMMANDS
+    return registry
 
 
 def main(argv: Sequence[str] | None = None) -> int:

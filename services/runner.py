@@ -342,9 +342,6 @@ class LocalPipeline:
                 self._drain(service.name, "klines")
                 self.say(f"stopping {service.name} (flushes and commits) ...")
                 self.say(f"{service.name} stopped (exit {service.stop(grace)})")
-        if self.replay is not None:
-            self.replay.stop(5)
-            self.say("replay exchange stopped")
 
     def stop_broker(self) -> None:
         if self.started_broker and not self.options.keep_broker:
@@ -442,8 +439,9 @@ def run_pipeline(settings: Settings, options: RunOptions, out: TextIO | None = N
     finally:
         for service in pipeline.services:
             service.stop(2)
-        if pipeline.replay is not None:
-            pipeline.replay.stop(2)
+        if pipeline.replay is not None and pipeline.replay.alive:
+            pipeline.replay.stop(5)
+            pipeline.say("replay exchange stopped")
         pipeline.stop_broker()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
