@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.core.book import KlineBooks  # noqa: E402
-from services.core.intervals import DEFAULT_INTERVALS, INTERVALS, open_time  # noqa: E402
-from services.core.models import AggTrade  # noqa: E402
+from services.core.book import KlineBooks
+from services.core.intervals import DEFAULT_INTERVALS, INTERVALS, open_time
+from services.core.models import AggTrade
 
 START_MS = 1_735_689_600_000  # 2025-01-01 00:00 UTC
 
@@ -89,7 +89,7 @@ def run_books(work: list[tuple[int, list[tuple[str, list[AggTrade]]]]], interval
 class NaiveKline:
     """What a straightforward implementation keeps per (symbol, interval): Decimals updated per trade."""
 
-    __slots__ = ("c", "h", "l", "n", "o", "q", "t", "v", "vb", "qb")
+    __slots__ = ("c", "h", "l", "n", "o", "q", "qb", "t", "v", "vb")
 
     def __init__(self, t: int, price: Decimal) -> None:
         self.t = t

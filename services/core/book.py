@@ -286,6 +286,7 @@ class KlineBook:
         self._rejected: list[RejectedTrade] = []
         self._dirty: set[int] = set()
         self._dirty_all = False
+        self._touched: dict[tuple[int, int], bool] = {}  # closed klines corrected in this batch -> created empty
         self.duplicates = 0
         """Trades dropped because their aggregate id was already applied."""
         self.late = 0
@@ -342,7 +343,16 @@ class KlineBook:
     # ----------------------------------------------------------------------------------------------- input
 
     def apply(self, trades: Sequence[AggTrade]) -> None:
-        """Fold a batch of this symbol's trades (any order; sorted by ``(T, a)`` here when needed)."""
+        """Fold a batch of this symbol's trades (any order; sorted by ``(T, a)`` here when needed).
+
+        Corrections caused by late trades of one batch are coalesced: each corrected kline is emitted once per
+        batch, with its version raised by one.
+        """
+        self._apply_batch(trades)
+        if self._touched:
+            self._flush_repairs()
+
+    def _apply_batch(self, trades: Sequence[AggTrade]) -> None:
         count = len(trades)
         if count <= _SCALAR_BATCH:
             if count == 1:
@@ -368,7 +378,7 @@ class KlineBook:
                 self.duplicates += cut
                 if cut == count:
                     return
-                self.apply(trades[cut:])
+                self._apply_batch(trades[cut:])
                 return
             self._apply_each(trades)
             return
@@ -419,7 +429,7 @@ class KlineBook:
                     cache.clear()
                 cache[trade.p] = p
             q = _parse_scaled(trade.q, scale)
-        except (ValueError, TypeError):  # _NeedScale too: the long way handles it
+        except (ValueError, TypeError, _NeedScale):  # the long way rejects or rescales
             return False
         first, last = trade.f, trade.l
         if type(first) is not int or type(last) is not int or first > last:
@@ -708,6 +718,8 @@ class KlineBook:
 
     def _roll(self, cell: int) -> None:
         """Move to the grid cell starting at ``cell`` (> current): merge the partial, close passed klines."""
+        if self._touched:
+            self._flush_repairs()  # before anything can be evicted, and in order with the closes that follow
         part = self._part
         tracks = self._tracks
         if part is not None:
@@ -817,7 +829,6 @@ class KlineBook:
     def _fold_late(self, t: int, a: int, p: int, q: int, f: int, last: int, m: bool) -> None:
         """A trade older than the current grid cell: fold into open klines, correct closed ones."""
         corrected = False
-        out: list[Kline] = []
         for index, track in enumerate(self._tracks):
             if t >= track.t:
                 if track.acc is None:
@@ -827,31 +838,46 @@ class KlineBook:
                 self._dirty.add(index)
                 continue
             corrected = True
-            self._repair(track, t, a, p, q, f, last, m, out)
+            self._repair(index, track, t, a, p, q, f, last, m)
             if (t, a) > track.last_key:
                 track.last_close = p
                 track.last_key = (t, a)
                 self._dirty.add(index)  # an empty open kline shows the previous close
         if corrected:
             self.late += 1
-            self._closed_out.extend(out)
 
-    def _repair(
-        self, track: _Track, t: int, a: int, p: int, q: int, f: int, last: int, m: bool, out: list[Kline]
-    ) -> None:
+    def _touch(self, index: int, t: int, stored: list[int], *, created: bool, empty: bool = False) -> None:
+        """Mark a closed kline for (re-)emission at the end of the batch; the version rises once per batch."""
+        key = (index, t)
+        if key in self._touched:
+            return
+        if not created:
+            stored[VER] += 1
+        self._touched[key] = created and empty
+
+    def _flush_repairs(self) -> None:
+        """Emit the klines corrected or created by late trades, each once, in the order first touched."""
+        for (index, t), created_empty in self._touched.items():
+            track = self._tracks[index]
+            stored = track.closed[t]
+            source = "empty" if created_empty and stored[N] == 0 else "repaired"
+            self._closed_out.append(self._kline(track, t, stored, True, stored[VER], source))
+        self._touched.clear()
+
+    def _repair(self, index: int, track: _Track, t: int, a: int, p: int, q: int, f: int, last: int, m: bool) -> None:
         kline_t = open_time(track.name, t)
         stored = track.closed.get(kline_t)
         if stored is None:
-            stored = [*_trade_state(t, a, p, q, f, last, m), 0]
-            track.closed[kline_t] = stored
+            stored = track.closed[kline_t] = [*_trade_state(t, a, p, q, f, last, m), 0]
+            self._touch(index, kline_t, stored, created=True)
             new_close = True
         elif stored[N] == 0:
-            stored[:] = [*_trade_state(t, a, p, q, f, last, m), stored[VER] + 1]
+            stored[:VER] = _trade_state(t, a, p, q, f, last, m)
+            self._touch(index, kline_t, stored, created=False)
             new_close = True
         else:
             new_close = _fold(stored, t, a, p, q, f, last, m)
-            stored[VER] += 1
-        out.append(self._kline(track, kline_t, stored, True, stored[VER], "repaired"))
+            self._touch(index, kline_t, stored, created=False)
         if not new_close:
             return
         following = next_open(track.name, kline_t)
@@ -860,9 +886,8 @@ class KlineBook:
             if self._continuous and track.count_between(following, track.first_t) <= MAX_EMPTY_RUN:
                 while following < track.first_t:
                     if following not in track.closed:
-                        state = _empty_state(p)
-                        track.closed[following] = [*state, 0]
-                        out.append(self._kline(track, following, state, True, 0, "empty"))
+                        empty = track.closed[following] = [*_empty_state(p), 0]
+                        self._touch(index, following, empty, created=True, empty=True)
                     following = next_open(track.name, following)
             track.first_t = kline_t
         # Empty klines after it showed the old close: re-price them, up to the next kline with trades.
@@ -873,8 +898,7 @@ class KlineBook:
                     break
                 if stored[C] != p:
                     stored[O] = stored[H] = stored[LO] = stored[C] = p
-                    stored[VER] += 1
-                    out.append(self._kline(track, following, stored, True, stored[VER], "repaired"))
+                    self._touch(index, following, stored, created=False)
             following = next_open(track.name, following)
 
     # ---------------------------------------------------------------------------------------------- output

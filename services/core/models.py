@@ -287,7 +287,7 @@ class Kline:
         if type(version) is not int or version < 0:
             raise InvalidInput(f"field 'version' must be a non-negative integer, got {version!r:.40}")
         source = d.get("source", "live")
-        if source not in KLINE_SOURCES:
+        if type(source) is not str or source not in KLINE_SOURCES:
             raise InvalidInput(f"field 'source' = {source!r:.40} is not one of {sorted(KLINE_SOURCES)}")
         t = ints["t"]
         if open_time(i, t) != t:
