@@ -1,0 +1,184 @@
+"""The Faust app: consumer group, rebalancing and lifecycle from Faust; trades handed over a batch at a time.
+
+What Faust does here, as it is (faust-streaming 0.15, aiokafka driver): the consumer group member (its
+aiokafka consumer runs in Faust's consumer thread), partition assignment, heartbeats, the rebalance callbacks
+(``app.on_partitions_revoked`` / ``app.on_partitions_assigned``, which this app connects to the engine),
+flow control during a rebalance (stop the flow, pause, seek to the committed offsets, resume), and start/stop.
+
+What is replaced, and why: Faust's fetcher (``Consumer._drain_messages``) hands every record to the streams
+one at a time — it awaits ``wait_first(callback(message), suspend_flow.wait())`` per message, which schedules
+new tasks per message and caps a Faust agent near 13k messages/s on this kind of machine (spec §7).
+:class:`BatchConsumer` keeps everything else of Faust's aiokafka consumer and overrides only that loop: it
+takes the batch Faust's consumer thread fetched (``_wait_next_records``, which honours flow control and
+paused partitions) and passes it whole to the aggregator's batch agent, :meth:`Aggregator.handle_batch
+<services.aggregator.engine.Aggregator.handle_batch>`. :class:`AggregatorApp` plugs it in through Faust's
+transport factory (``App._new_transport``).
+
+The ``trades`` topic is registered with ``acks=False``: Faust's own commit machinery commits only acked
+offsets, so it never commits a ``trades`` offset; the engine commits exactly the checkpointed offsets through
+:class:`FaustGroup` (recovery protocol step 6 in :mod:`services.aggregator.engine`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, Protocol, cast
+
+import faust
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from mode.types.signals import BaseSignalT
+
+from services.shared.settings import Settings
+
+log = logging.getLogger("services.aggregator")
+
+#: Records per fetched batch (Faust's ``broker_max_poll_records``): large enough to amortise the hand-off,
+#: small enough that one batch is a few milliseconds of work.
+MAX_POLL_RECORDS = 4000
+
+
+class BatchAgent(Protocol):
+    """The receiver of fetched batches (the engine)."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    async def handle_batch(
+        self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]], epoch: int
+    ) -> None: ...
+
+    async def on_revoked(self, tps: set[TopicPartition], timeout_s: float = ...) -> None: ...
+
+    async def on_assigned(self, tps: set[TopicPartition]) -> None: ...
+
+
+class BatchConsumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer with the per-message fetch loop replaced by one hand-off per batch."""
+
+    async def _drain_messages(self, fetcher: Any) -> None:
+        app = cast(AggregatorApp, self.app)
+        agent = app.batch_agent
+        topic = app.batch_topic
+        consumer_stopped = self._stopped.is_set
+        fetcher_stopped = fetcher._stopped.is_set
+        try:
+            while not (consumer_stopped() or fetcher_stopped()):
+                epoch = agent.epoch
+                records, _active = await self._wait_next_records(1.0)
+                if not records or self.should_stop or not self.flow_active:
+                    # Flow stopped while fetching (a rebalance began): drop the batch; after the rebalance
+                    # Faust seeks every partition to its committed offset and it is read again.
+                    continue
+                batch = {tp: recs for tp, recs in records.items() if tp.topic == topic}
+                if batch:
+                    await agent.handle_batch(batch, epoch)
+                await asyncio.sleep(0)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+
+
+class BatchTransport(faust_aiokafka.Transport):
+    Consumer = BatchConsumer
+
+
+class AggregatorApp(faust.App):
+    """A Faust app whose consumer hands fetched batches of ``batch_topic`` to ``batch_agent``."""
+
+    batch_agent: BatchAgent
+    batch_topic: str
+
+    def _new_transport(self) -> Any:
+        return BatchTransport(self.conf.broker_consumer, self)
+
+
+class FaustGroup:
+    """The engine's view of the group member: commit offsets and read high watermarks (Faust's consumer).
+
+    Commits go to the aiokafka consumer in Faust's consumer thread directly, so a failed commit comes back to
+    the engine as an exception (it retries with the next checkpoint) instead of crashing Faust's thread.
+    """
+
+    def __init__(self, app: faust.App) -> None:
+        self._app = app
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
+        thread = cast(faust_aiokafka.Consumer, self._app.consumer)._thread
+        owned = thread.assignment()
+        to_commit = {
+            TopicPartition(tp.topic, tp.partition): OffsetAndMetadata(offset, "")
+            for tp, offset in offsets.items()
+            if tp in owned
+        }
+        if not to_commit:
+            return False
+        await thread.call_thread(thread._ensure_consumer().commit, to_commit)
+        return True
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        value = self._app.consumer.highwater(tp)
+        return None if value is None else int(value)
+
+
+def group_id(settings: Settings) -> str:
+    """The aggregator's consumer group (and Faust app id): one per trades topic."""
+    return f"{settings.kafka.client_id}-aggregator-{settings.kafka.topics.trades}"
+
+
+def checkpoint_topic(settings: Settings) -> str:
+    """The compacted topic holding the aggregator's checkpoints (see :mod:`services.aggregator.checkpoint`)."""
+    return f"{group_id(settings)}-checkpoint"
+
+
+def make_app(
+    settings: Settings,
+    agent: BatchAgent,
+    *,
+    rebalance_timeout_s: float = 10.0,
+    max_poll_records: int = MAX_POLL_RECORDS,
+) -> AggregatorApp:
+    """The Faust app of one aggregator worker, wired to ``agent``."""
+    kafka = settings.kafka
+    app = AggregatorApp(
+        group_id(settings),
+        broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap.split(",")],
+        broker_client_id=f"{kafka.client_id}-aggregator",
+        store="memory://",
+        datadir=str(settings.service.state_dir / "faust"),
+        autodiscover=False,
+        web_enabled=False,
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=1.0,
+        broker_rebalance_timeout=30.0,
+        broker_max_poll_records=max_poll_records,
+        consumer_max_fetch_size=4 * 1024 * 1024,
+        stream_recovery_delay=0.0,
+        stream_wait_empty=False,
+    )
+    app.batch_agent = agent
+    app.batch_topic = kafka.topics.trades
+    app.topics.add(app.topic(kafka.topics.trades, acks=False, key_serializer="raw", value_serializer="raw"))
+
+    # Faust sends these signals as receiver(app, partitions, signal=...).
+    def revoked(_app: Any, /, *partitions: Any, signal: BaseSignalT[Any], **_kwargs: Any) -> Awaitable[None]:
+        return agent.on_revoked(set(partitions[0]), rebalance_timeout_s)
+
+    def assigned(_app: Any, /, *partitions: Any, signal: BaseSignalT[Any], **_kwargs: Any) -> Awaitable[None]:
+        return agent.on_assigned(set(partitions[0]))
+
+    app.on_partitions_revoked.connect(revoked)
+    app.on_partitions_assigned.connect(assigned)
+    return app

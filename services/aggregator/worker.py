@@ -1,0 +1,240 @@
+"""The aggregator worker: the composition root that wires the engine to Kafka, Faust, HTTP and the clock.
+
+Start order: Kafka reachable → topics (the project's, plus the checkpoint topic with as many partitions as
+``trades``) → producers (metadata warmed, so a send never waits) → checkpoint reader → engine → HTTP → Faust
+app (joins the group; assignments restore partitions) → clock task.
+
+Stop order (SIGTERM; recovery protocol step 9 in :mod:`services.aggregator.engine`), every step bounded by
+the one shutdown deadline: engine stops applying, publishes the last snapshots, flushes the finalized
+producer, writes the final checkpoints and commits → clock task → Faust app (leaves the group) → producers →
+HTTP.
+
+Producers: ``klines.finalized`` has its own producer (its buffer is the seed's high-priority channel; nothing
+else can fill it); snapshots and dead letters share one; checkpoints have their own (compressed, awaited in
+background tasks only). All are idempotent with ``acks=all`` (:func:`services.shared.kafka.make_producer`).
+
+HTTP (``aggregator.http_port``): ``/healthz``, ``/readyz``, ``/metrics``, ``/snapshot?symbol=&interval=`` (the
+in-progress klines now, each symbol read at one instant), and with ``--clock manual`` ``POST /clock?now_ms=``
+(``&tick=1`` also runs one clock tick at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from services.aggregator.app import AggregatorApp, FaustGroup, checkpoint_topic, make_app
+from services.aggregator.checkpoint import CheckpointReader
+from services.aggregator.clock import Clock, ManualClock
+from services.aggregator.engine import Aggregator
+from services.aggregator.sending import warm_metadata
+from services.shared.kafka import TopicSpec, check_reachable, ensure_topics, make_producer
+from services.shared.lifecycle import HealthServer, Shutdown
+from services.shared.logs import log_event
+from services.shared.settings import Settings
+
+log = logging.getLogger("services.aggregator")
+
+#: The finalized producer's per-partition buffer. aiokafka keeps one open batch per partition and nothing
+#: else, so this bounds how many klines may close at once per partition (~3,000 at ~350 bytes) before the
+#: DATA_LOSS path is taken; it must stay below the broker's message.max.bytes (1 MiB by default).
+FINALIZED_BATCH_BYTES = 1_000_000
+
+
+class AggregatorWorker:
+    """One aggregator worker process (or an in-process instance in tests)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        *,
+        shutdown: Shutdown | None = None,
+        http_port: int | None = None,
+        finalized_producer_options: dict[str, Any] | None = None,
+        checkpoint_every_ticks: int = 1,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.shutdown = shutdown or Shutdown(settings.service.shutdown_grace_s)
+        self._http_port = settings.aggregator.http_port if http_port is None else http_port
+        self._finalized_options = {"max_batch_size": FINALIZED_BATCH_BYTES, **(finalized_producer_options or {})}
+        self._checkpoint_every = checkpoint_every_ticks
+        self.engine: Aggregator | None = None
+        self.app: AggregatorApp | None = None
+        self.http: HealthServer | None = None
+        self._producers: list[AIOKafkaProducer] = []
+        self._reader: CheckpointReader | None = None
+        self._clock_task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        return self.http.port if self.http is not None else self._http_port
+
+    async def start(self) -> None:
+        settings = self.settings
+        kafka = settings.kafka
+        topics = kafka.topics
+        await check_reachable(kafka)
+        # mode logs every service start/stop at INFO under the subclass's module; keep Faust's chatter down.
+        logging.getLogger("services.aggregator.app").setLevel(max(logging.WARNING, logging.getLogger().level))
+        (settings.service.state_dir / "faust").mkdir(parents=True, exist_ok=True)
+        await ensure_topics(kafka)
+        ckpt_topic = checkpoint_topic(settings)
+        partitions = await _partition_count(settings, topics.trades)
+        await ensure_topics(
+            kafka,
+            [
+                TopicSpec(
+                    ckpt_topic,
+                    partitions,
+                    {"cleanup.policy": "compact", "segment.ms": "60000", "min.cleanable.dirty.ratio": "0.1"},
+                )
+            ],
+        )
+        finalized = make_producer(kafka, client_suffix="aggregator-finalized", **self._finalized_options)
+        snapshots = make_producer(kafka, client_suffix="aggregator-snapshots", max_batch_size=FINALIZED_BATCH_BYTES)
+        checkpoints = make_producer(
+            kafka, client_suffix="aggregator-checkpoints", compression_type="gzip", max_batch_size=FINALIZED_BATCH_BYTES
+        )
+        for producer in (finalized, snapshots, checkpoints):
+            await producer.start()
+            self._producers.append(producer)
+        await warm_metadata(finalized, [topics.finalized])
+        await warm_metadata(snapshots, [topics.snapshots, topics.dead_letter])
+        await warm_metadata(checkpoints, [ckpt_topic])
+        self._reader = CheckpointReader(kafka, ckpt_topic)
+        await self._reader.start()
+        engine = self.engine = Aggregator(
+            trades_topic=topics.trades,
+            finalized_topic=topics.finalized,
+            snapshots_topic=topics.snapshots,
+            dead_letter_topic=topics.dead_letter,
+            checkpoint_topic=ckpt_topic,
+            intervals=settings.market.intervals,
+            grace_ms=settings.aggregator.grace_ms,
+            clock=self.clock,
+            finalized=finalized,
+            snapshots=snapshots,
+            checkpoints=checkpoints,
+            reader=self._reader,
+            checkpoint_every_ticks=self._checkpoint_every,
+            flush_timeout_s=min(5.0, settings.service.shutdown_grace_s / 2),
+        )
+        self.app = make_app(settings, engine)
+        engine.attach(FaustGroup(self.app))
+        routes = [web.get("/snapshot", self._snapshot)]
+        if isinstance(self.clock, ManualClock):
+            routes.append(web.post("/clock", self._set_clock))
+        self.http = HealthServer(
+            settings.service.http_host,
+            self._http_port,
+            ready=lambda: engine.ready,
+            metrics=engine.metrics,
+            routes=routes,
+        )
+        await self.http.start()
+        await self.app.start()
+        self._clock_task = asyncio.create_task(engine.run_clock(settings.aggregator.snapshot_interval_ms))
+        log_event(
+            log,
+            logging.INFO,
+            "aggregator started",
+            group=self.app.conf.id,
+            trades=topics.trades,
+            checkpoint_topic=ckpt_topic,
+            http_port=self.port,
+            clock=type(self.clock).__name__,
+        )
+
+    async def wait(self) -> int:
+        """Until a stop is requested (0) or the Faust app crashed (1)."""
+        assert self.app is not None
+        while not self.shutdown.requested:
+            if self.app.crashed:
+                log_event(log, logging.ERROR, "the Faust app crashed", reason=repr(self.app.crash_reason))
+                return 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shutdown.wait(), 0.5)
+        return 0
+
+    async def stop(self) -> None:
+        """Graceful stop within the shutdown deadline (recovery protocol step 9)."""
+        shutdown = self.shutdown
+        shutdown.request("stop")
+        started = time.monotonic()
+        if self.engine is not None and self.app is not None and not self.app.crashed:
+            await self.engine.stop(max(0.5, shutdown.remaining() - 1.5))
+        if self._clock_task is not None:
+            self._clock_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._clock_task
+        if self.app is not None:
+            try:
+                await asyncio.wait_for(self.app.stop(), max(0.5, shutdown.remaining() - 0.5))
+            except Exception as exc:
+                log_event(log, logging.WARNING, "Faust app did not stop cleanly", error=repr(exc))
+        for producer in self._producers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), max(0.2, shutdown.remaining() - 0.3))
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader.stop()
+        if self.http is not None:
+            await self.http.stop()
+        log_event(log, logging.INFO, "aggregator stopped", seconds=round(time.monotonic() - started, 3))
+
+    async def _snapshot(self, request: web.Request) -> web.Response:
+        assert self.engine is not None
+        symbol = request.query.get("symbol") or None
+        interval = request.query.get("interval") or None
+        klines = self.engine.current(symbol.upper() if symbol else None, interval)
+        return web.json_response(
+            {"ready": self.engine.ready, "count": len(klines), "klines": [k.to_dict() for k in klines]}
+        )
+
+    async def _set_clock(self, request: web.Request) -> web.Response:
+        assert isinstance(self.clock, ManualClock)
+        try:
+            now_ms = int(request.query["now_ms"])
+        except (KeyError, ValueError):
+            return web.json_response({"error": "now_ms=<integer milliseconds> is required"}, status=400)
+        self.clock.set(now_ms)
+        if request.query.get("tick") and self.engine is not None:
+            self.engine.tick()
+        return web.json_response({"now_ms": self.clock.now_ms()})
+
+
+async def _partition_count(settings: Settings, topic: str) -> int:
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=settings.kafka.request_timeout_ms
+    )
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+        partitions = described[0].get("partitions") or []
+        if not partitions:
+            raise RuntimeError(f"topic {topic} has no partitions (does it exist? kafka.topics.trades)")
+        return len(partitions)
+    finally:
+        await admin.close()
+
+
+async def run(settings: Settings, clock: Clock) -> int:
+    """Run one worker until SIGTERM/SIGINT; the process exit code."""
+    shutdown = Shutdown(settings.service.shutdown_grace_s)
+    shutdown.install()
+    worker = AggregatorWorker(settings, clock, shutdown=shutdown)
+    try:
+        await worker.start()
+        code = await worker.wait()
+    finally:
+        await worker.stop()
+    return code

@@ -1,0 +1,143 @@
+"""The aggregator's fast ``trades`` decoder gives exactly the contract's verdicts (property test)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.aggregator.decode import TradesDecoder
+from services.core.models import AggTrade, InvalidInput
+from services.shared.messages import Gap, TradeBatch, decode_trades_value, encode_gap, encode_trade_batch
+
+pytestmark = pytest.mark.unit
+
+T0 = 1_735_689_600_000
+
+decimals = st.one_of(
+    st.sampled_from(["0.01633102", "4.70443515", "100", "1.5", "0.00000001", "26000.10000000"]),
+    st.decimals(min_value="0.00000001", max_value="1000000", places=8, allow_nan=False).map(str),
+)
+MAX_ID = 2**63 - 1
+#: Values each field must refuse (plus a few every field must refuse).
+BAD: dict[str, list[Any]] = {
+    "a": [-1, MAX_ID + 1, 1.5, True, "1"],
+    "f": [-1, MAX_ID + 1, 2.0, False, "7"],
+    "l": [-1, MAX_ID + 1, 3.5, True, "7"],
+    "T": [1_262_303_999_999, 4_102_444_800_001, -5, 1.5, "1735689600000", True],
+    "p": ["0", "0.000", "-1.0", "1e5", "NaN", "Infinity", " 1.0", "1.0000000000000000001", "１.0", 1, 1.5, ""],
+    "q": ["0", "00.00", "+1", "1E-8", "nan", "1,5", "0.1 ", 2, None, "1" * 25],
+    "m": [1, 0, "true", None, "false"],
+}
+ANY_BAD: list[Any] = [None, [], {}, "x"]
+
+
+@st.composite
+def trade_items(draw: st.DrawFn) -> dict[str, Any]:
+    f = draw(st.integers(0, 10**12))
+    return {
+        "a": draw(st.integers(0, 10**12)),
+        "p": draw(decimals),
+        "q": draw(decimals),
+        "f": f,
+        "l": f + draw(st.integers(0, 5)),
+        "T": T0 + draw(st.integers(0, 10**9)),
+        "m": draw(st.booleans()),
+    }
+
+
+@st.composite
+def records(draw: st.DrawFn) -> tuple[bytes | None, bytes | None]:
+    """A valid ingest record with (usually) exactly one thing wrong with it."""
+    symbol = "BTCUSDT"
+    items = draw(st.lists(trade_items(), min_size=1, max_size=3))
+    key: bytes | None = symbol.encode()
+    target = draw(st.integers(0, len(items) - 1))
+    mutation = draw(
+        st.sampled_from(["none", "value", "value", "value", "value", "missing", "extra", "f>l", "symbol", "key"])
+    )
+    if mutation == "value":
+        name = draw(st.sampled_from(sorted(BAD)))
+        items[target][name] = draw(st.sampled_from(BAD[name] + ANY_BAD))
+    elif mutation == "missing":
+        del items[target][draw(st.sampled_from(sorted(items[target])))]
+    elif mutation == "extra":
+        extra = draw(st.sampled_from(["E", "M", "s", "e", "x"]))
+        items[target][extra] = draw(st.sampled_from([1, True, "BTCUSDT", "aggTrade", "trade", "ethusdt", 1.5]))
+    elif mutation == "f>l":
+        items[target]["l"] = items[target]["f"] - 1
+    elif mutation == "symbol":
+        symbol = draw(st.sampled_from(["btcusdt", "BTC_USDT", "ÄBC", "", "X" * 41, "1000SHIBUSDT", "B T"]))
+        key = draw(st.sampled_from([None, symbol.encode()]))
+    elif mutation == "key":
+        key = draw(st.sampled_from([None, b"OTHER", b"\xff", b"btcusdt"]))
+    shape = draw(st.sampled_from(["batch"] * 6 + ["gap", "raw", "garbage", "empty"]))
+    if shape == "gap":
+        raw: bytes | None = encode_gap(Gap(symbol or "BTCUSDT", 5, draw(st.integers(0, 9)), "test"))
+    elif shape == "raw":
+        raw = json.dumps({"e": "aggTrade", "s": symbol, **items[0]}).encode()
+    elif shape == "garbage":
+        raw = draw(st.sampled_from([None, b"", b"{", b"[]", b"\xff\xfe", b'{"type":"trades",', b"null"]))
+    elif shape == "empty":
+        raw = json.dumps({"type": "trades", "s": symbol, "trades": draw(st.sampled_from([[], None, {}, [1]]))}).encode()
+    else:
+        raw = json.dumps({"type": "trades", "s": symbol, "trades": items}, separators=(",", ":")).encode()
+    return raw, key
+
+
+def verdict(decode: Any, raw: bytes | None, key: bytes | None) -> TradeBatch | Gap | str:
+    try:
+        result: TradeBatch | Gap = decode(raw, key)
+    except InvalidInput as exc:
+        return "rejected: " + exc.reason
+    return result
+
+
+@settings(max_examples=250, deadline=None)
+@given(records())
+def test_fast_path_agrees_with_the_contract(record: tuple[bytes | None, bytes | None]) -> None:
+    raw, key = record
+    assert verdict(TradesDecoder(cache_limit=4).decode, raw, key) == verdict(decode_trades_value, raw, key)
+
+
+def test_the_ingest_shape_takes_the_fast_path_and_caches_decimals() -> None:
+    decoder = TradesDecoder()
+    trades = [
+        AggTrade("BTCUSDT", 10 + k, "26000.10000000", "0.50000000", 20 + k, 20 + k, T0 + k, k % 2 == 0)
+        for k in range(3)
+    ]
+    raw = encode_trade_batch("BTCUSDT", trades)
+    assert decoder.decode(raw, b"BTCUSDT") == TradeBatch("BTCUSDT", trades)
+    assert decoder.decode(raw, None) == TradeBatch("BTCUSDT", trades)
+    assert (decoder.fast, decoder.slow) == (2, 0)
+
+
+def test_everything_else_is_the_contract_verbatim() -> None:
+    decoder = TradesDecoder()
+    gap = Gap("BTCUSDT", 10, 19, "backfill failed")
+    assert decoder.decode(encode_gap(gap), b"BTCUSDT") == gap
+    with pytest.raises(InvalidInput, match="does not match symbol"):
+        decoder.decode(encode_trade_batch("BTCUSDT", [AggTrade("BTCUSDT", 1, "1", "1", 1, 1, T0, True)]), b"ETHUSDT")
+    with pytest.raises(InvalidInput, match="not JSON"):
+        decoder.decode(b"{nope", b"BTCUSDT")
+    assert decoder.fast == 0 and decoder.slow == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [(name, value) for name, values in BAD.items() for value in values + ANY_BAD]
+)
+def test_every_bad_field_value_is_rejected_with_the_contracts_reason(field: str, value: Any) -> None:
+    item = {"a": 5, "p": "1.5", "q": "2", "f": 7, "l": 9, "T": T0, "m": False, field: value}
+    raw = json.dumps({"type": "trades", "s": "BTCUSDT", "trades": [item]}, separators=(",", ":")).encode()
+    expected = verdict(decode_trades_value, raw, b"BTCUSDT")
+    assert isinstance(expected, str), f"the contract accepts {field}={value!r}?"
+    assert verdict(TradesDecoder().decode, raw, b"BTCUSDT") == expected
+
+
+def test_first_id_after_last_id_is_rejected() -> None:
+    item = {"a": 5, "p": "1.5", "q": "2", "f": 9, "l": 7, "T": T0, "m": False}
+    raw = json.dumps({"type": "trades", "s": "BTCUSDT", "trades": [item]}).encode()
+    assert verdict(TradesDecoder().decode, raw, None) == verdict(decode_trades_value, raw, None)

@@ -1,0 +1,507 @@
+"""The aggregator engine's protocol, against an in-memory broker: exact output, crash/restore, rebalance, loss.
+
+The fake broker keeps what a real one keeps across a crash: delivered records and committed offsets. Producers
+deliver either at once or when the test says so; a "crash" drops the engine with whatever was still in flight.
+The recovery property test crashes at random points (mid-checkpoint included) and checks that every kline the
+oracle (:func:`reference_klines`) computes reaches ``klines.finalized`` with its exact values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.aggregator.checkpoint import PartitionCheckpoint, decode_partition
+from services.aggregator.clock import ManualClock
+from services.aggregator.engine import SEQ_LEASE, Aggregator
+from services.core.intervals import close_time
+from services.core.models import AggTrade, Kline
+from services.core.reference import reference_klines
+from services.shared.messages import Gap, decode_kline, encode_gap, encode_trade_batch
+
+pytestmark = pytest.mark.unit
+
+TRADES, FINALIZED, SNAPSHOTS, DLQ, CKPT = "t.trades", "t.finalized", "t.snapshots", "t.dlq", "t.ckpt"
+INTERVALS = ("1m", "5m")
+PARTITIONS = 2
+T0 = 1_735_689_600_000  # 2025-01-01 00:00 UTC
+
+
+class Broker:
+    """What survives a crash: delivered records per (topic, partition) and committed offsets."""
+
+    def __init__(self) -> None:
+        self.logs: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = defaultdict(list)
+        self.committed: dict[int, int] = {}
+
+    def values(self, topic: str) -> list[bytes]:
+        return [v for (t, _p), log in sorted(self.logs.items()) if t == topic for _k, v in log if v is not None]
+
+    def records(self, partition: int, start: int, count: int) -> list[ConsumerRecord[bytes, bytes]]:
+        log = self.logs[(TRADES, partition)]
+        return [
+            ConsumerRecord(TRADES, partition, offset, 0, 0, key, value, None, 0, 0, ())
+            for offset, (key, value) in enumerate(log[start : start + count], start=start)
+        ]
+
+
+class FakeProducer:
+    """aiokafka's ``send()`` contract: a delivery future at once; suspends when ``capacity`` is reached."""
+
+    def __init__(self, broker: Broker, *, auto: bool = True, capacity: int | None = None) -> None:
+        self.broker = broker
+        self.auto = auto
+        self.capacity = capacity
+        self.pending: list[tuple[tuple[str, int], bytes | None, bytes | None, asyncio.Future[Any]]] = []
+        self.dead = False
+
+    async def send(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None, partition: int | None = None
+    ) -> asyncio.Future[Any]:
+        if self.capacity is not None and len(self.pending) >= self.capacity:
+            await asyncio.get_running_loop().create_future()
+        if partition is None:
+            partition = zlib.crc32(key or b"") % PARTITIONS
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.dead:
+            return future  # the process died: never delivered, never answered
+        if self.auto:
+            self.broker.logs[(topic, partition)].append((key, value))
+            future.set_result(None)
+        else:
+            self.pending.append(((topic, partition), key, value, future))
+        return future
+
+    def deliver(self, count: int | None = None) -> None:
+        ready, self.pending = self.pending[:count], self.pending[count:] if count is not None else []
+        for where, key, value, future in ready:
+            self.broker.logs[where].append((key, value))
+            future.set_result(None)
+
+    def fail(self, count: int) -> None:
+        """The next ``count`` in-flight records fail (not written); the ones behind them may still succeed."""
+        failed, self.pending = self.pending[:count], self.pending[count:]
+        for _where, _key, _value, future in failed:
+            future.set_exception(RuntimeError("delivery failed"))
+
+    async def flush(self) -> None:
+        self.deliver()
+
+
+class FakeReader:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.reads = 0
+
+    async def read(self, partitions: Iterable[int], timeout_s: float) -> dict[int, PartitionCheckpoint]:
+        self.reads += 1
+        out = {}
+        for p in partitions:
+            latest: dict[bytes | None, bytes | None] = {}
+            for key, value in self.broker.logs[(CKPT, p)]:
+                latest[key] = value
+            out[p] = decode_partition(CKPT, p, latest)
+        return out
+
+
+class FakeGroup:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
+        for tp, offset in offsets.items():
+            self.broker.committed[tp.partition] = offset
+        return True
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return len(self.broker.logs[(TRADES, tp.partition)])
+
+
+class Harness:
+    """One engine incarnation on the shared broker, with a consumer position per partition."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        clock: ManualClock,
+        *,
+        finalized_auto: bool = True,
+        capacity: int | None = None,
+        checkpoints_auto: bool = True,
+    ) -> None:
+        self.broker = broker
+        self.finalized = FakeProducer(broker, auto=finalized_auto, capacity=capacity)
+        self.snapshots = FakeProducer(broker)
+        self.checkpoints = FakeProducer(broker, auto=checkpoints_auto)
+        self.reader = FakeReader(broker)
+        self.engine = Aggregator(
+            trades_topic=TRADES,
+            finalized_topic=FINALIZED,
+            snapshots_topic=SNAPSHOTS,
+            dead_letter_topic=DLQ,
+            checkpoint_topic=CKPT,
+            intervals=INTERVALS,
+            grace_ms=0,
+            clock=clock,
+            finalized=self.finalized,
+            snapshots=self.snapshots,
+            checkpoints=self.checkpoints,
+            reader=self.reader,
+            flush_timeout_s=0.2,
+        )
+        self.engine.attach(FakeGroup(broker))
+        self.position: dict[int, int] = {}
+
+    async def assign(self, partitions: Sequence[int] = tuple(range(PARTITIONS))) -> None:
+        auto, self.checkpoints.auto = self.checkpoints.auto, True  # the restore's lease claim lands at once
+        await self.engine.on_assigned({TopicPartition(TRADES, p) for p in partitions})
+        self.checkpoints.auto = auto
+        for p in partitions:  # Faust seeks to the committed offset after the assignment
+            self.position[p] = self.broker.committed.get(p, 0)
+
+    async def fetch(self, partition: int, count: int) -> int:
+        records = self.broker.records(partition, self.position[partition], count)
+        if records:
+            await self.engine.handle_batch({TopicPartition(TRADES, partition): records}, self.engine.epoch)
+            self.position[partition] += len(records)
+        return len(records)
+
+    async def drain(self) -> None:
+        for p in self.position:
+            while await self.fetch(p, 50):
+                pass
+
+    def crash(self, delivered: int = 0) -> None:
+        """The process dies; the first ``delivered`` in-flight records of each producer made it to the broker."""
+        for producer in (self.finalized, self.snapshots, self.checkpoints):
+            producer.deliver(delivered)
+            producer.dead = True
+            producer.pending.clear()
+        for part in self.engine.parts.values():
+            if part.flight is not None:
+                part.flight.cancel()
+
+
+def partition_of(symbol: str) -> int:
+    return zlib.crc32(symbol.encode()) % PARTITIONS
+
+
+def produce(broker: Broker, batches: Iterable[tuple[str, list[AggTrade]]]) -> None:
+    for symbol, trades in batches:
+        broker.logs[(TRADES, partition_of(symbol))].append((symbol.encode(), encode_trade_batch(symbol, trades)))
+
+
+def make_trades(symbol: str, count: int, seed: int, start: int = T0) -> list[AggTrade]:
+    out = []
+    t = start
+    for k in range(count):
+        t += (seed * 7919 + k * 104_729) % 40_000  # 0..40 s apart: some minutes stay empty
+        price = f"{100 + (seed + k * 31) % 17}.{(k * 7) % 100:02d}"
+        out.append(
+            AggTrade(symbol, 1000 + k, price, f"0.{(seed + k) % 9 + 1}", 5000 + 2 * k, 5001 + 2 * k, t, k % 3 == 0)
+        )
+    return out
+
+
+def interleave(streams: dict[str, list[AggTrade]], batch: int) -> list[tuple[str, list[AggTrade]]]:
+    chunks = [(ts[i].T, s, ts[i : i + batch]) for s, ts in streams.items() for i in range(0, len(ts), batch)]
+    return [(s, chunk) for _t, s, chunk in sorted(chunks, key=lambda c: (c[0], c[1]))]
+
+
+def finalized(broker: Broker) -> dict[tuple[str, str, int], list[Kline]]:
+    out: dict[tuple[str, str, int], list[Kline]] = defaultdict(list)
+    for value in broker.values(FINALIZED):
+        kline, _ = decode_kline(value)
+        out[(kline.s, kline.i, kline.t)].append(kline)
+    return out
+
+
+def assert_exact(broker: Broker, streams: dict[str, list[AggTrade]]) -> None:
+    """Every oracle kline is on the finalized topic, and every copy of it has the oracle's values."""
+    got = finalized(broker)
+    for symbol, trades in streams.items():
+        for interval in INTERVALS:
+            for expected in reference_klines(trades, interval):
+                copies = got.get((symbol, interval, expected.t))
+                assert copies, f"missing {symbol} {interval} {expected.t}"
+                for kline in copies:
+                    assert kline.same_values(expected), (kline.differences(expected), kline, expected)
+
+
+def end_of(streams: dict[str, list[AggTrade]]) -> int:
+    last = max(t.T for ts in streams.values() for t in ts)
+    return close_time("5m", last - last % 300_000) + 1
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+async def test_a_scripted_stream_yields_the_oracles_klines_and_snapshots_agree() -> None:
+    broker, clock = Broker(), ManualClock()
+    streams = {s: make_trades(s, 60, seed) for seed, s in enumerate(["BTCUSDT", "ETHUSDT", "XRPUSDT"])}
+    produce(broker, interleave(streams, 4))
+    h = Harness(broker, clock)
+    await h.assign()
+    for _ in range(4):
+        for p in range(PARTITIONS):
+            await h.fetch(p, 5)
+        h.engine.tick()
+    await h.drain()
+    clock.set(end_of(streams))
+    h.engine.tick()
+    h.engine.tick()
+    await asyncio.sleep(0.01)
+    assert_exact(broker, streams)
+    # snapshots: seq increases per key, and the last snapshot of each kline equals its finalized record
+    last: dict[tuple[str, str, int], tuple[int, Kline]] = {}
+    seqs: dict[tuple[str, str], int] = {}
+    for value in broker.values(SNAPSHOTS):
+        kline, seq = decode_kline(value)
+        assert seq is not None and seq > seqs.get((kline.s, kline.i), -1)
+        seqs[(kline.s, kline.i)] = seq
+        last[(kline.s, kline.i, kline.t)] = (seq, kline)
+    for key, copies in finalized(broker).items():
+        if key in last:
+            assert last[key][1].same_values(copies[-1]) and last[key][1].x
+    assert h.engine.stats.data_loss == 0 and h.engine.stats.dead_letters == 0
+
+
+async def test_quiet_symbols_close_by_the_clock_only_once_the_partition_is_read() -> None:
+    broker, clock = Broker(), ManualClock()
+    trades = make_trades("BTCUSDT", 3, 1)
+    produce(broker, [("BTCUSDT", trades[:2]), ("BTCUSDT", trades[2:])])
+    h = Harness(broker, clock)
+    await h.assign()
+    await h.fetch(partition_of("BTCUSDT"), 1)
+    clock.set(T0 + 3_600_000)
+    h.engine.tick()  # a backlog remains: the clock must not close anything yet
+    assert finalized(broker) == {}
+    await h.drain()
+    h.engine.tick()
+    closed = finalized(broker)
+    expected = {(k.s, k.i, k.t) for i in INTERVALS for k in reference_klines(trades, i)}
+    assert expected <= set(closed)
+
+
+async def test_crash_before_any_checkpoint_replays_from_the_start() -> None:
+    broker, clock = Broker(), ManualClock()
+    streams = {"BTCUSDT": make_trades("BTCUSDT", 40, 3)}
+    produce(broker, interleave(streams, 3))
+    h = Harness(broker, clock)
+    await h.assign()
+    await h.drain()
+    h.crash()
+    h2 = Harness(broker, clock)
+    await h2.assign()
+    await h2.drain()
+    clock.set(end_of(streams))
+    h2.engine.tick()
+    assert_exact(broker, streams)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> dict[str, Any]:
+    symbols = draw(
+        st.lists(st.sampled_from(["BTCUSDT", "ETHUSDT", "XRPUSDT", "SOLUSDT"]), min_size=1, max_size=4, unique=True)
+    )
+    streams = {s: make_trades(s, draw(st.integers(5, 50)), draw(st.integers(0, 99))) for s in symbols}
+    steps = draw(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("fetch"), st.integers(0, PARTITIONS - 1), st.integers(1, 6)),
+                st.tuples(st.just("tick"), st.just(0), st.just(0)),
+                st.tuples(st.just("deliver"), st.integers(0, 1), st.integers(0, 5)),
+                st.tuples(st.just("fail"), st.just(1), st.integers(1, 2)),
+                st.tuples(st.just("crash"), st.integers(0, 4), st.integers(0, 3)),
+            ),
+            min_size=5,
+            max_size=60,
+        )
+    )
+    return {"streams": streams, "batch": draw(st.integers(1, 5)), "steps": steps}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_crashes_at_any_point_lose_nothing_and_corrupt_nothing(scenario: dict[str, Any]) -> None:
+    asyncio.run(_crash_scenario(scenario))
+
+
+async def _crash_scenario(scenario: dict[str, Any]) -> None:
+    broker, clock = Broker(), ManualClock()
+    streams = scenario["streams"]
+    produce(broker, interleave(streams, scenario["batch"]))
+    h = Harness(broker, clock, finalized_auto=False, checkpoints_auto=False)
+    await h.assign()
+    for action, which, amount in scenario["steps"]:
+        if action == "fetch":
+            await h.fetch(which, amount)
+        elif action == "tick":
+            h.engine.tick()
+        elif action == "deliver":
+            (h.finalized, h.checkpoints)[which].deliver(amount)
+        elif action == "fail":
+            (h.finalized, h.checkpoints)[which].fail(amount)
+        else:
+            for _ in range(which):  # let a checkpoint get part of the way
+                await asyncio.sleep(0)
+            h.crash(delivered=amount)
+            h = Harness(broker, clock, finalized_auto=False, checkpoints_auto=False)
+            await h.assign()
+        await asyncio.sleep(0)
+    for producer in (h.finalized, h.checkpoints):
+        producer.auto = True
+        producer.deliver()
+    await h.drain()
+    clock.set(end_of(streams))
+    h.engine.tick()
+    await asyncio.sleep(0)
+    assert_exact(broker, streams)
+    # every record was applied once per state lineage: a restored book never saw a trade twice
+    assert h.engine.metrics()["duplicate_trades"] == 0
+
+
+async def test_a_full_finalized_buffer_is_one_data_loss_log_per_kline_and_no_retry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker, clock = Broker(), ManualClock()
+    trades = [AggTrade("BTCUSDT", 1 + k, "10", "1", 1 + k, 1 + k, T0 + k * 60_000, False) for k in range(4)]
+    produce(broker, [("BTCUSDT", trades)])
+    h = Harness(broker, clock, finalized_auto=False, capacity=1)
+    await h.assign()
+    with caplog.at_level(logging.ERROR, logger="services.aggregator"):
+        await h.drain()  # closes three 1m klines at once; the buffer holds one
+    losses = [r for r in caplog.records if getattr(r, "log_type", None) == "DATA_LOSS"]
+    assert len(losses) == 2 and h.engine.stats.data_loss == 2
+    assert {(r.symbol, r.interval, r.open_time) for r in losses} == {  # type: ignore[attr-defined]
+        ("BTCUSDT", "1m", T0 + 60_000),
+        ("BTCUSDT", "1m", T0 + 120_000),
+    }
+    h.finalized.deliver()
+    assert len(finalized(broker)) == 1  # nothing was queued behind the producer's back
+    await h.fetch(partition_of("BTCUSDT"), 1)  # and the engine keeps running
+
+
+async def test_unconfirmed_finalized_klines_are_sent_again_after_a_restore() -> None:
+    broker, clock = Broker(), ManualClock()
+    trades = [AggTrade("BTCUSDT", 1 + k, "10", "1", 1 + k, 1 + k, T0 + k * 60_000, False) for k in range(3)]
+    produce(broker, [("BTCUSDT", trades)])
+    h = Harness(broker, clock, finalized_auto=False)
+    await h.assign()
+    await h.drain()
+    h.engine.tick()  # checkpoint: the two closed klines are still unconfirmed
+    await asyncio.sleep(0.01)
+    assert broker.committed[partition_of("BTCUSDT")] == 1
+    h.crash()  # their sends die with the process
+    assert finalized(broker) == {}
+    h2 = Harness(broker, clock)
+    await h2.assign()
+    assert h2.engine.stats.resent_finalized == 2
+    assert {key[2] for key in finalized(broker) if key[1] == "1m"} == {T0, T0 + 60_000}
+
+
+async def test_rebalance_keeps_a_partition_given_back_and_restores_a_new_one() -> None:
+    broker, clock = Broker(), ManualClock()
+    streams = {s: make_trades(s, 30, n) for n, s in enumerate(["BTCUSDT", "ETHUSDT", "XRPUSDT", "SOLUSDT"])}
+    produce(broker, interleave(streams, 2))
+    a, b = Harness(broker, clock), Harness(broker, clock)
+    await a.assign([0, 1])
+    await a.fetch(0, 7)
+    await a.fetch(1, 4)
+    epoch = a.engine.epoch
+    stale = broker.records(0, a.position[0], 3)
+    # b joins: a keeps 0, gives 1 to b
+    await a.engine.on_revoked({TopicPartition(TRADES, 0), TopicPartition(TRADES, 1)})
+    await a.assign([0])
+    await b.assign([1])
+    assert a.engine.stats.reused_partitions == 1 and a.reader.reads == 1  # partition 0 continued in memory
+    await a.engine.handle_batch({TopicPartition(TRADES, 0): stale}, epoch)
+    assert a.engine.stats.stale_batches == 1  # fetched before the rebalance: dropped, read again
+    await a.drain()
+    await b.drain()
+    clock.set(end_of(streams))
+    a.engine.tick()
+    b.engine.tick()
+    await asyncio.sleep(0.01)
+    assert_exact(broker, streams)
+
+
+async def test_bad_records_go_to_the_dead_letter_topic_with_the_reason() -> None:
+    broker, clock = Broker(), ManualClock()
+    p = partition_of("BTCUSDT")
+    broker.logs[(TRADES, p)] += [
+        (b"BTCUSDT", b"{not json"),
+        (None, encode_trade_batch("BTCUSDT", make_trades("BTCUSDT", 1, 0))),
+        (b"BTCUSDT", json.dumps({"type": "trades", "s": "BTCUSDT", "trades": [{"a": -1}]}).encode()),
+        (b"BTCUSDT", encode_gap(Gap("BTCUSDT", 1, 5, "test"))),
+        (b"BTCUSDT", encode_trade_batch("BTCUSDT", make_trades("BTCUSDT", 2, 0))),
+    ]
+    h = Harness(broker, clock)
+    await h.assign()
+    await h.drain()
+    letters = sorted((json.loads(v)["offset"], json.loads(v)["reason"]) for v in broker.values(DLQ))
+    assert [offset for offset, _ in letters] == [0, 1, 2]
+    assert "not JSON" in letters[0][1] and "no key" in letters[1][1] and "field 'a'" in letters[2][1]
+    assert h.engine.stats.gaps == 1 and h.engine.stats.trades_applied == 2
+    assert not h.engine.parts[p].books.book("BTCUSDT").continuous
+
+
+async def test_snapshot_sequence_continues_above_the_previous_owners_lease() -> None:
+    broker, clock = Broker(), ManualClock()
+    produce(broker, [("BTCUSDT", make_trades("BTCUSDT", 5, 0))])
+    h = Harness(broker, clock)
+    await h.assign()
+    await h.drain()
+    h.engine.tick()
+    await asyncio.sleep(0.01)
+    first = max(decode_kline(v)[1] or 0 for v in broker.values(SNAPSHOTS))
+    h.crash()
+    produce(broker, [("BTCUSDT", make_trades("BTCUSDT", 8, 0)[5:])])
+    h2 = Harness(broker, clock)
+    await h2.assign()
+    await h2.drain()
+    h2.engine.tick()
+    await asyncio.sleep(0.01)
+    seqs = [decode_kline(v)[1] or 0 for v in broker.values(SNAPSHOTS)]
+    assert seqs == sorted(seqs) and min(seqs[seqs.index(first) + 1 :]) >= SEQ_LEASE
+
+
+def checkpoint_keys(broker: Broker, partition: int) -> list[bytes | None]:
+    return [key for key, _ in broker.logs[(CKPT, partition)]]
+
+
+async def test_a_failed_checkpoint_record_blocks_the_marker_and_is_written_again() -> None:
+    broker, clock = Broker(), ManualClock()
+    symbols = [s for s in ("BTCUSDT", "ETHUSDT", "XRPUSDT", "SOLUSDT", "ADAUSDT") if partition_of(s) == 0][:2]
+    produce(broker, [(s, make_trades(s, 3, n)) for n, s in enumerate(symbols)])
+    h = Harness(broker, clock, checkpoints_auto=False)
+    await h.assign([0])
+    written = len(checkpoint_keys(broker, 0))  # the restore's lease claim (a marker)
+    await h.drain()
+    h.engine.tick()
+    await asyncio.sleep(0)
+    first = h.checkpoints.pending[0][1]
+    h.checkpoints.fail(1)  # the first symbol record fails, the second one is written
+    h.checkpoints.deliver()
+    await asyncio.sleep(0.01)
+    assert checkpoint_keys(broker, 0)[written:] == [k for k in (symbols[0].encode(), symbols[1].encode()) if k != first]
+    assert h.engine.stats.checkpoint_failures == 1 and 0 not in broker.committed  # no marker, no commit
+    h.engine.tick()  # the next checkpoint writes the failed symbol again, then the marker, then commits
+    for _ in range(3):
+        await asyncio.sleep(0)
+        h.checkpoints.deliver()
+    await asyncio.sleep(0.01)
+    keys = checkpoint_keys(broker, 0)
+    assert keys[-1] == b"@marker" and first in keys[-3:-1]
+    assert broker.committed[0] == 2
