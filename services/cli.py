@@ -211,13 +211,17 @@ def _load_plugins() -> dict[str, tuple[Configure, str]]:
     """
     import importlib
 
-    for module in ("services.runner", "services.verify"):
+    for module in ("services.runner", "services.verify", "services.rebuild"):
         importlib.import_module(module)
     registry: dict[str, tuple[Configure, str]] = importlib.import_module("services.cli")._COMMANDS
     return registry
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    # Errors reach the user once, as one line from here; the driver's own error log would repeat them.
+    logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -233,10 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         from clickhouse_connect.driver.exceptions import ClickHouseError
 
-        from services.shared.clickhouse import SchemaError
+        from services.shared.clickhouse import ClickHouseUnavailable, SchemaError
         from services.shared.kafka import KafkaUnreachable
 
-        if isinstance(exc, SchemaError | KafkaUnreachable):
+        if isinstance(exc, SchemaError | KafkaUnreachable | ClickHouseUnavailable):
             print(f"klines: {exc}", file=sys.stderr)
             return 2
         if isinstance(exc, ClickHouseError):
