@@ -4,8 +4,9 @@
 
 In one run, on one machine, against the broker at ``$KAFKA_BOOTSTRAP`` (default 127.0.0.1:9092):
 
-1. **websocket read** - a bare ``websockets`` client reads the whole feed from the replay exchange (in its own
-   process, ``speed=0``) without parsing: the ceiling the exchange side allows;
+1. **websocket read** - a bare ``websockets`` client (``async for`` over ``recv()``) reads the whole feed from
+   the replay exchange (in its own process, ``speed=0``) without parsing; then ingest's own connection layer
+   (``websockets`` with frames handed over on the read path) does the same: the ceiling on the exchange side;
 2. **bare producer, 1 trade/record** - a bare aiokafka producer (idempotent, acks=all) sends every trade of the
    feed as its own record, as a naive ingest would;
 3. **bare producer, batches** - the same producer sends the per-symbol batch records ingest writes: the Kafka
@@ -35,6 +36,13 @@ sys.path.insert(0, str(REPO))
 from websockets.asyncio.client import connect  # noqa: E402
 
 from services.core.models import AggTrade  # noqa: E402
+from services.ingest.connections import (  # noqa: E402
+    ConnectionOptions,
+    ConnectionStats,
+    StreamConnection,
+    stream_base,
+)
+from services.ingest.frames import stream_name  # noqa: E402
 from services.ingest.service import IngestService, IngestTuning  # noqa: E402
 from services.replay.config import GeneratorFeed, ReplayConfig  # noqa: E402
 from services.replay.tape import load_tape, stream_payload  # noqa: E402
@@ -117,6 +125,51 @@ async def websocket_read(ws_url: str, symbols: tuple[str, ...], total: int) -> f
     return total / (time.perf_counter() - start)
 
 
+class _CountingSink:
+    """Counts frames; never blocks (for the connection-layer ceiling)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.count = 0
+        self.start = 0.0
+        self.done = asyncio.Event()
+
+    @property
+    def blocked(self) -> bool:
+        return False
+
+    def on_frame(self, raw: str | bytes, conn: StreamConnection) -> None:
+        if self.count == 0:
+            self.start = time.perf_counter()
+        self.count += 1
+        if self.count >= self.total:
+            self.done.set()
+
+    async def wait_for_room(self) -> None:
+        return None
+
+
+async def connection_read(ws_url: str, symbols: tuple[str, ...], total: int) -> float:
+    sink = _CountingSink(total)
+    conn = StreamConnection(
+        "bench",
+        stream_base(ws_url, "spot"),
+        {stream_name(s) for s in symbols},
+        sink,
+        clock=time.monotonic,
+        options=ConnectionOptions(),
+        control_interval_s=0.25,
+        on_event=lambda: None,
+        stats=ConnectionStats(),
+    )
+    await conn.open()
+    try:
+        await sink.done.wait()
+        return total / (time.perf_counter() - sink.start)
+    finally:
+        await conn.close()
+
+
 async def bare_producer(settings: Settings, topic: str, records: list[tuple[bytes, bytes]], trades: int) -> float:
     producer = make_producer(settings.kafka, client_suffix="bench")
     await producer.start()
@@ -132,17 +185,20 @@ async def bare_producer(settings: Settings, topic: str, records: list[tuple[byte
 async def through_ingest(settings: Settings, tape_ids: dict[str, list[int]], total: int) -> tuple[float, Any]:
     service = IngestService(settings, IngestTuning(http_enabled=False))
     task = asyncio.create_task(service.run())
-    while service.counts["trades_received"] == 0:
+    while service.trades_received == 0:
         if task.done():
             raise SystemExit(f"ingest exited with {task.result()}")
         await asyncio.sleep(0.001)
     start = time.perf_counter()
+    cpu_start = time.process_time()
     while service.publisher is None or service.publisher.trades_published < total:
         if task.done():
             raise SystemExit(f"ingest exited with {task.result()}")
         await asyncio.sleep(0.002)
     elapsed = time.perf_counter() - start
     metrics = service.metrics()
+    metrics["cpu_per_trade_us"] = (time.process_time() - cpu_start) / total * 1e6
+    metrics["cpu_share"] = (time.process_time() - cpu_start) / elapsed
     for symbol, ids in tape_ids.items():
         assert service.sequencer.last(symbol) == ids[-1], f"{symbol}: not every id published"
     service.shutdown.request("benchmark over")
@@ -187,7 +243,15 @@ async def main() -> None:
         rows: list[tuple[str, float, str]] = []
         proc, ws_url, _ = start_exchange(symbols, args.minutes)
         try:
-            rows.append(("websocket read (no parsing, no Kafka)", await websocket_read(ws_url, symbols, total), ""))
+            rows.append(
+                ("websockets recv() loop (no parsing, no Kafka)", await websocket_read(ws_url, symbols, total), "")
+            )
+        finally:
+            stop(proc)
+        proc, ws_url, _ = start_exchange(symbols, args.minutes)
+        try:
+            rate = await connection_read(ws_url, symbols, total)
+            rows.append(("ingest's connection layer (no parsing, no Kafka)", rate, "frames on the read path"))
         finally:
             stop(proc)
         rows.append(
@@ -223,7 +287,8 @@ async def main() -> None:
             (
                 "ingest: websocket -> validate -> sequence -> Kafka",
                 rate,
-                f"{metrics['records_sent']} records, {metrics['backpressure_pauses']} backpressure pauses",
+                f"{metrics['records_sent']} records, {metrics['backpressure_pauses']} backpressure pauses, "
+                f"{metrics['cpu_per_trade_us']:.1f} us CPU/trade, {metrics['cpu_share']:.0%} of a core",
             )
         )
 

@@ -61,6 +61,9 @@ class Backfiller:
         self._room = room
         self._on_gap = on_gap
         self._semaphore = asyncio.Semaphore(options.concurrency)
+        # Catch-ups (after a restart or reconnect: possibly every symbol of a shard, most with nothing to
+        # fetch) go one at a time, so that repairs of holes in active symbols are not queued behind them.
+        self._catch_up_gate = asyncio.Semaphore(1)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.catch_ups = 0
         self.failed_requests = 0
@@ -130,7 +133,10 @@ class Backfiller:
                     return
                 await self._room()
                 try:
-                    async with self._semaphore:
+                    async with contextlib.AsyncExitStack() as gates:
+                        if catch_up and to_a is None:
+                            await gates.enter_async_context(self._catch_up_gate)
+                        await gates.enter_async_context(self._semaphore)
                         trades = await self.rest.agg_trades(symbol, from_a, opts.page_limit)
                 except RateLimited as exc:
                     log_event(log, logging.WARNING, "backfill rate limited", symbol=symbol, error=str(exc))

@@ -24,8 +24,9 @@ keepalive pings and drops a connection whose pongs stop), so a reader that keeps
 20 s ping / 60 s pong deadline. A reader paused by backpressure does not read pings either; if the pause
 outlives the server's patience it closes the connection, and the gap is backfilled.
 
-Frames are handed, undecoded, to a :class:`FrameSink` on the reader task; the sink validates and sequences
-them synchronously, then tells the reader whether to pause.
+Frames are handed, undecoded, to a :class:`FrameSink` as the event loop reads them (no per-message await: see
+:class:`_DirectConnection`); the sink validates and sequences them synchronously and says whether the queue is
+full, in which case the connection stops reading its socket until the sink has room again.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from typing import Literal, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event
 
 from services.ingest.frames import stream_name
 from services.shared.logs import log_event
@@ -121,8 +124,29 @@ class Backoff:
         self.attempt = 0
 
 
+class _DirectConnection(ClientConnection):
+    """websockets' client connection, handing each complete text frame to ``on_text`` on the read path.
+
+    The stock connection queues every message for ``recv()``, and each ``recv()`` is a chain of awaits: at tens of
+    thousands of frames per second that plumbing costs as much as parsing the frames. Here ``process_event``
+    (called by ``data_received`` for every frame of a received chunk) passes text frames straight on; everything
+    else - the handshake response, pings (answered by the protocol layer), pongs to our keepalive pings, close
+    frames, fragmented messages - takes the library's normal path. ``on_text`` is a class attribute because the
+    library builds the connection itself (``connect(create_connection=...)``): one subclass per connection.
+    """
+
+    on_text: Callable[[bytes], None]
+
+    def process_event(self, event: Event) -> None:
+        if type(event) is Frame and event.opcode is Opcode.TEXT and event.fin and self.response is not None:
+            data = event.data
+            self.on_text(data if type(data) is bytes else bytes(data))
+            return
+        super().process_event(event)
+
+
 class StreamConnection:
-    """One WebSocket connection and its reader task."""
+    """One WebSocket connection; frames go to the sink as they are read (see :class:`_DirectConnection`)."""
 
     def __init__(
         self,
@@ -158,13 +182,15 @@ class StreamConnection:
         self.close_reason = ""
         self.done = asyncio.Event()
         self.first_frame = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._resumer: asyncio.Task[None] | None = None
         self._next_control_at = 0.0
         self._request_id = 0
 
     async def open(self) -> None:
-        """Connect and start reading; raises on failure (the caller backs off and retries)."""
+        """Connect and start delivering frames; raises on failure (the caller backs off and retries)."""
         opts = self._options
+        connection_class = type("DirectConnection", (_DirectConnection,), {"on_text": self._on_text})
         self.ws = await connect(
             self.url,
             open_timeout=opts.open_timeout_s,
@@ -175,43 +201,48 @@ class StreamConnection:
             max_queue=opts.max_queue_frames,
             compression=None,
             proxy=None,
+            create_connection=connection_class,
         )
         self.opened_at = self.last_frame_at = self._clock()
-        self._reader = asyncio.create_task(self._read(), name=f"ws-{self.name}")
+        self._watcher = asyncio.create_task(self._watch_close(self.ws), name=f"ws-{self.name}")
 
-    async def _read(self) -> None:
-        ws = self.ws
-        assert ws is not None
+    def _on_text(self, data: bytes) -> None:
+        self.last_frame_at = self._clock()
+        self.frames += 1
+        self._stats.frames += 1
+        if self.frames == 1:
+            self.first_frame.set()
         sink = self.sink
-        clock = self._clock
-        stats = self._stats
-        count = 0
+        sink.on_frame(data, self)
+        if sink.blocked and not self.paused:
+            self._pause()
+
+    def _pause(self) -> None:
+        """Backpressure: stop reading; the socket buffers fill and the exchange holds the data."""
+        ws = self.ws
+        if ws is None or ws.transport.is_closing():
+            return
+        self.paused = True
+        ws.transport.pause_reading()
+        self._resumer = asyncio.create_task(self._resume_when_room(ws), name=f"ws-resume-{self.name}")
+
+    async def _resume_when_room(self, ws: ClientConnection) -> None:
         try:
-            async for raw in ws:
-                self.last_frame_at = clock()
-                self.frames += 1
-                stats.frames += 1
-                if self.frames == 1:
-                    self.first_frame.set()
-                sink.on_frame(raw, self)
-                if sink.blocked:
-                    # Backpressure: stop reading; the socket buffers fill and the exchange holds the data.
-                    self.paused = True
-                    try:
-                        await sink.wait_for_room()
-                    finally:
-                        self.paused = False
-                        self.last_frame_at = clock()
-                count += 1
-                if count >= 512:  # stay fair to the publisher and the other readers under a flood
-                    count = 0
-                    await asyncio.sleep(0)
-            self.close_reason = f"closed by the server ({ws.close_code} {ws.close_reason})".strip()
-        except ConnectionClosed as exc:
-            self.close_reason = f"connection lost: {exc}"
-        except Exception as exc:  # a bug in the sink must not kill the supervisor silently
-            self.close_reason = f"reader failed: {type(exc).__name__}: {exc}"
-            log.exception("reader of %s failed", self.name)
+            await self.sink.wait_for_room()
+        finally:
+            self.paused = False
+            self.last_frame_at = self._clock()  # time spent paused is not silence of the exchange
+            if not ws.transport.is_closing():
+                ws.transport.resume_reading()
+
+    async def _watch_close(self, ws: ClientConnection) -> None:
+        try:
+            await ws.wait_closed()
+            exc = ws.protocol.close_exc
+            if ws.close_code in (1000, 1001):
+                self.close_reason = f"closed by the server ({ws.close_code} {ws.close_reason})".strip()
+            else:
+                self.close_reason = f"connection lost: {exc}"
         finally:
             self.done.set()
             self._on_event()
@@ -246,15 +277,24 @@ class StreamConnection:
         self._stats.subscribe_messages += 1
 
     async def close(self) -> None:
+        """Close the connection (no frame reaches the sink afterwards)."""
         ws = self.ws
         if ws is not None:
+            ws.on_text = _ignore  # type: ignore[attr-defined]
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 3.0)
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+            if not ws.transport.is_closing():
+                ws.transport.abort()
+        for task in (self._watcher, self._resumer):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         self.done.set()
+
+
+def _ignore(_data: bytes) -> None:
+    """Frames still arriving on a connection being closed (its replacement already delivers them)."""
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -44,10 +45,26 @@ def partition_for(symbol: str, partitions: int) -> int:
     return (hashed & 0x7FFFFFFF) % partitions
 
 
+_BATCH_PREFIX = b'{"type":"trades","s":"'
+_LAST_TRADE = re.compile(
+    rb'\{"a":([0-9]{1,19}),"p":"[^"]*","q":"[^"]*","f":[0-9]+,"l":[0-9]+,"T":[0-9]+,"m":(?:true|false)\}\]\}$'
+)
+_SYMBOL = re.compile(rb"[A-Z0-9]{1,40}")
+
+
 def last_id_of(value: bytes | None) -> tuple[str, int] | None:
     """``(symbol, last a)`` of one ``trades`` record, or None when it is not a record ingest understands."""
     if value is None:
         return None
+    if value.startswith(_BATCH_PREFIX):
+        # Ingest's own batch layout (messages.encode_trade_batch): read the symbol and the last trade's id
+        # without decoding the whole record, which can hold a thousand trades.
+        end = value.find(b'"', len(_BATCH_PREFIX))
+        name = value[len(_BATCH_PREFIX) : end]
+        start = value.rfind(b'{"a":')
+        match = _LAST_TRADE.match(value, start) if start > 0 and end > 0 else None
+        if match is not None and _SYMBOL.fullmatch(name):
+            return name.decode(), int(match.group(1))
     try:
         obj = json.loads(value)
     except (ValueError, RecursionError):

@@ -42,9 +42,10 @@ from typing import Any
 
 from aiohttp import web
 
+from services.core.models import AggTrade
 from services.ingest.backfill import Backfiller, BackfillOptions
 from services.ingest.connections import ConnectionOptions, ConnectionPool, StreamConnection
-from services.ingest.frames import ControlFrame, RejectedFrame, TradeFrame, parse_frame
+from services.ingest.frames import ControlFrame, RejectedFrame, parse_frame
 from services.ingest.publisher import TradePublisher
 from services.ingest.recovery import recover_last_ids
 from services.ingest.rest import ExchangeRest, RestError
@@ -139,8 +140,8 @@ class IngestService:
         self.recovered: dict[str, int] = {}
         self.started = False
         self.stopped = False
+        self.trades_received = 0
         self.counts: dict[str, int] = {
-            "trades_received": 0,
             "frames_rejected": 0,
             "frames_unsubscribed": 0,
             "control_errors": 0,
@@ -198,12 +199,13 @@ class IngestService:
     def on_frame(self, raw: str | bytes, conn: StreamConnection) -> None:
         """Validate and sequence one frame (runs on the connection's reader, synchronously)."""
         frame = parse_frame(raw)
-        if type(frame) is TradeFrame:
-            self.counts["trades_received"] += 1
-            trade = frame.trade
-            if self.sequencer.offer(trade, self._clock()) is Verdict.UNKNOWN_SYMBOL:
+        if type(frame) is AggTrade:
+            self.trades_received += 1
+            trade = frame
+            now = conn.last_frame_at  # the reader just read the clock
+            if self.sequencer.offer(trade, now) is Verdict.UNKNOWN_SYMBOL:
                 removed = self._removed_at.get(trade.s)
-                if removed is not None and self._clock() - removed < self.tuning.removed_grace_s:
+                if removed is not None and now - removed < self.tuning.removed_grace_s:
                     self.counts["frames_unsubscribed"] += 1
                 else:
                     self._reject(f"symbol {trade.s} is not subscribed", trade.s, raw, conn)
@@ -332,6 +334,7 @@ class IngestService:
         pub = self.publisher
         out: dict[str, Any] = dict(self.counts)
         out.update(
+            trades_received=self.trades_received,
             trades_published=pub.trades_published if pub else 0,
             records_sent=pub.records_sent if pub else 0,
             gaps_published=pub.gaps_published if pub else 0,
@@ -356,6 +359,7 @@ class IngestService:
             stale_connections=conns.stale,
             connect_failures=conns.connect_failures,
             connections_opened=conns.opened,
+            subscribe_messages=conns.subscribe_messages,
             connections_open=self.pool.open_connections,
             frames=conns.frames,
             queue_depth=self.depth,

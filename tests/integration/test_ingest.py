@@ -210,11 +210,11 @@ async def run_scenario(
 # --------------------------------------------------------------------------------------------------- faults
 
 
-async def test_clean_feed_with_fast_server_pings_and_one_stream_per_connection(settings: Settings) -> None:
-    """Baseline: a shard per symbol (max 1 stream per connection), server pings every 0.2 s with a 0.6 s pong
-    deadline: the websockets library answers them, so no connection is ever dropped."""
+async def test_clean_feed_one_stream_per_connection(settings: Settings) -> None:
+    """Baseline: a shard per symbol (max 1 stream per connection); nothing dropped, nothing duplicated, trades
+    travel in per-symbol batches. (Answering server pings is shown in tests/unit/test_ingest_parts.py.)"""
     tuning = replace(FAST, connections=replace(FAST.connections, max_streams_per_connection=1))
-    config = exchange_config(minutes=5)  # TODO(replay on_pong bytearray): ping_interval_s=0.2, pong_timeout_s=0.6
+    config = exchange_config(minutes=5)
     metrics, _ = await run_scenario(settings, config=config, tuning=tuning)
     assert metrics["connections_opened"] == 2
     assert metrics["reconnects"] == 0 and metrics["connect_failures"] == 0
@@ -223,14 +223,18 @@ async def test_clean_feed_with_fast_server_pings_and_one_stream_per_connection(s
 
 
 async def test_connection_drops_are_repaired(settings: Settings) -> None:
+    """Abrupt drops; the URL carries one stream, the other is subscribed by message on every new connection."""
+    tuning = replace(FAST, connections=replace(FAST.connections, max_url_streams=1))
+
     async def during(ex: ReplayExchange, service: IngestService) -> None:
         for threshold in (300, 900):
             await until(lambda t=threshold: published(ex, "BTCUSDT") > t, 10, "trades")  # type: ignore[misc]
             assert ex.faults.drop_connections() >= 1
             await asyncio.sleep(0.3)
 
-    metrics, _ = await run_scenario(settings, during=during)
+    metrics, _ = await run_scenario(settings, during=during, tuning=tuning)
     assert metrics["reconnects"] >= 2
+    assert metrics["subscribe_messages"] >= 3
     assert metrics["gaps_unrepaired"] == 0
 
 
@@ -319,7 +323,7 @@ async def test_connection_rotates_before_its_age_limit(settings: Settings) -> No
 
 async def test_backpressure_keeps_everything_when_the_queue_is_small(settings: Settings) -> None:
     settings = settings.model_copy(update={"persistence": settings.persistence.model_copy(update={"queue_size": 200})})
-    metrics, _ = await run_scenario(settings, config=exchange_config(speed=0, minutes=10))
+    metrics, _ = await run_scenario(settings, config=exchange_config(speed=0, minutes=6))
     assert metrics["backpressure_pauses"] >= 1
     assert metrics["gaps_detected"] == 0
 
@@ -426,6 +430,50 @@ async def test_symbols_added_and_removed_at_run_time(settings: Settings) -> None
     assert len(btc) <= removed_at < len(ex.trades("BTCUSDT"))
 
 
+async def test_discovered_symbols_follow_exchange_info(settings: Settings) -> None:
+    """``discover = true``: every TRADING symbol quoted in USDT, nothing else; health endpoints answer."""
+    listed = ("BTCUSDT", "ETHBTC", "SOLUSDT")
+    async with ReplayExchange(exchange_config(symbols=listed, minutes=2)) as ex:
+        s = for_exchange(settings, ex, symbols=(), discover=True, quote_asset="USDT")
+        async with ingest(s) as service:
+            assert service.sequencer.symbols == {"BTCUSDT", "SOLUSDT"}
+            assert service.health is not None
+            base = f"http://127.0.0.1:{service.health.port}"
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{base}/readyz") as resp:
+                    assert resp.status == 200
+                async with http.get(f"{base}/healthz") as resp:
+                    assert resp.status == 200
+                ex.start_feed()
+                await drained(service, ex, ("BTCUSDT", "SOLUSDT"))
+                async with http.get(f"{base}/metrics") as resp:
+                    metrics = await resp.json()
+        records = await published_by_symbol(s)
+    assert set(records) == {"BTCUSDT", "SOLUSDT"}
+    assert metrics["symbol_refreshes"] == 1 and metrics["symbols"] == 2
+    for key in (
+        "trades_published",
+        "duplicates",
+        "gaps_detected",
+        "gaps_repaired",
+        "gaps_unrepaired",
+        "dead_letters",
+        "reconnects",
+        "queue_depth",
+    ):
+        assert key in metrics
+    assert metrics["trades_published"] == sum(len(ex.trades(sym)) for sym in ("BTCUSDT", "SOLUSDT"))
+
+
+async def test_unreachable_kafka_exits_non_zero(settings: Settings) -> None:
+    s = settings.model_copy(
+        update={"kafka": settings.kafka.model_copy(update={"bootstrap": f"127.0.0.1:{_free_port()}"})}
+    )
+    started = time.monotonic()
+    assert await IngestService(s, FAST).run() == 1
+    assert time.monotonic() - started < 15
+
+
 # --------------------------------------------------------------------------------------------------- process
 
 
@@ -489,7 +537,7 @@ async def test_sigterm_sigkill_and_restarts_publish_every_id_once(settings: Sett
     the topic, backfills what happened while it was down), SIGKILL mid-stream, restart again: every id of
     the feed is in the topic exactly once."""
     log_path = tmp_path / "ingest.log"
-    async with ReplayExchange(exchange_config(minutes=8, speed=60)) as ex:
+    async with ReplayExchange(exchange_config(minutes=8, speed=90)) as ex:
         port = _free_port()
         first = _start_ingest(settings, ex, port, log_path)
         try:

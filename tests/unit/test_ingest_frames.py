@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.ingest.frames import ControlFrame, RejectedFrame, TradeFrame, parse_frame, stream_name
+from services.core.models import AggTrade
+from services.ingest.frames import ControlFrame, RejectedFrame, parse_frame, stream_name
 
 pytestmark = pytest.mark.unit
 
@@ -34,8 +35,8 @@ def combined(data: Any, stream: Any = "btcusdt@aggTrade") -> str:
 
 def test_combined_frame_gives_the_trade() -> None:
     frame = parse_frame(combined(PAYLOAD))
-    assert isinstance(frame, TradeFrame)
-    t = frame.trade
+    assert isinstance(frame, AggTrade)
+    t = frame
     assert (t.s, t.a, t.p, t.q, t.f, t.l, t.T, t.m) == (
         "BTCUSDT",
         26129,
@@ -49,10 +50,10 @@ def test_combined_frame_gives_the_trade() -> None:
 
 
 def test_bytes_and_raw_payloads_and_unknown_fields() -> None:
-    assert isinstance(parse_frame(combined(PAYLOAD).encode()), TradeFrame)
-    assert isinstance(parse_frame(json.dumps(PAYLOAD)), TradeFrame)
+    assert isinstance(parse_frame(combined(PAYLOAD).encode()), AggTrade)
+    assert isinstance(parse_frame(json.dumps(PAYLOAD)), AggTrade)
     futures = {k: v for k, v in PAYLOAD.items() if k != "M"} | {"x": "ignored", "nested": {"y": 1}}
-    assert isinstance(parse_frame(combined(futures)), TradeFrame)
+    assert isinstance(parse_frame(combined(futures)), AggTrade)
 
 
 def test_stream_name_is_lower_case() -> None:
@@ -110,12 +111,12 @@ def test_control_frames() -> None:
 
 
 def _check(frame: object) -> None:
-    assert isinstance(frame, TradeFrame | ControlFrame | RejectedFrame)
+    assert isinstance(frame, AggTrade | ControlFrame | RejectedFrame)
     if isinstance(frame, RejectedFrame):
         assert isinstance(frame.reason, str) and frame.reason.strip()
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_fuzz_arbitrary_bytes_never_crash(raw: bytes) -> None:
     _check(parse_frame(raw))
@@ -139,14 +140,14 @@ _scalar = (
 _json = _scalar | st.lists(_scalar, max_size=3) | st.dictionaries(st.text(max_size=3), _scalar, max_size=3)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.dictionaries(st.sampled_from(sorted(PAYLOAD)), _json, max_size=len(PAYLOAD)), st.booleans())
 def test_fuzz_mutated_payloads_are_valid_trades_or_rejected_with_reason(mutation: dict[str, Any], wrap: bool) -> None:
     data = PAYLOAD | mutation
     frame = parse_frame(combined(data) if wrap else json.dumps(data))
     _check(frame)
-    if isinstance(frame, TradeFrame):  # whatever was accepted is a sane trade
-        t = frame.trade
+    if isinstance(frame, AggTrade):  # whatever was accepted is a sane trade
+        t = frame
         assert t.a >= 0 and t.f <= t.l
         assert float(t.p) > 0 and float(t.q) > 0
         if wrap:
@@ -159,3 +160,113 @@ def test_fuzz_corrupted_real_frames(noise: bytes, at: int) -> None:
     raw = combined(PAYLOAD).encode()
     at = min(at, len(raw))
     _check(parse_frame(raw[:at] + noise + raw[at + len(noise) :]))
+
+
+# --------------------------------------------------------------------------------------------------- fast path
+
+_digits = st.text(alphabet="0123456789", min_size=0, max_size=26)
+_number = st.one_of(
+    st.integers(min_value=0, max_value=10**6).map(str),
+    st.integers(min_value=1_262_304_000_000, max_value=4_102_444_800_000).map(str),
+    st.integers(min_value=-3, max_value=2**63 + 3).map(str),
+    st.sampled_from(
+        [
+            "1262303999999",
+            "4102444800001",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-0",
+            "007",
+            "1e5",
+            "1.0",
+            "12345678901234567890123",
+        ]
+    ),
+)
+_decimal = st.one_of(
+    st.builds(lambda i, f: f"{i}.{f}" if f else i, _digits, st.text(alphabet="0123456789", max_size=20)),
+    st.sampled_from(["0", "0.000", "00.10", "1.", ".5", "1e3", "NaN", "-1.5", "87650.12000000", "0.00400000"]),
+)
+_symbol = st.sampled_from(["BTCUSDT", "btcusdt", "ETHUSDT", "BTC_USDT", "B" * 41, "", "BTCUSDT "])
+_boolean = st.sampled_from(["true", "false", "1", "null", '"true"'])
+
+
+def _layout(
+    name: str, s: str, e: str, big_e: str, a: str, p: str, q: str, f: str, last: str, t: str, m: str, tail: str
+) -> bytes:
+    return (
+        f'{{"stream":"{name}@aggTrade","data":{{"e":"{e}","E":{big_e},"s":"{s}","a":{a},"p":"{p}","q":"{q}",'
+        f'"f":{f},"l":{last},"T":{t},"m":{m}{tail}}}}}'
+    ).encode()
+
+
+_valid_decimal = st.builds(
+    lambda i, f: f"{i}.{f}" if f else i,
+    st.text(alphabet="0123456789", min_size=1, max_size=24),
+    st.text(alphabet="0123456789", max_size=18),
+).filter(lambda d: d.strip("0.") != "")
+_FIELDS = ("name", "s", "e", "big_e", "a", "p", "q", "f", "last", "t", "m", "tail")
+
+
+@st.composite
+def _valid_frame(draw: st.DrawFn) -> dict[str, str]:
+    name = draw(st.sampled_from(["btcusdt", "ethusdt", "1000pepeusdt", "x"]))
+    f = draw(st.integers(min_value=0, max_value=2**63 - 1))
+    return {
+        "name": name,
+        "s": name.upper(),
+        "e": "aggTrade",
+        "big_e": str(draw(st.integers(min_value=0, max_value=2**63 - 1))),
+        "a": str(draw(st.integers(min_value=0, max_value=2**63 - 1))),
+        "p": draw(_valid_decimal),
+        "q": draw(_valid_decimal),
+        "f": str(f),
+        "last": str(draw(st.integers(min_value=f, max_value=2**63 - 1))),
+        "t": str(draw(st.integers(min_value=1_262_304_000_000, max_value=4_102_444_800_000))),
+        "m": draw(st.sampled_from(["true", "false"])),
+        "tail": draw(st.sampled_from(["", ',"M":true', ',"M":false'])),
+    }
+
+
+_mutation = st.one_of(_number, _decimal, _symbol, _boolean, st.sampled_from(["", ',"M":1', ',"x":1', ', "M":true']))
+
+
+@settings(max_examples=300, deadline=None)
+@given(frame=_valid_frame(), mutations=st.dictionaries(st.sampled_from(_FIELDS), _mutation, max_size=2))
+def test_fast_path_agrees_with_parse_agg_trade(frame: dict[str, str], mutations: dict[str, str]) -> None:
+    """Binance-layout frames, valid or with one or two fields broken: whenever the shortcut accepts a frame,
+    the general path (json.loads + parse_agg_trade) accepts it too and returns the very same trade."""
+    from services.ingest.frames import fast_trade, parse_frame_general
+
+    raw = _layout(*(mutations.get(k, frame[k]) for k in _FIELDS))
+    fast = fast_trade(raw)
+    general = parse_frame_general(raw)
+    if fast is not None:
+        assert general == fast
+    elif not mutations:
+        raise AssertionError(f"a valid Binance frame missed the fast path: {raw!r}")
+    assert parse_frame(raw) == general
+
+
+def test_fast_path_takes_binance_frames() -> None:
+    from services.ingest.frames import fast_trade
+
+    spot = _layout(
+        "btcusdt",
+        "BTCUSDT",
+        "aggTrade",
+        "1767225600123",
+        "26129",
+        "0.01633102",
+        "4.70443515",
+        "27781",
+        "27781",
+        "1767225600100",
+        "true",
+        ',"M":true',
+    )
+    futures = _layout(
+        "trxusdt", "TRXUSDT", "aggTrade", "1767225600123", "0", "0.28", "800", "0", "3", "1767225600100", "false", ""
+    )
+    assert fast_trade(spot) == AggTrade("BTCUSDT", 26129, "0.01633102", "4.70443515", 27781, 27781, 1767225600100, True)
+    assert fast_trade(futures) == AggTrade("TRXUSDT", 0, "0.28", "800", 0, 3, 1767225600100, False)

@@ -158,5 +158,72 @@ async def test_server_pings_are_answered_while_reading() -> None:
     finally:
         await runner.cleanup()
     assert pongs == [b"p0", b"p1", b"p2"]
-    assert sink.frames == ['{"n":0}', '{"n":1}', '{"n":2}']
+    assert sink.frames == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
     assert query == ["btcusdt@aggTrade/ethusdt@aggTrade"]
+
+
+def test_recovery_fast_path_agrees_with_decoding() -> None:
+    from services.core.models import AggTrade
+
+    for count in (1, 2, 1000):
+        trades = [
+            AggTrade("BTCUSDT", a, "87650.12", "0.004", a, a + 3, 1_767_225_600_000, a % 2 == 0)
+            for a in range(10, 10 + count)
+        ]
+        raw = encode_trade_batch("BTCUSDT", trades)
+        assert last_id_of(raw) == ("BTCUSDT", 9 + count)
+    # Another layout of the same record (hand-written, other key order) falls back to decoding.
+    assert last_id_of(b'{"type":"trades","s":"BTCUSDT","trades":[{"p":"1","a":5}]}') == ("BTCUSDT", 5)
+    assert last_id_of(b'{"type":"trades","s":"BTCUSDT","trades":[{"a":7,"p":"1"}], "x":1}') == ("BTCUSDT", 7)
+
+
+class _Letters:
+    def __init__(self) -> None:
+        self.letters: list[tuple[bytes | None, bytes]] = []
+
+    def dead_letter(self, key: bytes | None, value: bytes) -> None:
+        self.letters.append((key, value))
+
+
+def test_frames_for_symbols_not_followed() -> None:
+    """Unknown symbol: dead-lettered with the reason. Just unsubscribed: frames still in flight, dropped quietly."""
+    import json
+    from types import SimpleNamespace
+
+    from services.ingest.service import IngestService
+    from services.shared.settings import Settings
+
+    service = IngestService(Settings())
+    letters = _Letters()
+    service.publisher = letters  # type: ignore[assignment]
+    conn = SimpleNamespace(last_frame_at=100.0, name="c#1", base_url="ws://x/stream")
+
+    def frame(symbol: str, a: int) -> bytes:
+        data = {
+            "e": "aggTrade",
+            "s": symbol,
+            "a": a,
+            "p": "1",
+            "q": "1",
+            "f": a,
+            "l": a,
+            "T": 1_767_225_600_000,
+            "m": True,
+        }
+        return json.dumps({"stream": f"{symbol.lower()}@aggTrade", "data": data}).encode()
+
+    service.sequencer.track("BTCUSDT", 0)
+    service.sequencer.track("SOLUSDT", 0)
+    service.on_frame(frame("BTCUSDT", 1), conn)  # type: ignore[arg-type]
+    service.on_frame(frame("ETHUSDT", 1), conn)  # type: ignore[arg-type]
+    service.sequencer.untrack("SOLUSDT")
+    service._removed_at["SOLUSDT"] = 99.0
+    service.on_frame(frame("SOLUSDT", 1), conn)  # type: ignore[arg-type]
+    service.on_frame(b"\x00garbage", conn)  # type: ignore[arg-type]
+    assert service.trades_received == 3 and service.sequencer.last("BTCUSDT") == 1
+    assert service.counts["frames_unsubscribed"] == 1 and service.counts["frames_rejected"] == 2
+    keys = [key for key, _ in letters.letters]
+    reasons = [json.loads(value)["reason"] for _, value in letters.letters]
+    assert keys == [b"ETHUSDT", None]
+    assert reasons[0] == "symbol ETHUSDT is not subscribed" and reasons[1].startswith("not JSON")
+    assert json.loads(letters.letters[1][1])["value"] == "\x00garbage"
