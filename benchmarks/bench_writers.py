@@ -1,13 +1,15 @@
 """Throughput and latency of the two writers against a bare clickhouse-connect insert loop, in one run (chDB).
 
-Run: ``.venv/bin/python benchmarks/bench_writers.py [--rows N] [--latency-s S] [--rate R]`` with a broker at
+Run: ``.venv/bin/python benchmarks/bench_writers.py [--rows N] [--repeat K] [--latency-s S] [--rate R]`` with a
+broker at
 ``$KAFKA_BOOTSTRAP`` (default 127.0.0.1:9092). Everything runs in this process on the embedded engine in a
 temporary directory; the topics are created for the run and deleted after it.
 
 Throughput (rows/s): N klines are produced to each topic first, then each writer is started from the beginning
 of its topic and timed from its partition assignment until every row is inserted and committed, with the default
 ``[persistence]`` buffer sizes. The baseline is a bare clickhouse-connect loop inserting the same rows (already
-built, no Kafka, no decoding) in batches of ``finalized_buffer_size``: the ceiling of the write path itself. A
+built, no Kafka, no decoding) in batches of ``finalized_buffer_size``: the ceiling of the write path itself.
+The paths run in ``--repeat`` interleaved rounds (the machine is shared); best, median and worst are printed. A
 split of the per-row cost (JSON, ``Kline.from_dict``, row building, insert) shows where the writer's time goes.
 
 Latency: klines are produced at ``--rate`` per second (the close of each kline is the moment it is produced) while
@@ -226,6 +228,7 @@ async def main() -> None:
     parser.add_argument("--rows", type=int, default=50_000, help="klines per topic for the throughput runs")
     parser.add_argument("--latency-s", type=float, default=10.0, help="seconds of paced production per run")
     parser.add_argument("--rate", type=float, default=1000.0, help="klines per second in the latency runs")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the throughput runs (best/median/worst)")
     args = parser.parse_args()
 
     name = f"bench-writers-{uuid.uuid4().hex[:8]}"
@@ -249,20 +252,30 @@ async def main() -> None:
         bare_rows = [clickhouse.kline_row(k, version=0, partition=0, offset=i, token="bare") for i, k in
                      enumerate(klines)]  # fmt: skip
         batch = base.persistence.finalized_buffer_size
-        bare = bare_insert_loop(bench_settings("bench_bare", topics, chdb_dir), bare_rows, batch)
-        fin = await run_writers(bench_settings("bench_fin", topics, chdb_dir), ["finalized"], args.rows)
-        snap = await run_writers(bench_settings("bench_snap", topics, chdb_dir), ["snapshot"], args.rows)
-        both = await run_writers(
-            bench_settings("bench_both", topics, chdb_dir), ["finalized", "snapshot"], 2 * args.rows
-        )
+        # Interleaved repeats (the machine is shared): each path runs once per round, in fresh tables and groups.
+        rates: dict[str, list[float]] = {}
+        paths = {
+            "bare clickhouse-connect insert loop (prebuilt rows)": None,
+            "finalized_writer (Kafka -> decode -> insert -> commit)": (["finalized"], args.rows),
+            "snapshot_writer": (["snapshot"], args.rows),
+            "both writers in one process (sum)": (["finalized", "snapshot"], 2 * args.rows),
+        }
+        for round_ in range(args.repeat):
+            for n, (label, run) in enumerate(paths.items()):
+                settings = bench_settings(f"bench_r{round_}_p{n}", topics, chdb_dir)
+                if run is None:
+                    rate = bare_insert_loop(settings, bare_rows, batch)
+                else:
+                    rate = await run_writers(settings, run[0], run[1])
+                rates.setdefault(label, []).append(rate)
         results = [
-            ("bare clickhouse-connect insert loop (prebuilt rows)", f"{bare:,.0f}"),
-            ("finalized_writer (Kafka -> decode -> insert -> commit)", f"{fin:,.0f}"),
-            ("snapshot_writer", f"{snap:,.0f}"),
-            ("both writers in one process (sum)", f"{both:,.0f}"),
+            (label, f"{max(r):,.0f}", f"{statistics.median(r):,.0f}", f"{min(r):,.0f}") for label, r in rates.items()
         ]
-        print(f"\nThroughput, {args.rows:,} klines per topic, batches of {batch:,} (2 cores shared, chDB)\n")
-        print_table(["path", "rows/s"], results)
+        print(
+            f"\nThroughput, {args.rows:,} klines per topic, batches of {batch:,}, {args.repeat} rounds "
+            "(2 cores shared, chDB)\n"
+        )
+        print_table(["path", "best rows/s", "median", "worst"], results)
 
         sample = min(20_000, args.rows)
         split = cost_split([v for _k, v in finals[:sample]])
