@@ -66,3 +66,27 @@ def test_bad_input_gets_one_line(tmp_path: Path) -> None:
     unreachable = klines("sql", "SELECT 1", dsn="http://127.0.0.1:1")
     assert unreachable.returncode == 2
     assert unreachable.stderr.count("\n") == 1 and "ClickHouse at http://127.0.0.1:1" in unreachable.stderr
+
+
+def readme_sql() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    blocks = text.split("```sql\n")[1:]
+    statements = []
+    for block in blocks:
+        body = block.split("```", 1)[0]
+        lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
+        statements += [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    return statements
+
+
+def test_the_readme_sql_examples_run(data_dir: Path, tmp_path: Path) -> None:
+    statements = readme_sql()
+    assert len(statements) >= 4
+    dsn = f"chdb://{tmp_path / 'ch'}"
+    stored = klines("replay", f"{data_dir / TRX_TRADES}:TRXUSDT", "--intervals", "1m,5m", dsn=dsn)
+    assert stored.returncode == 0, stored.stderr
+    for sql in statements:
+        result = klines("sql", sql, dsn=dsn)
+        assert result.returncode == 0, f"{sql}\n{result.stderr}"
+    latest = klines("sql", statements[0], dsn=dsn)
+    assert latest.stdout.splitlines()[2].startswith("TRXUSDT  2025-03-04 00:15:00")
