@@ -1,14 +1,22 @@
-"""Throughput of the kline core: KlineBook(s) against a naive per-trade, per-interval Decimal update.
+"""Throughput of the kline core: KlineBooks against a naive per-trade, per-interval Decimal update.
 
-Run: ``.venv/bin/python benchmarks/bench_core.py [--trades N] [--quick]``. Single process, single core; prints a
-table of trades/s for 1, 7 (the default set) and 16 (all) intervals, with one symbol and with 2,000 symbols.
+Run: ``.venv/bin/python benchmarks/bench_core.py [--trades N] [--quick]``. One process, one core; prints a table
+of trades/s for 1, 7 (the default set) and 16 (all) intervals, with one symbol and with 2,000 symbols, for
+KlineBooks and for the naive peer in the same run, plus the memory of 2,000 symbols x 7 intervals.
 
-The synthetic trades are deterministic (fixed seed) and spread over a few hours of trade time, so klines of
-every interval close during the run (and, with 2,000 symbols, many quiet symbols emit empty 1s klines: the 16
-interval figure includes that work, which the naive peer does not do). Both sides receive the same trades in
-the same batches: one symbol in batches of ``--batch`` trades; 2,000 symbols as windows of the global stream
-grouped per symbol (a few trades per batch, like the aggregator's per-symbol batches). The clock is advanced
-and closed klines drained after every window, as the aggregator does.
+The synthetic trades are deterministic (fixed seed), 8-decimal strings as Binance spot sends them, with random
+quantities (so the string-to-int cache rarely helps them):
+
+* one symbol: spread over five hours of trade time, so klines of every interval up to 4h close during the run
+  (and a 1s kline closes every second); batches of ``--batch`` trades;
+* 2,000 symbols: Zipf-like popularity at ``--rate`` trades/s of trade time in total (a live Binance-like mix of
+  a few busy and many quiet symbols; with 16 intervals every quiet symbol also emits an empty 1s kline every
+  second, work the naive peer does not do); windows of ``--window`` trades of the global stream grouped per
+  symbol, like the aggregator's per-symbol batches.
+
+Both sides receive the same trades in the same batches. After every batch/window the clock is advanced and the
+closed klines are drained (built as Kline objects), as the aggregator does; every 100,000 trades (its 1 s
+snapshot tick at the 100k trades/s target) the changed in-progress klines are built too.
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ import gc
 import random
 import sys
 import time
+import tracemalloc
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from decimal import Decimal
+from itertools import accumulate
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,18 +40,19 @@ from services.core.intervals import DEFAULT_INTERVALS, INTERVALS, open_time
 from services.core.models import AggTrade
 
 START_MS = 1_735_689_600_000  # 2025-01-01 00:00 UTC
+TICK_TRADES = 100_000  # snapshot tick: once per second at the aggregator's 100k trades/s target
 
 
 def synthetic_trades(count: int, symbols: int, span_ms: int, seed: int = 7) -> list[AggTrade]:
-    """Deterministic trades in time order: random-walk prices with 8-decimal strings, as Binance spot sends."""
+    """Deterministic trades in time order: random-walk prices, Zipf-like symbol popularity."""
     rng = random.Random(seed)
     names = ["BTCUSDT"] if symbols == 1 else [f"S{k:04d}USDT" for k in range(symbols)]
+    weights = list(accumulate(1 / (rank + 1) for rank in range(symbols)))
     ticks = {name: 1_000_000 + rng.randrange(1_000_000) for name in names}  # price in 1e-2 units
     next_id = dict.fromkeys(names, 1_000_000)
     trades: list[AggTrade] = []
-    step = span_ms / count
     for k in range(count):
-        name = names[rng.randrange(symbols)]
+        name = names[0] if symbols == 1 else rng.choices(names, cum_weights=weights)[0]
         ticks[name] = max(1, ticks[name] + rng.randrange(-3, 4))
         price = ticks[name]
         qty = rng.randrange(1, 5_000_000)  # in 1e-8 units
@@ -55,7 +66,7 @@ def synthetic_trades(count: int, symbols: int, span_ms: int, seed: int = 7) -> l
                 q=f"{qty // 100_000_000}.{qty % 100_000_000:08d}",
                 f=a * 2,
                 l=a * 2 + rng.randrange(2),
-                T=START_MS + int(k * step),
+                T=START_MS + k * span_ms // count,
                 m=rng.random() < 0.5,
             )
         )
@@ -75,14 +86,21 @@ def windows(trades: Sequence[AggTrade], size: int) -> list[tuple[int, list[tuple
 
 
 def run_books(work: list[tuple[int, list[tuple[str, list[AggTrade]]]]], intervals: Sequence[str]) -> int:
+    """The aggregator's loop: apply each symbol's batch, advance the clock, drain the closed klines; every
+    TICK_TRADES trades (its 1 s clock tick at 100k trades/s) snapshot the in-progress klines that changed."""
     books = KlineBooks(intervals)
     closed = 0
+    since_tick = 0
     for clock, batches in work:
         for symbol, batch in batches:
             books.apply(symbol, batch)
+            since_tick += len(batch)
         books.advance(clock)
         closed += len(books.drain_closed())
-        books.drain_changed() if clock % 1000 == 0 else None
+        if since_tick >= TICK_TRADES:
+            books.drain_changed()
+            since_tick = 0
+    books.drain_changed()
     return closed
 
 
@@ -141,22 +159,48 @@ def measure(
     return count / elapsed, closed
 
 
+def memory_of_books(symbols: int, intervals: Sequence[str]) -> float:
+    """MiB held by KlineBooks with ``symbols`` symbols, each with open klines and an hour of history."""
+    trades = synthetic_trades(symbols * 60, symbols, 3_600_000, seed=11)
+    work = windows(trades, 5_000)
+    gc.collect()
+    tracemalloc.start()
+    books = KlineBooks(intervals)
+    for clock, batches in work:
+        for symbol, batch in batches:
+            books.apply(symbol, batch)
+        books.advance(clock)
+        books.drain_closed()
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del books
+    return size / 2**20
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trades", type=int, default=400_000, help="trades per KlineBook run")
-    parser.add_argument("--naive-trades", type=int, default=60_000, help="trades per naive run (it is slow)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--trades", type=int, default=400_000, help="trades per KlineBooks run")
+    parser.add_argument("--naive-trades", type=int, default=40_000, help="trades per naive run (it is slow)")
     parser.add_argument("--batch", type=int, default=200, help="trades per batch with one symbol")
     parser.add_argument("--window", type=int, default=20_000, help="global window with 2,000 symbols")
-    parser.add_argument("--hours", type=float, default=3.0, help="trade-time span of the synthetic stream")
+    parser.add_argument("--hours", type=float, default=5.0, help="trade-time span with one symbol")
+    parser.add_argument("--rate", type=int, default=5_000, help="trades/s of trade time with 2,000 symbols")
     parser.add_argument("--quick", action="store_true", help="a tenth of the trades (smoke run)")
     args = parser.parse_args()
     if args.quick:
         args.trades //= 10
         args.naive_trades //= 10
-    span = int(args.hours * 3_600_000)
     sets = {"1": ("1m",), "7": DEFAULT_INTERVALS, "16": INTERVALS}
-    rows = []
-    for symbols, window in ((1, args.batch), (2_000, args.window)):
+    scenarios = (
+        (1, int(args.hours * 3_600_000), args.batch),
+        (2_000, args.trades * 1000 // args.rate, args.window),
+    )
+    print(f"kline core throughput: {args.trades:,} trades per KlineBooks run, {args.naive_trades:,} per naive run")
+    header = f"{'symbols':>8} {'span':>7} {'batch':>6} {'intervals':>9} {'KlineBooks/s':>13} {'naive/s':>9}"
+    print(header + f" {'speed-up':>8} {'closed klines':>13}")
+    print("-" * (len(header) + 23))
+    rates: dict[tuple[int, str], float] = {}
+    for symbols, span, window in scenarios:
         trades = synthetic_trades(args.trades, symbols, span)
         work = windows(trades, window)
         naive_work = windows(trades[: args.naive_trades], window)
@@ -164,21 +208,18 @@ def main() -> None:
         for label, intervals in sets.items():
             book_rate, closed = measure(run_books, work, intervals, len(trades))
             naive_rate, _ = measure(run_naive, naive_work, intervals, args.naive_trades)
-            rows.append((symbols, mean_batch, label, book_rate, naive_rate, closed))
-            print(f"  ... {symbols} symbol(s), {label} intervals done", file=sys.stderr)
-    print()
-    print(f"kline core throughput, {args.trades:,} trades over {args.hours:g} h (naive: {args.naive_trades:,})")
-    header = f"{'symbols':>8} {'batch':>7} {'intervals':>9} {'KlineBooks/s':>14} {'naive/s':>10} {'speed-up':>9}"
-    print(header + f" {'closed klines':>14}")
-    print("-" * (len(header) + 15))
-    for symbols, batch, label, book_rate, naive_rate, closed in rows:
-        print(
-            f"{symbols:>8,} {batch:>7.1f} {label:>9} {book_rate:>14,.0f} {naive_rate:>10,.0f}"
-            f" {book_rate / naive_rate:>8.1f}x {closed:>14,}"
-        )
-    for symbols in (1, 2_000):
-        by_label = {row[2]: row[3] for row in rows if row[0] == symbols}
-        print(f"{symbols:>8,} symbol(s): 1-interval / 7-interval ratio = {by_label['1'] / by_label['7']:.2f}")
+            rates[(symbols, label)] = book_rate
+            shown_span = f"{span / 3_600_000:g}h" if span >= 3_600_000 else f"{span / 1000:g}s"
+            print(
+                f"{symbols:>8,} {shown_span:>7} {mean_batch:>6.1f} {label:>9} {book_rate:>13,.0f}"
+                f" {naive_rate:>9,.0f} {book_rate / naive_rate:>7.1f}x {closed:>13,}",
+                flush=True,
+            )
+    for symbols, _, _ in scenarios:
+        ratio = rates[(symbols, "1")] / rates[(symbols, "7")]
+        print(f"{symbols:>8,} symbol(s): 1-interval rate / 7-interval rate = {ratio:.2f}")
+    megabytes = memory_of_books(2_000, DEFAULT_INTERVALS)
+    print(f"memory: {megabytes:.1f} MiB for 2,000 symbols x 7 intervals (open klines + repair history)")
 
 
 if __name__ == "__main__":

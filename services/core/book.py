@@ -7,7 +7,9 @@ Every configured interval's boundaries lie on one common grid (:func:`~services.
 usually the shortest interval). Trades are folded only into the running partial of the current grid cell, with
 integer arithmetic on prices and quantities scaled by ``10**scale`` (quote volumes by ``10**(2*scale)``);
 whole batches are folded with C-level builtins (``max``, ``sum``, ``map``). When a trade (or the clock) leaves
-the cell, the cell's partial is merged once into each interval's open kline. So the cost per trade does not
+the cell, the cell becomes the shortest interval's kline if that interval is the grid itself, and is merged
+into one pending state for the longer intervals; the pending state is settled into each of them only when one
+of them closes or is read (``current``, ``drain_changed``, ``export_state``). So the cost per trade does not
 depend on the number of intervals, and nothing goes through binary float: Decimals are built only for output.
 
 Ordering and ids
@@ -29,7 +31,8 @@ Closing, empties and continuity
 3. A trade for a kline that is already closed (late: delivered after the clock or a later trade closed it, or
    backfilled into a hole) produces a corrected kline: same ``t``, ``version`` + 1, ``source="repaired"``, on
    the closed list. If it changes that kline's close, the empty klines after it are re-priced the same way. A
-   kline that was never emitted (skipped in a gap) is emitted as ``source="repaired"`` with version 0.
+   kline that was never emitted (skipped in a gap) is emitted as ``source="repaired"`` with version 0. The
+   corrections of one :meth:`KlineBook.apply` call are coalesced: each kline comes out once, one version up.
 4. Closed klines are kept for ``repair_horizon_ms`` behind the current grid cell; a trade older than that can
    no longer be folded exactly and is rejected with a reason (:meth:`KlineBook.drain_rejected`), never dropped
    silently.
@@ -56,13 +59,12 @@ from services.core.intervals import (
     open_time,
     sort_intervals,
 )
-from services.core.models import AggTrade, Kline
+from services.core.models import MAX_DECIMALS, AggTrade, Kline
 
 # Layout of a kline state: a plain list of ints (fast to update, compact to export).
 N, O, H, LO, C, V, QV, BV, BQ, F, L, OT, OA, CT, CA = range(15)  # noqa: E741
 #: Closed states carry their emitted version after the 15 value fields.
 VER: Final = 15
-_STATE_LEN: Final = 15
 
 DEFAULT_SCALE: Final = 8
 DEFAULT_REPAIR_HORIZON_MS: Final = 600_000
@@ -72,10 +74,11 @@ MAX_EMPTY_RUN: Final = 100_000
 #: At most this many disjoint runs of applied ids are remembered; beyond it the oldest hole is forgotten.
 MAX_ID_RANGES: Final = 4_096
 _CACHE_LIMIT: Final = 1 << 17
+_NEVER: Final = 1 << 62
 _MAX_TEXT: Final = 48  # longest decimal string accepted (the parser's own bound is 24 + 1 + 18)
 _STATE_FORMAT: Final = 1
 #: Batches up to this size are folded trade by trade; longer ones column-wise (cheaper per trade, dearer to set up).
-_SCALAR_BATCH: Final = 4
+_SCALAR_BATCH: Final = 8
 
 _COLUMNS = attrgetter("s", "a", "T", "p", "q", "f", "l", "m")
 _ORDER = attrgetter("T", "a")
@@ -96,6 +99,8 @@ class RejectedTrade:
 
 
 class _NeedScale(Exception):
+    """A decimal string has more significant decimals than the book's scale: the scale must grow first."""
+
     def __init__(self, decimals: int) -> None:
         super().__init__(decimals)
         self.decimals = decimals
@@ -125,6 +130,8 @@ def _parse_scaled(text: str, scale: int) -> int:
         raise ValueError(f"{text[:40]!r} is not a plain decimal string")
     if places > scale:
         needed = places - min(places, len(digits) - len(digits.rstrip("0")))
+        if needed > MAX_DECIMALS:
+            raise ValueError(f"{text[:40]!r} has more than {MAX_DECIMALS} significant decimals")
         if needed > scale:
             raise _NeedScale(needed)
         value = int(digits) // _POW10[places - scale]
@@ -272,6 +279,12 @@ class KlineBook:
         self._horizon = repair_horizon_ms
         self._grain, self._grain_offset = common_grain(names)
         self._tracks = [_Track(name) for name in names]
+        shortest = self._tracks[0]
+        # The shortest interval may be the grid itself: its open kline is then the current cell's partial.
+        aligned = shortest.size == self._grain and open_time(shortest.name, self._grain_offset) == self._grain_offset
+        self._grain_track = 0 if aligned else -1
+        self._pending: list[int] | None = None  # cells already left, not yet merged into the longer intervals
+        self._next_close = _NEVER  # earliest close among those longer intervals
         self._gs: int | None = None  # start of the current grid cell
         self._ge = 0  # its end (exclusive)
         self._part: list[int] | None = None  # trades of the current grid cell
@@ -543,6 +556,13 @@ class KlineBook:
             if times[start] >= self._ge:
                 self._roll(self._cell_of(times[start]))
             end = count if times[-1] < self._ge else bisect_left(times, self._ge, start)
+            if end - start == 1 and self._part is None:  # a lone trade in its cell: no column work
+                self._part = _trade_state(
+                    times[start], ids[start], prices[start], quantities[start], firsts[start], lasts[start],
+                    bool(makers[start]),
+                )  # fmt: skip
+                start = end
+                continue
             if start == 0 and end == count:
                 ps, qs, ms = prices, quantities, makers
                 n_trades = sum(lasts) - sum(firsts) + count
@@ -715,6 +735,7 @@ class KlineBook:
         for track in self._tracks:
             track.t = track.first_t = open_time(track.name, t)
             track.nt = next_open(track.name, track.t)
+        self._next_close = self._first_close()
 
     def _roll(self, cell: int) -> None:
         """Move to the grid cell starting at ``cell`` (> current): merge the partial, close passed klines."""
@@ -722,18 +743,31 @@ class KlineBook:
             self._flush_repairs()  # before anything can be evicted, and in order with the closes that follow
         part = self._part
         tracks = self._tracks
+        grain_track = self._grain_track
         if part is not None:
-            for track in tracks:
-                if track.acc is None:
-                    track.acc = part.copy()
+            # The cell's trades go to the interval whose klines are the cells themselves (if any) at once, and
+            # to the longer intervals lazily: merged into one pending state, settled only when one of them
+            # closes or is read. So a roll costs O(1) until a longer kline actually closes.
+            if grain_track >= 0:
+                tracks[grain_track].acc = part
+                part = part.copy() if len(tracks) > 1 else None
+            if part is not None:
+                if self._pending is None:
+                    self._pending = part
                 else:
-                    _merge(track.acc, part)
+                    _merge(self._pending, part)
             self._part = None
         emitted: list[tuple[int, int, Kline]] = []
-        for index, track in enumerate(tracks):
-            if cell >= track.nt:
-                self._close_track(track, cell, emitted)
-                self._dirty.add(index)
+        if grain_track >= 0:  # its kline is the cell just left: it always closes
+            self._close_track(tracks[grain_track], cell, emitted)
+            self._dirty.add(grain_track)
+        if cell >= self._next_close:
+            self._settle()
+            for index, track in enumerate(tracks):
+                if index != grain_track and cell >= track.nt:
+                    self._close_track(track, cell, emitted)
+                    self._dirty.add(index)
+            self._next_close = self._first_close()
         self._gs = cell
         self._ge = cell + self._grain
         if emitted:
@@ -742,6 +776,27 @@ class KlineBook:
             self._closed_out.extend([kline for _, _, kline in emitted])
             if cell >= self._next_evict:
                 self._evict()
+
+    def _first_close(self) -> int:
+        """Earliest next-open among the intervals that receive cells lazily (those needing a settle)."""
+        return min(
+            (track.nt for index, track in enumerate(self._tracks) if index != self._grain_track),
+            default=_NEVER,
+        )
+
+    def _settle(self) -> None:
+        """Merge the pending cells into the open kline of every interval longer than the grid."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        for index, track in enumerate(self._tracks):
+            if index == self._grain_track:
+                continue
+            if track.acc is None:
+                track.acc = pending.copy()
+            else:
+                _merge(track.acc, pending)
 
     def _close_track(self, track: _Track, cell: int, out: list[tuple[int, int, Kline]]) -> None:
         """Close ``track``'s open kline and any wholly passed ones, up to the kline containing ``cell``."""
@@ -905,8 +960,9 @@ class KlineBook:
 
     def _kline(self, track: _Track, t: int, st: Sequence[int], closed: bool, version: int, source: str) -> Kline:
         scale = self._scale
+        cached = self._prices.get
         price = self._price_decimal
-        close = price(st[C])
+        close = cached(st[C]) or price(st[C])  # prices are > 0, so a cached Decimal is truthy
         if st[N] == 0:
             return Kline(
                 self._symbol,
@@ -935,9 +991,9 @@ class KlineBook:
             track.close_of(t),
             st[F],
             st[L],
-            price(st[O]),
-            price(st[H]),
-            price(st[LO]),
+            cached(st[O]) or price(st[O]),
+            cached(st[H]) or price(st[H]),
+            cached(st[LO]) or price(st[LO]),
             close,
             _dec(st[V], scale),
             st[N],
@@ -950,6 +1006,7 @@ class KlineBook:
         )
 
     def _open_kline(self, index: int) -> Kline | None:
+        self._settle()
         track = self._tracks[index]
         acc, part = track.acc, self._part
         if acc is not None and part is not None:
@@ -992,6 +1049,7 @@ class KlineBook:
 
     def _rescale(self, decimals: int) -> None:
         """Carry more decimal places (a price or quantity with more than ``scale`` of them arrived)."""
+        self._settle()
         factor = _POW10[decimals - self._scale]
         for track in self._tracks:
             if track.acc is not None:
@@ -1013,6 +1071,7 @@ class KlineBook:
 
         Klines and rejections not yet drained are included, so exporting never loses output.
         """
+        self._settle()
         return {
             "format": _STATE_FORMAT,
             "symbol": self._symbol,
@@ -1085,6 +1144,8 @@ class KlineBook:
                 track.last_close = None if last_close is None else int(last_close)
                 track.last_key = (int(last_key[0]), int(last_key[1]))
                 track.closed = {int(row[0]): [int(v) for v in row[1:]] for row in closed}
+            if book._gs is not None:
+                book._next_close = book._first_close()
             (
                 book.duplicates,
                 book.late,
