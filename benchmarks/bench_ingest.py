@@ -134,16 +134,13 @@ class _CountingSink:
         self.start = 0.0
         self.done = asyncio.Event()
 
-    @property
-    def blocked(self) -> bool:
-        return False
-
-    def on_frame(self, raw: str | bytes, conn: StreamConnection) -> None:
+    def on_frame(self, raw: bytes, conn: StreamConnection) -> bool:
         if self.count == 0:
             self.start = time.perf_counter()
         self.count += 1
         if self.count >= self.total:
             self.done.set()
+        return False
 
     async def wait_for_room(self) -> None:
         return None

@@ -43,7 +43,7 @@ from typing import Literal, Protocol
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.frames import Frame, Opcode
-from websockets.protocol import Event
+from websockets.protocol import Event, State
 
 from services.ingest.frames import stream_name
 from services.shared.logs import log_event
@@ -60,12 +60,13 @@ SUBSCRIBE_CHUNK = 200
 class FrameSink(Protocol):
     """Receives every frame of every connection (synchronously) and applies backpressure."""
 
-    @property
-    def blocked(self) -> bool: ...
+    def on_frame(self, raw: bytes, conn: StreamConnection) -> bool:
+        """Handle one frame; True when the queue is full and the connection must stop reading."""
+        ...
 
-    def on_frame(self, raw: str | bytes, conn: StreamConnection) -> None: ...
-
-    async def wait_for_room(self) -> None: ...
+    async def wait_for_room(self) -> None:
+        """Return once the queue has room again (or the service stops)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,25 +125,123 @@ class Backoff:
         self.attempt = 0
 
 
-class _DirectConnection(ClientConnection):
-    """websockets' client connection, handing each complete text frame to ``on_text`` on the read path.
+_TEXT_FIN = 0x81  # first header byte of an unfragmented text frame without extension bits
+_MAX_HANDSHAKE_BYTES = 64 * 1024
 
-    The stock connection queues every message for ``recv()``, and each ``recv()`` is a chain of awaits: at tens of
-    thousands of frames per second that plumbing costs as much as parsing the frames. Here ``process_event``
-    (called by ``data_received`` for every frame of a received chunk) passes text frames straight on; everything
-    else - the handshake response, pings (answered by the protocol layer), pongs to our keepalive pings, close
-    frames, fragmented messages - takes the library's normal path. ``on_text`` is a class attribute because the
-    library builds the connection itself (``connect(create_connection=...)``): one subclass per connection.
+
+class _DirectConnection(ClientConnection):
+    """websockets' client connection, handing each text message to ``on_text`` on the read path.
+
+    The stock connection parses frames with a generator per frame and queues every message for ``recv()``, a
+    chain of awaits per message: at tens of thousands of frames per second that costs more than validating
+    the trades. Here:
+
+    * the handshake (the HTTP response) is the library's: bytes up to the end of the response go to it;
+    * after it, :meth:`data_received` splits the byte stream into complete frames itself. An unfragmented,
+      unmasked text frame (``0x81``, nearly every frame Binance sends) goes straight to ``on_text``; any other
+      complete frame - ping (the library answers it), pong (its keepalive), close, binary, fragments, a frame
+      over ``max_size`` or a masked one (both protocol errors the library reports) - is fed to the library
+      unchanged and in order. The library therefore only ever sees whole frames and its parser is always at
+      a frame boundary; an incomplete frame at the end of a chunk waits here for the rest;
+    * messages the library assembles (fragmented ones) reach ``on_text`` through :meth:`process_event`.
+
+    ``on_text`` is a class attribute because the library builds the connection itself
+    (``connect(create_connection=...)``): one subclass per connection.
     """
 
     on_text: Callable[[bytes], None]
+    on_data: Callable[[], None]
+    _pending: bytes = b""
+    _framing: bool = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self._framing:
+            self._handshake_received(data)
+            return
+        self.on_data()
+        buf = self._pending + data if self._pending else data
+        n = len(buf)
+        pos = 0
+        on_text = self.on_text
+        limit = self.protocol.max_message_size
+        while n - pos >= 2:
+            first = buf[pos]
+            second = buf[pos + 1]
+            length = second & 0x7F
+            header = 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                header = 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                header = 10
+            if second & 0x80 or (limit is not None and length > limit):
+                # A masked frame or one over max_size: the library fails the connection with the right code.
+                self._framing = False
+                self._pending = b""
+                super().data_received(buf[pos:])
+                return
+            end = pos + header + length
+            if end > n:
+                break
+            if first == _TEXT_FIN:
+                on_text(buf[pos + header : end])
+            else:
+                super().data_received(buf[pos:end])
+            pos = end
+        self._pending = buf[pos:] if pos < n else b""
+
+    def _handshake_received(self, data: bytes) -> None:
+        """Until the handshake is done, bytes go to the library; frames after the response are split here."""
+        if self.response is not None:  # framing was given up (protocol error): everything to the library
+            super().data_received(data)
+            return
+        buf = self._pending + data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0 and len(buf) < _MAX_HANDSHAKE_BYTES:
+            self._pending = buf
+            return
+        head, rest = (buf, b"") if end < 0 else (buf[: end + 4], buf[end + 4 :])
+        self._pending = b""
+        super().data_received(head)
+        if self.response is not None and self.protocol.state is State.OPEN:
+            self._framing = True
+            if rest:
+                self.data_received(rest)
+        elif rest:
+            super().data_received(rest)
+
+    def eof_received(self) -> None:
+        if self._pending:  # an incomplete frame: let the library see it (it reports the abnormal end)
+            pending, self._pending = self._pending, b""
+            super().data_received(pending)
+        super().eof_received()
 
     def process_event(self, event: Event) -> None:
-        if type(event) is Frame and event.opcode is Opcode.TEXT and event.fin and self.response is not None:
-            data = event.data
-            self.on_text(data if type(data) is bytes else bytes(data))
+        if type(event) is Frame and event.opcode in _ASSEMBLED and self.response is not None:
+            self._assemble(event)
             return
         super().process_event(event)
+
+    _fragments: list[bytes] | None = None
+
+    def _assemble(self, frame: Frame) -> None:
+        """Messages that reach the library: fragmented ones (and any frame the splitter did not take)."""
+        if frame.opcode is not Opcode.CONT:
+            self._fragments = []
+        if self._fragments is None:
+            return  # a continuation without a start: the library already reports such protocol errors
+        self._fragments.append(bytes(frame.data))
+        if frame.fin:
+            message, self._fragments = b"".join(self._fragments), None
+            self.on_text(message)
+
+
+_ASSEMBLED = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
 
 
 class StreamConnection:
@@ -190,7 +289,9 @@ class StreamConnection:
     async def open(self) -> None:
         """Connect and start delivering frames; raises on failure (the caller backs off and retries)."""
         opts = self._options
-        connection_class = type("DirectConnection", (_DirectConnection,), {"on_text": self._on_text})
+        connection_class = type(
+            "DirectConnection", (_DirectConnection,), {"on_text": self._on_text, "on_data": self._on_data}
+        )
         self.ws = await connect(
             self.url,
             open_timeout=opts.open_timeout_s,
@@ -207,15 +308,16 @@ class StreamConnection:
         self._watcher = asyncio.create_task(self._watch_close(self.ws), name=f"ws-{self.name}")
 
     def _on_text(self, data: bytes) -> None:
-        self.last_frame_at = self._clock()
         self.frames += 1
         self._stats.frames += 1
         if self.frames == 1:
             self.first_frame.set()
-        sink = self.sink
-        sink.on_frame(data, self)
-        if sink.blocked and not self.paused:
+        if self.sink.on_frame(data, self) and not self.paused:
             self._pause()
+
+    def _on_data(self) -> None:
+        """Once per chunk read from the socket (not per frame: a chunk holds hundreds)."""
+        self.last_frame_at = self._clock()
 
     def _pause(self) -> None:
         """Backpressure: stop reading; the socket buffers fill and the exchange holds the data."""
@@ -405,7 +507,20 @@ class ConnectionPool:
 
     # ------------------------------------------------------------------ supervision
     async def _supervise(self, shard: Shard) -> None:
+        """Keep the shard connected until it is stopped or empty; a bug in one round must not end it."""
         backoff = Backoff(self.options.reconnect_base_s, self.options.reconnect_cap_s, self._rng)
+        while not (self._stopping or shard.stopping) and shard.streams:
+            try:
+                await self._supervise_once(shard, backoff)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("supervisor of %s failed; reconnecting", shard.name)
+                self.stats.reconnects += 1
+                await asyncio.sleep(backoff.next_delay())
+
+    async def _supervise_once(self, shard: Shard, backoff: Backoff) -> None:
         try:
             conn = await self._connect(shard, backoff)
             while conn is not None:

@@ -36,7 +36,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,10 +165,6 @@ class IngestService:
         inflight = self.publisher.inflight_trades if self.publisher is not None else 0
         return self.sequencer.held_total + self.outbox.trades + inflight
 
-    @property
-    def blocked(self) -> bool:
-        return self.depth >= self.queue_size
-
     async def wait_for_room(self) -> None:
         """Pause a reader until the queue is down to ``resume_fraction`` of its size (or we stop)."""
         self.counts["backpressure_pauses"] += 1
@@ -196,38 +192,37 @@ class IngestService:
             await asyncio.sleep(self.tuning.linger_s)
 
     # ------------------------------------------------------------------ frames
-    def on_frame(self, raw: str | bytes, conn: StreamConnection) -> None:
-        """Validate and sequence one frame (runs on the connection's reader, synchronously)."""
+    def on_frame(self, raw: bytes, conn: StreamConnection) -> bool:
+        """Validate and sequence one frame (on the connection's read path, synchronously); True when the
+        queue is full and the connection must stop reading."""
         frame = parse_frame(raw)
         if type(frame) is AggTrade:
             self.trades_received += 1
-            trade = frame
-            now = conn.last_frame_at  # the reader just read the clock
-            if self.sequencer.offer(trade, now) is Verdict.UNKNOWN_SYMBOL:
-                removed = self._removed_at.get(trade.s)
+            now = conn.last_frame_at  # read once per chunk by the connection
+            if self.sequencer.offer(frame, now) is Verdict.UNKNOWN_SYMBOL:
+                removed = self._removed_at.get(frame.s)
                 if removed is not None and now - removed < self.tuning.removed_grace_s:
                     self.counts["frames_unsubscribed"] += 1
                 else:
-                    self._reject(f"symbol {trade.s} is not subscribed", trade.s, raw, conn)
-            return
-        if type(frame) is ControlFrame:
+                    self._reject(f"symbol {frame.s} is not subscribed", frame.s, raw, conn)
+        elif type(frame) is ControlFrame:
             if frame.kind == "server_shutdown":
                 log_event(log, logging.INFO, "serverShutdown received", connection=conn.name)
                 conn.on_server_shutdown()
             elif frame.kind == "error":
                 self.counts["control_errors"] += 1
                 log_event(log, logging.WARNING, "exchange answered an error", connection=conn.name, error=frame.detail)
-            return
-        assert type(frame) is RejectedFrame
-        self._reject(frame.reason, frame.symbol, raw, conn)
+        else:
+            assert type(frame) is RejectedFrame
+            self._reject(frame.reason, frame.symbol, raw, conn)
+        return self.depth >= self.queue_size
 
-    def _reject(self, reason: str, symbol: str | None, raw: str | bytes, conn: StreamConnection) -> None:
+    def _reject(self, reason: str, symbol: str | None, raw: bytes, conn: StreamConnection) -> None:
         self.counts["frames_rejected"] += 1
-        value = raw.encode() if isinstance(raw, str) else raw
         if self.publisher is not None:
             self.publisher.dead_letter(
                 symbol.encode() if symbol else None,
-                dead_letter_value(SERVICE, reason, value, topic=f"websocket {conn.base_url}"),
+                dead_letter_value(SERVICE, reason, raw, topic=f"websocket {conn.base_url}"),
             )
         log_event(log, logging.WARNING, "frame rejected", reason=reason, symbol=symbol, connection=conn.name)
 
@@ -450,10 +445,10 @@ class IngestService:
             )
             await self.health.start()
         assert self.publisher is not None
-        self._tasks.append(asyncio.create_task(self.publisher.run(), name="ingest-publisher"))
-        self._tasks.append(asyncio.create_task(self._tick_loop(), name="ingest-tick"))
+        self._spawn(self.publisher.run(), "ingest-publisher")
+        self._spawn(self._tick_loop(), "ingest-tick")
         if market.discover:
-            self._tasks.append(asyncio.create_task(self._refresh_loop(), name="ingest-discovery"))
+            self._spawn(self._refresh_loop(), "ingest-discovery")
         await self.apply_symbols()
         self.started = True
         for symbol in sorted(self.sequencer.symbols):
@@ -468,6 +463,23 @@ class IngestService:
             stop.cancel()
             fatal.cancel()
         return 1 if self.fatal is not None else 0
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A background task whose unexpected end is fatal: a dead tick loop would silently stop gap repair."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or self.stopped:
+                return
+            exc = t.exception()
+            if exc is not None:
+                log.error("task %s failed", name, exc_info=exc)
+                self._on_fatal(f"task {name} failed: {type(exc).__name__}: {exc}")
+            elif name != "ingest-publisher" or self.fatal is None:
+                self._on_fatal(f"task {name} ended unexpectedly")
+
+        task.add_done_callback(done)
 
     async def _tick_loop(self) -> None:
         seq = self.sequencer

@@ -102,14 +102,11 @@ def test_backoff_is_jittered_and_capped() -> None:
 
 class _Sink:
     def __init__(self) -> None:
-        self.frames: list[str | bytes] = []
+        self.frames: list[bytes] = []
 
-    @property
-    def blocked(self) -> bool:
-        return False
-
-    def on_frame(self, raw: str | bytes, conn: StreamConnection) -> None:
+    def on_frame(self, raw: bytes, conn: StreamConnection) -> bool:
         self.frames.append(raw)
+        return False
 
     async def wait_for_room(self) -> None:
         return None
@@ -178,6 +175,8 @@ def test_recovery_fast_path_agrees_with_decoding() -> None:
 
 
 class _Letters:
+    inflight_trades = 0
+
     def __init__(self) -> None:
         self.letters: list[tuple[bytes | None, bytes]] = []
 
@@ -227,3 +226,76 @@ def test_frames_for_symbols_not_followed() -> None:
     assert keys == [b"ETHUSDT", None]
     assert reasons[0] == "symbol ETHUSDT is not subscribed" and reasons[1].startswith("not JSON")
     assert json.loads(letters.letters[1][1])["value"] == "\x00garbage"
+
+
+def _frame(payload: bytes, opcode: int = 0x1, fin: bool = True) -> bytes:
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        return head + bytes([n]) + payload
+    if n < 65536:
+        return head + bytes([126]) + n.to_bytes(2, "big") + payload
+    return head + bytes([127]) + n.to_bytes(8, "big") + payload
+
+
+async def test_frames_split_anywhere_fragmented_or_large_arrive_whole_and_in_order() -> None:
+    """ingest splits the byte stream into frames itself: every way a server can cut and mix frames."""
+    big = b'{"x":"' + b"y" * 70_000 + b'"}'
+    medium = b'{"x":"' + b"z" * 300 + b'"}'
+    stream = (
+        _frame(b'{"n":1}')
+        + _frame(b"p1", opcode=0x9)  # ping: the library answers it
+        + _frame(medium)
+        + _frame(b'{"n":', fin=False)  # a fragmented text message ...
+        + _frame(b"p2", opcode=0x9)  # ... with a ping between its fragments
+        + _frame(b"2}", opcode=0x0)
+        + _frame(big)
+        + _frame(b'{"n":3}')
+    )
+    pongs: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        transport = request.transport
+        assert transport is not None
+        for cut in range(0, len(stream), 7919):  # a prime: cuts land in headers, lengths and payloads
+            transport.write(stream[cut : cut + 7919])
+            await asyncio.sleep(0.001)
+        transport.write(stream[:3])  # a lone partial header, completed below
+        await asyncio.sleep(0.01)
+        transport.write(stream[3:9])
+        for _ in range(2):
+            msg = await asyncio.wait_for(ws.receive(), 2)
+            assert msg.type is WSMsgType.PONG
+            pongs.append(bytes(msg.data))
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/stream", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    sink = _Sink()
+    try:
+        conn = StreamConnection(
+            "test",
+            f"ws://127.0.0.1:{runner.addresses[0][1]}/stream",
+            {"btcusdt@aggTrade"},
+            sink,
+            clock=asyncio.get_running_loop().time,
+            options=ConnectionOptions(ping_interval_s=60),
+            control_interval_s=0.25,
+            on_event=lambda: None,
+            stats=ConnectionStats(),
+        )
+        await conn.open()
+        await asyncio.wait_for(conn.done.wait(), 5)
+        await conn.close()
+    finally:
+        await runner.cleanup()
+    assert pongs == [b"p1", b"p2"]
+    assert sink.frames == [b'{"n":1}', medium, b'{"n":2}', big, b'{"n":3}', b'{"n":1}']
+    assert conn.close_reason.startswith("closed by the server (1000")
