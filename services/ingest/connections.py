@@ -9,8 +9,9 @@ the URL carries at most ``max_url_streams`` names, the rest are subscribed by me
   server announces ``serverShutdown``: open the replacement *first*, wait until it delivers a frame (at most
   ``rotation_overlap_s``), then close the old one. Both deliver meanwhile; the sequencer drops the duplicates
   by ``a``, so the hand-over loses nothing and publishes nothing twice;
-* **watchdog** - no frame for ``stale_after_s`` (not counting time the reader was paused by backpressure):
-  the connection is presumed dead or stalled and replaced;
+* **watchdog** - nothing received for ``stale_after_s`` (no trade, no reply, not even the server's ping, which
+  Binance sends every 20 s; time paused by backpressure does not count): the connection is presumed dead or
+  stalled and replaced. A quiet market keeps a healthy connection alive through its pings;
 * **reconnect** - after a close, error or staleness, with full-jitter exponential backoff capped at
   ``reconnect_cap_s`` (reset once a connection delivers); the sequencer notices the ids missed meanwhile when
   the next frame of the symbol arrives, and ``on_reconnect`` lets the service check the shard's symbols by
@@ -19,14 +20,15 @@ the URL carries at most ``max_url_streams`` names, the rest are subscribed by me
   connection(s), paced below the venue's control-message limit (spot 5/s, USD-M 10/s); a full shard makes
   the pool open a new one.
 
-Pings: the ``websockets`` library answers every server ping with a pong automatically (it also sends its own
-keepalive pings and drops a connection whose pongs stop), so a reader that keeps reading never misses Binance's
-20 s ping / 60 s pong deadline. A reader paused by backpressure does not read pings either; if the pause
-outlives the server's patience it closes the connection, and the gap is backfilled.
+Pings: every ping frame goes to the ``websockets`` library, which answers it with a pong at once (it also
+sends its own keepalive pings and drops a connection whose pongs stop), so a connection that keeps reading
+never misses Binance's 20 s ping / 60 s pong deadline. A connection paused by backpressure reads no pings
+either; if the pause outlives the server's patience the server closes it, and the gap is backfilled.
 
-Frames are handed, undecoded, to a :class:`FrameSink` as the event loop reads them (no per-message await: see
-:class:`_DirectConnection`); the sink validates and sequences them synchronously and says whether the queue is
-full, in which case the connection stops reading its socket until the sink has room again.
+Text frames are handed, undecoded, to a :class:`FrameSink` as the event loop reads them (no per-message await
+and no per-frame generator: see :class:`_DirectConnection`); the sink validates and sequences them
+synchronously and says whether the queue is full, in which case the connection stops reading its socket until
+the sink has room again.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ Venue = Literal["spot", "usdm"]
 WatchOutcome = Literal["closed", "stale", "rotate", "server_shutdown", "stopping", "empty"]
 
 CONTROL_MESSAGES_PER_S: dict[str, int] = {"spot": 5, "usdm": 10}
+# Silence that means a dead connection: three of the server's ping intervals (spot 20 s, USD-M 3 min).
+STALE_AFTER_S: dict[str, float] = {"spot": 60.0, "usdm": 540.0}
 SUBSCRIBE_CHUNK = 200
 
 
@@ -75,7 +79,7 @@ class ConnectionOptions:
     max_url_streams: int = 200
     max_connection_age_s: float = 23 * 3600.0
     age_jitter_s: float = 1800.0
-    stale_after_s: float = 60.0
+    stale_after_s: float | None = None  # None: the venue's (spot pings every 20 s, USD-M every 3 min)
     rotation_overlap_s: float = 2.0
     reconnect_base_s: float = 0.25
     reconnect_cap_s: float = 30.0
@@ -83,7 +87,6 @@ class ConnectionOptions:
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     control_messages_per_s: int | None = None  # None: the venue's limit
-    max_queue_frames: int = 4096
 
 
 @dataclass(slots=True)
@@ -299,7 +302,6 @@ class StreamConnection:
             ping_timeout=opts.ping_timeout_s,
             close_timeout=2.0,
             max_size=1 << 22,
-            max_queue=opts.max_queue_frames,
             compression=None,
             proxy=None,
             create_connection=connection_class,
@@ -441,6 +443,7 @@ class ConnectionPool:
         limit = options.control_messages_per_s or CONTROL_MESSAGES_PER_S[venue]
         # Stay below the limit: the server counts per rolling second, our clock and its may disagree a bit.
         self._control_interval_s = 1.0 / max(0.5, limit * 0.8)
+        self.stale_after_s = options.stale_after_s or STALE_AFTER_S[venue]
         self.stats = ConnectionStats()
         self.shards: list[Shard] = []
         self._counter = 0
@@ -540,7 +543,7 @@ class ConnectionPool:
                     continue
                 if outcome == "stale":
                     self.stats.stale += 1
-                    reason = f"no frame for {self.options.stale_after_s:g} s"
+                    reason = f"nothing received for {self.stale_after_s:g} s"
                 else:
                     reason = conn.close_reason
                 self.stats.reconnects += 1
@@ -592,8 +595,8 @@ class ConnectionPool:
         return None
 
     async def _watch(self, shard: Shard, conn: StreamConnection, backoff: Backoff) -> WatchOutcome:
-        opts = self.options
-        tick = max(0.01, min(0.5, opts.stale_after_s / 4))
+        stale_after_s = self.stale_after_s
+        tick = max(0.01, min(0.5, stale_after_s / 4))
         while True:
             if self._stopping or shard.stopping:
                 return "stopping"
@@ -607,7 +610,7 @@ class ConnectionPool:
             now = self._clock()
             if now - conn.opened_at >= conn.max_age_s:
                 return "rotate"
-            if not conn.paused and now - conn.last_frame_at >= opts.stale_after_s:
+            if not conn.paused and now - conn.last_frame_at >= stale_after_s:
                 return "stale"
             if conn.frames:
                 backoff.reset()
@@ -615,10 +618,10 @@ class ConnectionPool:
                 shard.changed = False
                 try:
                     await conn.sync(set(shard.streams))
+                    continue
                 except (ConnectionClosed, ConnectionError) as exc:
+                    # The connection is going away; its replacement subscribes to the current set.
                     log_event(log, logging.WARNING, "subscription update failed", shard=shard.name, error=str(exc))
-                    shard.changed = True  # the next connection is opened with the current set
-                continue
             shard.wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(tick):
