@@ -77,6 +77,7 @@ class TradePublisher:
         self.gaps_published = 0
         self.dead_letters_published = 0
         self.failure: str | None = None
+        self._stopping = False
         self._round_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ input
@@ -89,10 +90,14 @@ class TradePublisher:
         return not self.outbox and not self._dead_letters and self.inflight_trades == 0 and not self._inflight
 
     # ------------------------------------------------------------------ loop
+    def stop_loop(self) -> None:
+        """Let :meth:`run` return after the round in progress (cancelling it could strand a taken round)."""
+        self._stopping = True
+
     async def run(self) -> None:
-        """Send a round every ``linger_s`` until cancelled (or a send fails: then report and stop)."""
+        """Send a round every ``linger_s`` until :meth:`stop_loop` (or a send fails: then report and stop)."""
         try:
-            while self.failure is None:
+            while self.failure is None and not self._stopping:
                 await asyncio.sleep(self.linger_s)
                 if self.outbox or self._dead_letters:
                     await self.send_round()

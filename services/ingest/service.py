@@ -509,8 +509,12 @@ class IngestService:
         for task in self._tasks[1:]:
             task.cancel()
         await asyncio.gather(*self._tasks[1:], return_exceptions=True)
-        if publisher_task is not None:
-            publisher_task.cancel()
+        if publisher_task is not None and self.publisher is not None:
+            self.publisher.stop_loop()  # finish the round in progress rather than strand it
+            try:
+                await asyncio.wait_for(asyncio.shield(publisher_task), max(0.1, self.shutdown.remaining() / 2))
+            except TimeoutError:
+                publisher_task.cancel()
             await asyncio.gather(publisher_task, return_exceptions=True)
         # 3. Everything accepted, acknowledged (not after a fatal error: sending more could duplicate).
         publisher = self.publisher
