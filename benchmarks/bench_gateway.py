@@ -12,6 +12,9 @@ Run: ``KAFKA_BOOTSTRAP=127.0.0.1:9092 .venv/bin/python benchmarks/bench_gateway.
 4. prints messages/s delivered (and what full delivery would be), client-side p50/p99/max latency, the gateway's
    own send-side p99, coalesced updates and disconnects, CPU of the gateway process, and memory per client.
 
+``--compare`` runs the same load against a bare fan-out (:func:`serve_bare`: aiokafka consumer + aiohttp
+broadcast, no checks, no outbox, no limits) in the same run: the raw limit of this machine's transport.
+
 Everything runs on this machine: broker, gateway and the clients share the cores, so the figures are a floor.
 """
 
@@ -94,7 +97,58 @@ async def run_client(
         client.closed_reason = f"closed {ws.close_code}"
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+async def serve_bare(port: int, bootstrap: str, topics: list[str]) -> None:
+    """The straightforward peer: a bare aiokafka consumer and an aiohttp broadcast of each record as it comes.
+
+    No validation, no ordering rules, no outbox, no limits: each record's value is wrapped with ``E`` and sent
+    to every subscriber of its key in turn (a slow client would hold everyone up). It shows what the transport
+    itself costs on this machine, the raw limit the gateway is compared with.
+    """
+    from aiohttp import web
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    await consumer._client.force_metadata_update()
+    partitions = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+    consumer.assign(partitions)
+    await consumer.seek_to_end(*partitions)
+    subscribers: dict[bytes, set[web.WebSocketResponse]] = {}
+    seen: set[bytes] = set()
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        keys: list[bytes] = []
+        async for message in ws:
+            req = json.loads(message.data)
+            for stream in req["params"]:
+                symbol, _, interval = stream.partition("@kline_")
+                keys.append(f"{symbol.upper()}|{interval}".encode())
+                subscribers.setdefault(keys[-1], set()).add(ws)
+            await ws.send_str(json.dumps({"result": None, "id": req["id"]}))
+        for key in keys:
+            subscribers[key].discard(ws)
+        return ws
+
+    async def status(_request: web.Request) -> web.Response:
+        return web.json_response({"ready": True, "keys": len(seen)})
+
+    app = web.Application()
+    app.add_routes([web.get("/ws", ws_handler), web.get("/readyz", status), web.get("/metrics", status)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    while True:
+        for records in (await consumer.getmany(timeout_ms=500)).values():
+            for record in records:
+                seen.add(record.key)
+                text = f'{{"e":"kline","E":{record.timestamp},"k":{record.value.decode()}}}'
+                for ws in list(subscribers.get(record.key, ())):
+                    await ws.send_str(text)
+
+
+async def bench(args: argparse.Namespace, peer: str = "gateway") -> dict[str, Any]:
     name = f"bench-gateway-{uuid.uuid4().hex[:8]}"
     topics = TopicSettings(
         trades=f"{name}.trades",
@@ -117,8 +171,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         KLINES_SERVICE__LOG_FORMAT="text",
         KLINES_SERVICE__LOG_LEVEL="WARNING",
     )
-    profile = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
-    gateway = subprocess.Popen([sys.executable, *profile, "-m", "services.gateway"], cwd=REPO, env=env)
+    if peer == "gateway":
+        profile = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
+        argv = [*profile, "-m", "services.gateway"]
+    else:
+        argv = [__file__, "--serve-bare", "--port", str(port), "--topics", f"{topics.snapshots},{topics.finalized}"]
+    gateway = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env)
     base = f"http://127.0.0.1:{port}"
     producer = make_producer(kafka, client_suffix="bench-gateway", linger_ms=0)
     await producer.start()
@@ -208,6 +266,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
 
         return {
+            "peer": peer,
             "clients": args.clients,
             "subscriptions_per_client": args.subs,
             "keys": args.keys,
@@ -219,12 +278,22 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "full_delivery_messages_per_s": round(full / elapsed_produce),
             "delivered_fraction": round(received / full, 4) if full else None,
             "updates_coalesced": after.get("updates_coalesced", 0) - before.get("updates_coalesced", 0),
+            "delivered_or_coalesced_fraction": (
+                round((received + after.get("updates_coalesced", 0) - before.get("updates_coalesced", 0)) / full, 4)
+                if full
+                else None
+            ),
             "clients_disconnected_slow": after.get("clients_disconnected_slow", 0),
             "latency_ms_p50": pct(0.50),
             "latency_ms_p99": pct(0.99),
             "latency_ms_max": latencies[-1] if latencies else None,
+            "gateway_send_latency_ms_p50": after.get("delivery_latency_ms_p50"),
             "gateway_send_latency_ms_p99": after.get("delivery_latency_ms_p99"),
+            "gateway_outbox_wait_ms_p50": after.get("outbox_wait_ms_p50"),
+            "gateway_outbox_wait_ms_p99": after.get("outbox_wait_ms_p99"),
             "gateway_cpu_percent": round(100 * (cpu1 - cpu0) / (time.monotonic() - t0)),
+            "gateway_cpu_us_per_message": round(1e6 * (cpu1 - cpu0) / received, 1) if received else None,
+            "machine_load_avg_1m": os.getloadavg()[0],
             "bench_process_cpu_percent": round(100 * own_cpu / (time.monotonic() - t0)),
             "gateway_rss_mb_no_clients": round(rss_idle / 1024, 1),
             "gateway_rss_mb_with_clients": round(rss_clients / 1024, 1),
@@ -257,16 +326,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100 clients, 5 s")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--profile", metavar="FILE", help="run the gateway under cProfile, stats to FILE")
+    parser.add_argument("--compare", action="store_true", help="also run the bare fan-out peer, same load")
+    parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--topics", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_bare:
+        asyncio.run(serve_bare(args.port, args.bootstrap, args.topics.split(",")))
+        return
     if args.quick:
         args.clients, args.duration = min(args.clients, 100), 5
-    result = asyncio.run(bench(args))
+    results = [asyncio.run(bench(args))]
+    if args.compare:
+        results.append(asyncio.run(bench(args, peer="bare")))
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(results if args.compare else results[0]))
         return
-    width = max(len(k) for k in result)
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
+    width = max(len(k) for k in results[0])
+    for key in results[0]:
+        print(f"{key:<{width}}  " + "  ".join(f"{r.get(key, '-')!s:>14}" for r in results))
 
 
 if __name__ == "__main__":

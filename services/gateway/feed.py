@@ -66,6 +66,7 @@ class KlineFeed:
         self._lag: dict[TopicPartition, int] = {}
         self._started = False
         self.ready = False
+        self.records_in = 0
 
     @property
     def lag(self) -> int:
@@ -89,40 +90,33 @@ class KlineFeed:
     async def run(self, shutdown: Shutdown) -> None:
         """Steps 3-4 until ``shutdown``."""
         next_refresh = next_partition_check = self._clock()
-        stop_waiter = asyncio.ensure_future(shutdown.wait())
-        try:
-            while not shutdown.requested:
-                fetch = asyncio.ensure_future(self._consumer.getmany(timeout_ms=500, max_records=_BATCH))
-                await asyncio.wait({fetch, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if not fetch.done():
-                    fetch.cancel()
-                    break
-                try:
-                    batches = fetch.result()
-                except KafkaError as exc:
-                    self._counters.inc("kafka_errors")
-                    log_event(log, logging.WARNING, "fetch from Kafka failed; retrying", error=str(exc)[:200])
-                    await asyncio.sleep(1.0)
-                    continue
-                handled = 0
-                for tp, records in batches.items():
-                    for record in records:
-                        self._handle(tp.topic, record)
-                        handled += 1
-                        if handled % _YIELD_EVERY == 0:
-                            await asyncio.sleep(0)  # let client writers run during a big read-back
-                now = self._clock()
-                if self._warmup or now >= next_refresh:
-                    next_refresh = now + 1.0
-                    await self._refresh_positions()
-                if now >= next_partition_check:
-                    next_partition_check = now + _PARTITION_CHECK_S
-                    await self._pick_up_new_partitions()
-        finally:
-            stop_waiter.cancel()
+        while not shutdown.requested:
+            # Awaited directly (no extra task per fetch): every hop between the fetch and the send adds latency
+            # when the machine is busy. The short timeout bounds how long a stop request waits.
+            try:
+                batches = await self._consumer.getmany(timeout_ms=250, max_records=_BATCH)
+            except KafkaError as exc:
+                self._counters.inc("kafka_errors")
+                log_event(log, logging.WARNING, "fetch from Kafka failed; retrying", error=str(exc)[:200])
+                await asyncio.sleep(1.0)
+                continue
+            handled = 0
+            for tp, records in batches.items():
+                for record in records:
+                    self._handle(tp.topic, record)
+                    handled += 1
+                    if handled % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # let client writers run during a big read-back
+            now = self._clock()
+            if self._warmup or now >= next_refresh:
+                next_refresh = now + 1.0
+                await self._refresh_positions()
+            if now >= next_partition_check:
+                next_partition_check = now + _PARTITION_CHECK_S
+                await self._pick_up_new_partitions()
 
     def _handle(self, topic: str, record: Any) -> None:
-        self._counters.inc("records_in")
+        self.records_in += 1
         if record.value is None:
             return  # a tombstone on the compacted snapshots topic
         try:

@@ -63,12 +63,12 @@ class Outbox:
         self._control += 1
         return self.offer(("control", self._control), text)
 
-    def pop(self) -> tuple[str, int] | None:
-        """The oldest pending message and its origin timestamp (ms), or None when empty."""
+    def pop(self) -> tuple[str, int, float] | None:
+        """The oldest pending message, its origin timestamp (ms) and how long its slot waited (s); None if empty."""
         if not self._slots:
             return None
         _slot, pending = self._slots.popitem(last=False)
-        return pending.text, pending.origin_ms
+        return pending.text, pending.origin_ms, self._clock() - pending.enqueued_at
 
     def oldest_age(self) -> float:
         """Seconds the oldest pending slot has waited (0 when empty)."""

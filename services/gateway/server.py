@@ -119,10 +119,17 @@ class Gateway:
         self.subscribers: dict[str, set[Client]] = {}
         self.clients: set[Client] = set()
         self.per_ip: dict[str, int] = {}
-        self.latencies: deque[int] = deque(maxlen=LATENCY_WINDOW)
+        self.latencies: deque[int] = deque(maxlen=LATENCY_WINDOW)  # record timestamp -> handed to the socket
+        self.outbox_waits: deque[int] = deque(maxlen=LATENCY_WINDOW)  # first enqueue of the slot -> sent
         self.accepting = True
         self.feed: KlineFeed | None = None
         self._seen_keys: set[str] = set()
+        # Per-update and per-message counts are plain attributes (the hot path); the rest live in ``counters``.
+        self.updates_published = 0
+        self.updates_stale = 0
+        self.updates_coalesced = 0
+        self.messages_out = 0
+        self.bytes_out = 0
         self._history_gate = asyncio.Semaphore(HISTORY_CONCURRENCY)
         self._handlers: set[asyncio.Task[Any]] = set()
 
@@ -134,9 +141,9 @@ class Gateway:
             self._seen_keys.add(update.key)
             self.catalog.symbols.add(update.key.partition("|")[0])
         if not self.board.apply(update):
-            self.counters.inc("updates_stale")
+            self.updates_stale += 1
             return
-        self.counters.inc("updates_published")
+        self.updates_published += 1
         subscribers = self.subscribers.get(update.stream)
         if not subscribers:
             return
@@ -157,7 +164,7 @@ class Gateway:
         if result is Offer.QUEUED:
             client.wake.set()
         elif result is Offer.COALESCED:
-            self.counters.inc("updates_coalesced")
+            self.updates_coalesced += 1
         else:
             self._kick(
                 client,
@@ -399,17 +406,19 @@ class Gateway:
                 client.wake.clear()
                 await client.wake.wait()
                 continue
-            text, origin_ms = item
+            text, origin_ms, waited_s = item
             await client.ws.send_str(text)
-            self.counters.inc("messages_out")
-            self.counters.inc("bytes_out", len(text))
+            self.messages_out += 1
+            self.bytes_out += len(text)
             if origin_ms:
                 self.latencies.append(self.wall_ms() - origin_ms)
+                self.outbox_waits.append(int(waited_s * 1000))
 
     async def _flush(self, client: Client) -> None:
         while (item := client.outbox.pop()) is not None:
             await client.ws.send_str(item[0])
-            self.counters.inc("messages_out")
+            self.messages_out += 1
+            self.bytes_out += len(item[0])
 
     async def _read(self, client: Client) -> None:
         rate = self.limits.max_messages_per_s
@@ -491,8 +500,15 @@ class Gateway:
 
     def metrics(self) -> dict[str, Any]:
         latencies = sorted(self.latencies)
+        waits = sorted(self.outbox_waits)
         values: dict[str, Any] = dict(self.counters.snapshot())
         values.update(
+            updates_published=self.updates_published,
+            updates_stale=self.updates_stale,
+            updates_coalesced=self.updates_coalesced,
+            messages_out=self.messages_out,
+            bytes_out=self.bytes_out,
+            records_in=self.feed.records_in if self.feed is not None else 0,
             ready=self.ready(),
             clients=len(self.clients),
             subscriptions=sum(len(c.streams) for c in self.clients),
@@ -504,6 +520,8 @@ class Gateway:
             history_source=self.source,
             delivery_latency_ms_p50=_percentile(latencies, 0.50),
             delivery_latency_ms_p99=_percentile(latencies, 0.99),
+            outbox_wait_ms_p50=_percentile(waits, 0.50),
+            outbox_wait_ms_p99=_percentile(waits, 0.99),
         )
         return values
 
@@ -567,7 +585,7 @@ async def serve(
         await health.stop()
         if history is not None:
             history.close()
-        log_event(log, logging.INFO, "gateway stopped", messages_out=counters.get("messages_out"))
+        log_event(log, logging.INFO, "gateway stopped", messages_out=gateway.messages_out)
     return code
 
 

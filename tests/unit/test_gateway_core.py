@@ -112,7 +112,7 @@ def test_outbox_coalesces_per_slot_keeps_order_and_age() -> None:
     assert box.offer(("s", 120), "c0") is Offer.OVERFLOW
     clock.now = 2.5
     assert box.oldest_age() == 2.5, "a coalesced slot keeps its first enqueue time"
-    assert [box.pop(), box.pop(), box.pop(), box.pop()] == [("a1", 3), ("b0", 2), ("reply", 0), None]
+    assert [box.pop(), box.pop(), box.pop(), box.pop()] == [("a1", 3, 2.5), ("b0", 2, 1.5), ("reply", 0, 1.5), None]
     assert box.oldest_age() == 0.0
 
 
