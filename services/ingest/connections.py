@@ -38,6 +38,7 @@ import contextlib
 import json
 import logging
 import random
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -279,6 +280,7 @@ class StreamConnection:
         self.last_frame_at = 0.0
         self.frames = 0
         self.paused = False
+        self.muted = False
         self.max_age_s = options.max_connection_age_s
         self.server_shutdown = False
         self.close_reason = ""
@@ -306,6 +308,8 @@ class StreamConnection:
             proxy=None,
             create_connection=connection_class,
         )
+        if self.muted:  # muted while connecting (the pool is stopping)
+            self.ws.on_text = _ignore  # type: ignore[attr-defined]
         self.opened_at = self.last_frame_at = self._clock()
         self._watcher = asyncio.create_task(self._watch_close(self.ws), name=f"ws-{self.name}")
 
@@ -380,11 +384,18 @@ class StreamConnection:
         await ws.send(json.dumps({"method": method, "params": params, "id": self._request_id}))
         self._stats.subscribe_messages += 1
 
-    async def close(self) -> None:
-        """Close the connection (no frame reaches the sink afterwards)."""
+    def mute(self) -> None:
+        """From now on no frame reaches the sink (synchronous: the first step of every close)."""
+        self.muted = True
         ws = self.ws
         if ws is not None:
             ws.on_text = _ignore  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        """Close the connection (no frame reaches the sink afterwards)."""
+        self.mute()
+        ws = self.ws
+        if ws is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 3.0)
             if not ws.transport.is_closing():
@@ -446,6 +457,8 @@ class ConnectionPool:
         self.stale_after_s = options.stale_after_s or STALE_AFTER_S[venue]
         self.stats = ConnectionStats()
         self.shards: list[Shard] = []
+        # Every connection opened and not yet collected, replacements included (closing one twice is harmless).
+        self._live: weakref.WeakSet[StreamConnection] = weakref.WeakSet()
         self._counter = 0
         self._stopping = False
 
@@ -495,8 +508,10 @@ class ConnectionPool:
         return sum(1 for s in self.shards if s.connection is not None and not s.connection.done.is_set())
 
     async def stop(self) -> None:
-        """Close every connection (no more frames reach the sink after this returns)."""
+        """Close every connection. No frame reaches the sink once this is called (not only once it returns):
+        the connections are muted first, then closed concurrently."""
         self._stopping = True
+        self._mute_all()
         for shard in self.shards:
             shard.stopping = True
             shard.wake.set()
@@ -504,9 +519,12 @@ class ConnectionPool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for shard in self.shards:
-            if shard.connection is not None:
-                await shard.connection.close()
+        # Every connection still open: the shards' own, and any opened by a supervisor cancelled mid-way.
+        await asyncio.gather(*(conn.close() for conn in list(self._live)), return_exceptions=True)
+
+    def _mute_all(self) -> None:
+        for conn in list(self._live):
+            conn.mute()
 
     # ------------------------------------------------------------------ supervision
     async def _supervise(self, shard: Shard) -> None:
@@ -573,6 +591,7 @@ class ConnectionPool:
                 stats=self.stats,
             )
             try:
+                self._live.add(conn)
                 await conn.open()
                 self.stats.opened += 1
                 # The URL may hold only part of the streams, and the set may have changed while connecting.

@@ -342,6 +342,7 @@ class IngestService:
             gaps_unrepaired=seq.gaps_unrepaired,
             ids_unrepaired=seq.ids_unrepaired,
             trades_backfilled=seq.backfilled,
+            trades_dropped_on_remove=seq.dropped_on_untrack,
             catch_ups=self.backfiller.catch_ups,
             backfills_active=self.backfiller.active,
             backfill_failed_requests=self.backfiller.failed_requests,
