@@ -18,6 +18,16 @@ Slow clients never slow the service or other clients: each has a bounded outbox 
 per kline (latest wins) and the client is disconnected (close code 1008, with the reason) when its outbox
 overflows or an update has waited longer than ``gateway.slow_client_timeout_s``. ``/`` serves a live chart.
 
+Try it (``klines run`` prints the page URL; the gateway alone is ``python -m services.gateway``)::
+
+    open http://127.0.0.1:8084/                                  # the chart
+    python -m websockets ws://127.0.0.1:8084/ws/btcusdt@kline_1m  # raw events in a terminal
+    curl -s http://127.0.0.1:8084/metrics                          # clients, subscriptions, messages_out,
+                                                                   # updates_coalesced, updates_dropped, lag, ...
+
+Limits behind a reverse proxy: connections are counted per peer address, which is the proxy's; raise
+``gateway.max_connections_per_ip`` there, and let the proxy's idle timeout exceed ``gateway.heartbeat_s``.
+
 Modules: :mod:`.protocol` (stream names, requests, events; pure), :mod:`.board` (latest kline per key and
 the publish decision; pure), :mod:`.outbox` (per-client coalescing queue, rate limit; pure),
 :mod:`.history` (the ClickHouse read), :mod:`.feed` (Kafka), :mod:`.server` (aiohttp, composition root).

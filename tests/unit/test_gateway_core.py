@@ -246,3 +246,21 @@ def test_decode_record_rejects_what_it_must_not_forward(changes: dict[str, objec
     with pytest.raises(InvalidInput) as info:
         decode_record(_encoded(**changes))
     assert fragment in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("dsn", "history", "recent", "expected"),
+    [
+        ("chdb:///tmp/x", "auto", 120, "memory"),  # embedded: the writers' process owns the directory
+        ("chdb:///tmp/x", "auto", 0, "none"),
+        ("chdb:///tmp/x", "on", 120, "clickhouse"),  # nobody else has it open (a demo, a test)
+        ("http://clickhouse:8123", "auto", 120, "clickhouse"),
+        ("http://clickhouse:8123", "off", 120, "memory"),
+    ],
+)
+def test_history_source(dsn: str, history: str, recent: int, expected: str) -> None:
+    from services.gateway.history import history_source
+    from services.shared.settings import load_settings
+
+    settings = load_settings(clickhouse={"dsn": dsn}, gateway={"history": history, "recent_klines": recent})
+    assert history_source(settings) == expected
