@@ -797,6 +797,8 @@ class WriterEngine:
     def metrics(self) -> dict[str, float]:
         values = self.counters.snapshot()
         values["buffered"] = len(self._buffer)
+        opened = self._buffer.opened_at
+        values["buffer_age_s"] = 0.0 if opened is None else round(self._clock.monotonic() - opened, 3)
         values["flush_age_s"] = round(self._flush_age(), 3)
         values["ready"] = 1 if self.ready else 0
         return values

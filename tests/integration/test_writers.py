@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -623,6 +624,12 @@ class Processes:
         assert proc.poll() is None, self.log(proc)
         return "partitions assigned" in self.log(proc)
 
+    async def metrics(self, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+        port = re.search(r"writers running .* http_port=(\d+)", self.log(proc))
+        assert port is not None, self.log(proc)
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port.group(1)}/metrics") as r:
+            return dict(await r.json())
+
 
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Processes]:
@@ -665,15 +672,23 @@ async def test_sigterm_mid_stream_then_restart_loses_and_duplicates_nothing(
     apply_schema(settings)
     clickhouse.close(settings.clickhouse)  # the writer process owns the chDB directory from here on
     spec = finalized_spec(settings)
-    env = process_env(settings, finalized_buffer_size=200, finalized_flush_interval_ms=300)
-    script = finalized_script(1500)
+    env = process_env(settings, finalized_buffer_size=5000, finalized_flush_interval_ms=1000)
+    script = finalized_script(2000)
 
     first = processes.start("services.finalized_writer", env)
     await until(lambda: processes.assigned(first), 30, "the writer to join its group")
     producing = asyncio.create_task(produce_paced(settings, spec.topic, script, per_s=500))
     await until(lambda: _some_committed(settings, spec), 30, "the first commits")
-    first.send_signal(signal.SIGTERM)  # mid-stream: klines keep arriving
+
+    async def batch_half_full() -> bool:  # asked on the process's own /metrics
+        metrics = await processes.metrics(first)
+        return bool(metrics["buffered"] > 0 and metrics["buffer_age_s"] < 0.5)
+
+    await until(batch_half_full, 10, "klines in the writer's buffer, well before its next flush")
+    first.send_signal(signal.SIGTERM)  # mid-stream, mid-batch: klines keep arriving
     assert await wait_exit(first, settings.service.shutdown_grace_s + 2) == 0
+    flushed_at_stop = re.search(r"stopping: flushing the buffer buffered=(\d+)", processes.log(first))
+    assert flushed_at_stop is not None and int(flushed_at_stop.group(1)) > 0, processes.log(first)
     stopped_at = await committed_offsets(settings, spec.group_id, spec.topic)
     await producing
     assert sum(stopped_at.values()) < len(script)
