@@ -214,7 +214,7 @@ async def test_clean_feed_one_stream_per_connection(settings: Settings) -> None:
     """Baseline: a shard per symbol (max 1 stream per connection); nothing dropped, nothing duplicated, trades
     travel in per-symbol batches. (Answering server pings is shown in tests/unit/test_ingest_parts.py.)"""
     tuning = replace(FAST, connections=replace(FAST.connections, max_streams_per_connection=1))
-    config = exchange_config(minutes=5)
+    config = exchange_config(minutes=3)
     metrics, _ = await run_scenario(settings, config=config, tuning=tuning)
     assert metrics["connections_opened"] == 2
     assert metrics["reconnects"] == 0 and metrics["connect_failures"] == 0
