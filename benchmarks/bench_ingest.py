@@ -1,6 +1,6 @@
 """Benchmark: sustained trades/s from the replay exchange (fast mode) through ingest into Kafka.
 
-    .venv/bin/python benchmarks/bench_ingest.py [--symbols 10] [--minutes 30] [--queue-size 5000]
+    .venv/bin/python benchmarks/bench_ingest.py [--symbols 18] [--minutes 30] [--queue-size 5000]
 
 In one run, on one machine, against the broker at ``$KAFKA_BOOTSTRAP`` (default 127.0.0.1:9092):
 
@@ -207,7 +207,7 @@ async def through_ingest(settings: Settings, tape_ids: dict[str, list[int]], tot
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--symbols", type=int, default=10)
+    parser.add_argument("--symbols", type=int, default=18)
     parser.add_argument("--minutes", type=int, default=30)
     parser.add_argument("--queue-size", type=int, default=None, help="persistence.queue_size (default: config)")
     args = parser.parse_args()
