@@ -96,7 +96,7 @@ class PersistenceSettings(_Section):
 
     queue_size: int = Field(default=5000, gt=0)
     finalized_buffer_size: int = Field(default=5000, gt=0)
-    finalized_flush_interval_ms: int = Field(default=1000, gt=0)
+    finalized_flush_interval_ms: int = Field(default=250, gt=0)
     snapshot_buffer_size: int = Field(default=20_000, gt=0)
     snapshot_flush_interval_ms: int = Field(default=1000, gt=0)
     insert_retry_max_s: float = Field(default=5.0, gt=0)

@@ -33,7 +33,7 @@ def test_repo_config_loads_with_the_seed_persistence_section() -> None:
     s = load_settings(REPO / "config" / "klines.toml")
     assert s.persistence.queue_size == 5000
     assert s.persistence.finalized_buffer_size == 5000
-    assert s.persistence.finalized_flush_interval_ms == 1000
+    assert s.persistence.finalized_flush_interval_ms == 250
     assert s.kafka.topics.snapshots == "klines.snapshots"
     assert s.market.intervals == ("1m", "5m", "30m", "1h", "4h", "1d", "1w")
 
