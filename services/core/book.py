@@ -338,15 +338,17 @@ class KlineBook:
 
     @continuous.setter
     def continuous(self, value: bool) -> None:
-        self._continuous = bool(value)
+        if bool(value) != self._continuous:
+            self._continuous = bool(value)
+            self._dirty_all = self._gs is not None  # an empty open kline appears or disappears
 
     def mark_gap(self) -> None:
         """The feed has an unrepaired gap: from now on intervals without trades are skipped, not emitted."""
-        self._continuous = False
+        self.continuous = False
 
     def mark_continuous(self) -> None:
         """The feed is provably continuous again: empty klines are emitted from now on (not retroactively)."""
-        self._continuous = True
+        self.continuous = True
 
     def holes(self) -> list[tuple[int, int]]:
         """Missing aggregate ids between the first and the last applied one: inclusive (low, high) ranges."""

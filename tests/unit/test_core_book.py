@@ -198,6 +198,18 @@ def test_drain_changed_reports_each_change_once() -> None:
     assert [k.i for k in book.drain_changed()] == ["1h"]
 
 
+def test_snapshot_shows_the_empty_open_kline_once_the_feed_is_continuous_again() -> None:
+    book = book_with(tr(1, T0, "7"), intervals=("1s",))
+    book.drain_changed()
+    book.mark_gap()
+    book.advance(T0 + 1_000)
+    assert book.drain_changed() == [] and book.current() == []
+    book.mark_continuous()
+    (empty,) = book.drain_changed()
+    assert (empty.t, empty.n, empty.c, empty.x) == (T0 + 1_000, 0, Decimal(7), False)
+    assert book.current() == [empty]
+
+
 def test_state_is_json_and_restores_exactly() -> None:
     book = book_with(tr(1, T0, "10"), tr(2, T0 + M, "11"), intervals=("1m", "5m"))
     book.mark_gap()
