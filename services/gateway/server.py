@@ -5,10 +5,12 @@ One aiohttp app on ``gateway.http_port`` serves everything: ``/`` (the chart pag
 and ``/healthz``, ``/readyz`` (the feed has read back and is live), ``/metrics``.
 
 Fan-out (:meth:`Gateway.deliver`, called by the feed for each record) never awaits: the board decides whether
-the update is news, then it is offered to each subscriber's outbox. Each client has one writer task that
-sends from its outbox; a client that stops reading fills its socket buffers, its writer waits, its outbox
-coalesces, and the client is disconnected (1008, with the reason) when the outbox overflows or its oldest
-update is older than ``gateway.slow_client_timeout_s``. No client can hold up the feed or another client.
+the update is news, then it is offered to each subscriber's outbox. One dispatcher task then sends, inline,
+to every client whose socket takes the bytes at once (no task switch per client per message); a client whose
+socket buffer is filling is handed to its own writer task, which waits for that socket alone. A client that
+stops reading keeps its writer waiting, its outbox coalesces, and it is disconnected (1008, with the reason)
+when the outbox overflows or its oldest update is older than ``gateway.slow_client_timeout_s``. No client can
+hold up the feed or another client.
 
 Admission: at most ``gateway.max_connections`` clients (then HTTP 503) and ``max_connections_per_ip`` per
 address (HTTP 429); frames up to ``max_message_bytes`` (larger: close 1009); ``max_messages_per_s`` control
@@ -72,6 +74,9 @@ RATE_STRIKES = 3
 #: Userspace bytes buffered for a client before a send waits (the socket's SO_SNDBUF comes on top). Small, so
 #: that a client that stops reading is noticed early and its updates coalesce in the outbox instead.
 WRITE_BUFFER = 16 * 1024
+#: At or below this many buffered bytes the transport is not paused (it resumes at its low-water mark, which is
+#: this), so a send of one kline frame cannot wait: the dispatcher sends inline.
+INLINE_SEND_LIMIT = WRITE_BUFFER // 4
 LATENCY_WINDOW = 10_000
 HISTORY_CONCURRENCY = 4
 
@@ -86,6 +91,8 @@ class Client:
         self.outbox = outbox
         self.bucket = bucket
         self.streams: set[str] = set()
+        self.transport: asyncio.Transport | None = None
+        self.pumping = False  # its own writer task is draining (the socket was congested)
         self.wake = asyncio.Event()
         self.kicked = asyncio.Event()
         self.close_code: int = WSCloseCode.OK
@@ -131,6 +138,8 @@ class Gateway:
         self.messages_out = 0
         self.bytes_out = 0
         self._history_gate = asyncio.Semaphore(HISTORY_CONCURRENCY)
+        self._ready: dict[Client, None] = {}  # clients with new messages, for the dispatcher (ordered set)
+        self._dispatch_wake = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
 
     # -- fan-out ----------------------------------------------------------------------------------------------
@@ -162,7 +171,7 @@ class Gateway:
             return
         result = client.outbox.offer(slot, text, origin_ms)
         if result is Offer.QUEUED:
-            client.wake.set()
+            self._schedule(client)
         elif result is Offer.COALESCED:
             self.updates_coalesced += 1
         else:
@@ -184,7 +193,56 @@ class Gateway:
                 "clients_disconnected_slow",
             )
         else:
+            self._schedule(client)
+
+    def _schedule(self, client: Client) -> None:
+        if client.pumping:
             client.wake.set()
+        else:
+            self._ready[client] = None
+            self._dispatch_wake.set()
+
+    async def dispatch(self) -> None:
+        """Send what the last updates queued, inline, for every client whose socket takes it at once.
+
+        One task serves all clients that keep up (no task switch per client per message); a client whose
+        socket buffer is filling is handed to its own writer task (:meth:`_pump`), which may wait for the socket
+        without holding up anyone else.
+        """
+        while True:
+            await self._dispatch_wake.wait()
+            self._dispatch_wake.clear()
+            ready, self._ready = self._ready, {}
+            for client in ready:
+                if client.pumping or client.kicked.is_set():
+                    continue
+                try:
+                    await self._send_inline(client)
+                except (ConnectionError, RuntimeError):
+                    continue  # closing under us: its handler ends it
+
+    async def _send_inline(self, client: Client) -> None:
+        transport = client.transport
+        while len(client.outbox):
+            if transport is None or transport.get_write_buffer_size() > INLINE_SEND_LIMIT:
+                client.pumping = True  # congested: its own writer waits for the socket
+                client.wake.set()
+                return
+            item = client.outbox.pop()
+            if item is None:
+                return
+            # At most INLINE_SEND_LIMIT bytes buffered: the transport is not paused and one frame cannot pause it,
+            # so send_str returns without suspending and this loop never waits on one client.
+            await client.ws.send_str(item[0])
+            self._sent(item)
+
+    def _sent(self, item: tuple[str, int, float]) -> None:
+        text, origin_ms, waited_s = item
+        self.messages_out += 1
+        self.bytes_out += len(text)
+        if origin_ms:
+            self.latencies.append(self.wall_ms() - origin_ms)
+            self.outbox_waits.append(int(waited_s * 1000))
 
     def _kick(self, client: Client, code: int, reason: str, counter: str, *, flush: bool = False) -> None:
         """Close ``client`` with ``code`` and ``reason``; pending messages are dropped unless ``flush``."""
@@ -349,6 +407,7 @@ class Gateway:
             Outbox(self.limits.queue_size, self.clock),
             TokenBucket(self.limits.max_messages_per_s, max(1.0, self.limits.max_messages_per_s), self.clock),
         )
+        client.transport = request.transport
         self.clients.add(client)
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         self.counters.inc("connections_accepted")
@@ -363,6 +422,7 @@ class Gateway:
             for name in list(client.streams):
                 self._unsubscribe(client, name)
             self.clients.discard(client)
+            self._ready.pop(client, None)
             self.per_ip[ip] -= 1
             if not self.per_ip[ip]:
                 del self.per_ip[ip]
@@ -400,25 +460,19 @@ class Gateway:
                 pass
 
     async def _pump(self, client: Client) -> None:
+        """The client's own writer, for when its socket is congested: waits for the socket, then hands back."""
         while True:
-            item = client.outbox.pop()
-            if item is None:
-                client.wake.clear()
-                await client.wake.wait()
-                continue
-            text, origin_ms, waited_s = item
-            await client.ws.send_str(text)
-            self.messages_out += 1
-            self.bytes_out += len(text)
-            if origin_ms:
-                self.latencies.append(self.wall_ms() - origin_ms)
-                self.outbox_waits.append(int(waited_s * 1000))
+            await client.wake.wait()
+            client.wake.clear()
+            while (item := client.outbox.pop()) is not None:
+                await client.ws.send_str(item[0])  # may wait for the socket: only this client waits
+                self._sent(item)
+            client.pumping = False  # caught up: back to the shared dispatcher
 
     async def _flush(self, client: Client) -> None:
         while (item := client.outbox.pop()) is not None:
             await client.ws.send_str(item[0])
-            self.messages_out += 1
-            self.bytes_out += len(item[0])
+            self._sent(item)
 
     async def _read(self, client: Client) -> None:
         rate = self.limits.max_messages_per_s
@@ -448,7 +502,7 @@ class Gateway:
     def _tune_socket(self, request: web.Request) -> None:
         transport = request.transport
         if transport is not None:
-            transport.set_write_buffer_limits(high=WRITE_BUFFER)
+            transport.set_write_buffer_limits(high=WRITE_BUFFER, low=INLINE_SEND_LIMIT)
         sock = transport.get_extra_info("socket") if transport is not None else None
         if sock is not None and self.limits.socket_send_buffer:
             try:
@@ -565,6 +619,7 @@ async def serve(
     )
     code = 0
     sweeper: asyncio.Task[None] | None = None
+    dispatcher = asyncio.create_task(gateway.dispatch())
     try:
         if await feed.start(shutdown):
             sweeper = asyncio.create_task(gateway.sweep(shutdown))
@@ -578,6 +633,7 @@ async def serve(
         await gateway.close_all(max(0.5, shutdown.remaining() - 1))
         if sweeper is not None:
             sweeper.cancel()
+        dispatcher.cancel()
         try:
             await feed.stop(shutdown.remaining())
         except Exception as exc:  # a broker gone at shutdown must not turn a clean stop into a crash
