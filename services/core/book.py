@@ -363,6 +363,8 @@ class KlineBook:
         Corrections caused by late trades of one batch are coalesced: each corrected kline is emitted once per
         batch, with its version raised by one.
         """
+        if len(trades) == 1 and self._apply_next(trades[0]):
+            return  # the common case of a quiet symbol: one trade that simply continues the stream
         self._apply_batch(trades)
         if self._touched:
             self._flush_repairs()
@@ -371,8 +373,7 @@ class KlineBook:
         count = len(trades)
         if count <= _SCALAR_BATCH:
             if count == 1:
-                if not self._apply_next(trades[0]):
-                    self._apply_each(trades)
+                self._apply_each(trades)  # apply() already tried the quick way
                 return
             if count == 0:
                 return
