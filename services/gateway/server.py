@@ -81,6 +81,10 @@ LATENCY_WINDOW = 10_000
 HISTORY_CONCURRENCY = 4
 
 
+class ListenError(Exception):
+    """The gateway cannot listen on its address (port taken, address not local); the message names the setting."""
+
+
 class Client:
     """One WebSocket connection: its subscriptions, outbox, rate limit and, once kicked, why."""
 
@@ -593,14 +597,15 @@ async def serve(
     started: Callable[[Gateway, HealthServer], None] | None = None,
     consumer_options: dict[str, Any] | None = None,
 ) -> int:
-    """Run the gateway until ``shutdown``; return the exit code. Raises :class:`KafkaUnreachable` at start."""
+    """Run the gateway until ``shutdown``; return the exit code.
+
+    Raises :class:`KafkaUnreachable` or :class:`ListenError` before anything is served.
+    """
     await check_reachable(settings.kafka)
     counters = Counters()
     source = history_source(settings)
     history = ClickHouseHistory(settings.clickhouse) if source == "clickhouse" else None
     gateway = Gateway(settings, counters, source=source, history=history)
-    feed = KlineFeed(settings, gateway.deliver, counters, consumer_options=consumer_options)
-    gateway.feed = feed
     health = HealthServer(
         settings.service.http_host,
         settings.gateway.http_port,
@@ -608,7 +613,15 @@ async def serve(
         metrics=gateway.metrics,
         routes=gateway.routes(),
     )
-    await health.start()
+    try:
+        await health.start()
+    except OSError as exc:
+        raise ListenError(
+            f"cannot listen on {settings.service.http_host}:{settings.gateway.http_port} "
+            f"(service.http_host, gateway.http_port): {exc.strerror or exc}"
+        ) from None
+    feed = KlineFeed(settings, gateway.deliver, counters, consumer_options=consumer_options)
+    gateway.feed = feed
     log_event(
         log,
         logging.INFO,
@@ -666,6 +679,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(COMPONENT, settings.service.log_level, settings.service.log_format)
     try:
         return asyncio.run(_main_async(settings))
-    except KafkaUnreachable as exc:
+    except (KafkaUnreachable, ListenError) as exc:
         print(f"{COMPONENT}: {exc}", file=sys.stderr)
         return 2
