@@ -377,14 +377,21 @@ class KlineBook:
                 return
             if count == 0:
                 return
-            for trade in sorted(trades, key=_ORDER):
+            try:
+                ordered = sorted(trades, key=_ORDER)
+            except TypeError:  # not comparable: each trade is rejected with its reason below
+                ordered = list(trades)
+            for trade in ordered:
                 if not self._apply_next(trade):
                     self._apply_one_or_reject(trade)
             return
         columns = zip(*map(_COLUMNS, trades), strict=True)
         symbols, ids, times, prices, quantities, firsts, lasts, makers = columns
-        in_order = count == 1 or (all(map(lt, ids, ids[1:])) and all(map(le, times, times[1:])))
-        if not in_order or symbols.count(self._symbol) != count or ids[0] < 0:
+        try:
+            in_order = all(map(lt, ids, ids[1:])) and all(map(le, times, times[1:])) and ids[0] >= 0
+        except TypeError:
+            in_order = False
+        if not in_order or symbols.count(self._symbol) != count:
             self._apply_each(trades)
             return
         if self._ranges and ids[0] <= self._ranges[-1][1]:

@@ -6,6 +6,8 @@ import json
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.core.book import MAX_EMPTY_RUN, KlineBook, KlineBooks
 from services.core.models import AggTrade, Kline
@@ -256,3 +258,32 @@ def test_kline_books_hold_every_symbol() -> None:
     assert not books.book("BTCUSDT").continuous
     books.mark_continuous("BTCUSDT")
     assert books.remove("ETHUSDT") is not None and books.symbols() == ["BTCUSDT"]
+
+
+JUNK_INTS = st.one_of(st.integers(-3, 40), st.none(), st.text(max_size=2), st.floats(allow_nan=True))
+JUNK_TEXT = st.one_of(st.sampled_from(["1", "0.5", "-1", "0", "1e3", "NaN", "1.2.3", " 2", "0.0000000001"]),
+                      st.text(max_size=6), st.none(), st.integers())  # fmt: skip
+JUNK_TRADES = st.builds(
+    AggTrade,
+    s=st.sampled_from(["BTCUSDT", "BTCUSDT", "ETHUSDT"]),
+    a=JUNK_INTS,
+    p=JUNK_TEXT,
+    q=JUNK_TEXT,
+    f=JUNK_INTS,
+    l=JUNK_INTS,
+    T=st.one_of(st.integers(T0, T0 + 5 * M), st.none(), st.text(max_size=1)),
+    m=st.one_of(st.booleans(), st.none()),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(JUNK_TRADES, max_size=12), max_size=4), st.integers(T0, T0 + 6 * M))
+def test_malformed_trades_are_rejected_never_raised(batches: list[list[AggTrade]], now: int) -> None:
+    """AggTrades built without the parser (wrong types, bad numbers, other symbols) never crash the book."""
+    book = KlineBook("BTCUSDT", ["1m", "5m"])
+    for batch in batches:
+        book.apply(batch)
+        book.advance(now)
+    assert all(r.reason for r in book.drain_rejected())
+    for kline in book.drain_closed() + book.current():
+        assert kline.l > 0 and kline.v >= 0 and kline.n >= 0
