@@ -338,7 +338,9 @@ class LocalPipeline:
             self.say("stopping the aggregator (checkpoints, flushes finalized klines) ...")
             self.say(f"aggregator stopped (exit {by_name['aggregator'].stop(grace)})")
         for service in self.services:
-            if service.name not in ("ingest", "aggregator"):
+            if service.name == "gateway":
+                self.say(f"gateway stopped (exit {service.stop(grace)})")
+            elif service.name not in ("ingest", "aggregator"):
                 self._drain(service.name, "klines")
                 self.say(f"stopping {service.name} (flushes and commits) ...")
                 self.say(f"{service.name} stopped (exit {service.stop(grace)})")

@@ -47,6 +47,7 @@ def local_run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) ->
         KLINES_AGGREGATOR__HTTP_PORT=str(free_port()),
         KLINES_SERVICE__INGEST_HTTP_PORT=str(free_port()),
         KLINES_SERVICE__WRITERS_HTTP_PORT=str(free_port()),
+        KLINES_GATEWAY__HTTP_PORT=str(free_port()),
     )
     argv = [
         sys.executable, "-m", "services.cli", "run", "--offline",

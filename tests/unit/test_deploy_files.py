@@ -48,6 +48,7 @@ SERVICE_PORTS = {
     "aggregator": lambda s: s.aggregator.http_port,
     "finalized_writer": lambda s: s.service.writers_http_port,
     "snapshot_writer": lambda s: s.service.writers_http_port,
+    "gateway": lambda s: s.gateway.http_port,
 }
 KAFKA_IMAGE = "apache/kafka:4.1.1"
 # Kubernetes versions whose API schemas the manifests must satisfy: an old supported one and the newest known.
