@@ -103,6 +103,9 @@ class GroupConsumer(Protocol):
 
     def highwater(self, tp: TopicPartition) -> int | None: ...
 
+    async def seek(self, tp: TopicPartition, offset: int | None) -> None:
+        """Read ``tp`` next from ``offset`` (``None``: from the start of the log)."""
+
 
 class CheckpointSource(Protocol):
     """Where a restore reads checkpoints from (:class:`~services.aggregator.checkpoint.CheckpointReader`)."""
@@ -242,16 +245,17 @@ class Aggregator:
 
     @property
     def epoch(self) -> int:
-        """Changes with every assignment change; a batch fetched in an older epoch is dropped."""
+        """Changes with every assignment change (revoke or assign)."""
         return self._epoch
 
     async def handle_batch(
         self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]], epoch: int
     ) -> None:
-        """Apply one batch fetched during ``epoch`` (after any restore of its partitions has finished).
+        """Apply one batch whose fetch started during ``epoch`` (after any restore of its partitions finished).
 
-        A batch fetched before a rebalance is dropped, not applied: after the rebalance the consumer reads
-        again from the committed offset, and applying records out of that order could skip earlier ones.
+        If the assignment changed since (a rebalance ran while the fetch was waiting), the records may come
+        from before or after the rebalance's seek, so they are not applied: each partition of the batch this
+        worker owns now is sought back to its resume offset (:meth:`resume_offset`) and read again from there.
         """
         for tp in records:
             part = self.parts.get(tp.partition) if tp.topic == self.trades_topic else None
@@ -259,85 +263,127 @@ class Aggregator:
                 await part.restored.wait()
         if epoch != self._epoch:
             self.stats.stale_batches += 1
+            log_event(
+                log,
+                logging.INFO,
+                "a batch fetched across a rebalance is read again",
+                partitions=sorted(tp.partition for tp in records),
+                records=sum(len(batch) for batch in records.values()),
+            )
+            await self._seek_back(records)
             return
         self.apply_batch(records)
 
+    def resume_offset(self, part: PartitionState) -> int | None:
+        """Where reading may resume without a gap: after the last applied record, else the restored marker.
+
+        ``None`` means "from the start of the log" (no marker: nothing of this partition was ever committed).
+        """
+        return part.position if part.position is not None else part.restored_from
+
+    async def _seek_back(self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> None:
+        if self._group is None:
+            return
+        for tp in records:
+            part = self.parts.get(tp.partition) if tp.topic == self.trades_topic else None
+            if part is not None and part.phase is Phase.READY:
+                try:
+                    await self._group.seek(part.tp, self.resume_offset(part))
+                except Exception as exc:  # e.g. revoked again meanwhile: the next assignment seeks anyway
+                    log_event(log, logging.WARNING, "seek back failed", partition=part.partition, error=repr(exc))
+
     def apply_batch(self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> None:
-        """Protocol step 2 and 3 for one batch; synchronous, so it is applied whole or not at all."""
+        """Protocol steps 2 and 3 for one batch; synchronous, so it is applied whole or not at all."""
         if not self._accepting:
             return
-        stats = self.stats
-        stats.batches += 1
-        decode = self._decoder.decode
-        observe = self._observe
+        self.stats.batches += 1
         for tp, batch in records.items():
-            if tp.topic != self.trades_topic:
+            if tp.topic != self.trades_topic or not batch:
                 continue
             part = self.parts.get(tp.partition)
-            if part is None or part.phase is not Phase.READY or not batch:
+            if part is None or part.phase is not Phase.READY:
                 continue
             if not part.guard_checked:
                 self._check_start_offset(part, batch[0].offset)
-            books = part.books
-            next_offsets = part.next_offsets
-            dirty = part.dirty
-            touched: dict[str, KlineBook] = {}
-            for record in batch:
-                offset = record.offset
-                key = record.key
-                stats.records += 1
-                if key is None:
-                    self._dead_letter(record, "record has no key: trades must be keyed by symbol")
-                    continue
+            self._apply_partition(part, batch)
+
+    def _apply_partition(self, part: PartitionState, batch: Sequence[ConsumerRecord[Any, Any]]) -> None:
+        """The hot loop: one partition's records, in offset order. Counters are kept in locals."""
+        fast = self._decoder.trades
+        observe = self._observe
+        books = part.books
+        next_offsets = part.next_offsets
+        skip_below = next_offsets.get
+        touched: dict[str, KlineBook] = {}
+        last_offset: dict[str, int] = {}
+        trades_applied = replayed = 0
+        for record in batch:
+            key = record.key
+            if key is None:
+                self._dead_letter(record, "record has no key: trades must be keyed by symbol")
+                continue
+            try:
+                symbol = key.decode()
+            except UnicodeDecodeError:
+                self._dead_letter(record, "record key is not UTF-8")
+                continue
+            offset = record.offset
+            if offset < skip_below(symbol, 0):
+                replayed += 1
+                continue
+            last_offset[symbol] = offset
+            trades = fast(record.value, symbol)
+            if trades is None:  # not ingest's layout: the contract decides (and gives the reason)
                 try:
-                    symbol = key.decode()
-                except UnicodeDecodeError:
-                    self._dead_letter(record, "record key is not UTF-8")
-                    continue
-                if offset < next_offsets.get(symbol, 0):
-                    stats.records_replayed += 1
-                    continue
-                try:
-                    decoded = decode(record.value, key)
+                    decoded = self._decoder.decode(record.value, key)
                 except InvalidInput as exc:
                     self._dead_letter(record, exc.reason)
-                    next_offsets[symbol] = offset + 1
                     continue
-                book = touched.get(symbol)
-                if book is None:
-                    book = touched[symbol] = books.book(symbol)
                 if isinstance(decoded, Gap):
+                    book = touched.get(symbol) or touched.setdefault(symbol, books.book(symbol))
                     book.mark_gap()
-                    stats.gaps += 1
-                else:
-                    trades = decoded.trades
-                    rejected_before = book.rejected
-                    try:
-                        book.apply(trades)
-                    except Exception as exc:  # the book rejects bad trades itself; this is a bug guard
-                        log.exception("book %s raised on a batch at offset %s", symbol, offset)
-                        self._dead_letter(record, f"internal error applying the batch: {exc!r}")
-                    stats.trades_applied += len(trades)
-                    if book.rejected != rejected_before:
-                        for rejected in book.drain_rejected():
-                            self._dead_letter(
-                                record,
-                                rejected.reason,
-                                value=encode_trade_batch(rejected.trade.s, [rejected.trade]),
-                            )
-                    if observe is not None:
-                        observe(trades[-1].T)
-                next_offsets[symbol] = offset + 1
-                dirty.add(symbol)
-            part.position = batch[-1].offset + 1
-            for symbol, book in touched.items():
-                closed = book.drain_closed()
-                if closed:
-                    self._finalize(part, symbol, closed)
+                    self.stats.gaps += 1
+                    continue
+                trades = decoded.trades
+            book = touched.get(symbol) or touched.setdefault(symbol, books.book(symbol))
+            rejected_before = book.rejected
+            try:
+                book.apply(trades)
+            except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
+                log.exception("the book of %s raised on the record at offset %s", symbol, offset)
+                self._dead_letter(record, f"internal error applying the batch: {exc!r}")
+            trades_applied += len(trades)
+            if book.rejected != rejected_before:
+                for rejected in book.drain_rejected():
+                    self._dead_letter(
+                        record, rejected.reason, value=encode_trade_batch(rejected.trade.s, [rejected.trade])
+                    )
+            if observe is not None:
+                observe(trades[-1].T)
+        stats = self.stats
+        stats.records += len(batch)
+        stats.trades_applied += trades_applied
+        stats.records_replayed += replayed
+        part.position = batch[-1].offset + 1
+        for symbol, offset in last_offset.items():
+            next_offsets[symbol] = offset + 1
+        part.dirty.update(last_offset)
+        for symbol, book in touched.items():
+            closed = book.drain_closed()
+            if closed:
+                self._finalize(part, symbol, closed)
 
     def _check_start_offset(self, part: PartitionState, first: int) -> None:
         """Detect (never expected) a group offset past the restored marker: trades would have been skipped."""
         part.guard_checked = True
+        log_event(
+            log,
+            logging.INFO,
+            "first trades record after a restore",
+            partition=part.partition,
+            offset=first,
+            checkpoint_offset=part.restored_from,
+        )
         if part.restored_from is not None and first > part.restored_from:
             self.stats.offset_guard_errors += 1
             log_event(
@@ -623,7 +669,7 @@ class Aggregator:
         ready = [part for part in revoked if part.phase is Phase.READY]
         for part in revoked:
             part.phase = Phase.REVOKED
-            part.restored.set()  # wake a batch waiting for this restore: it will be dropped (epoch)
+            part.restored.set()  # wake a batch waiting for this restore: it is not applied (epoch changed)
         deadline = self._monotonic() + timeout_s
         await self._flush_finalized(min(self._flush_timeout, timeout_s / 2))
         done = await self._checkpoint_now(ready, deadline - self._monotonic())
@@ -699,6 +745,7 @@ class Aggregator:
             "partitions restored from the checkpoint topic",
             partitions=[part.partition for part in parts],
             symbols=sum(len(checkpoints[part.partition].symbols) for part in parts),
+            checkpoint_offsets={part.partition: part.restored_from for part in parts},
             seconds=round(self._monotonic() - started, 3),
         )
 
@@ -767,13 +814,15 @@ class Aggregator:
         return out
 
     def lag(self) -> int | None:
+        """Records not yet read in the owned partitions; None while a high watermark is unknown."""
         if self._group is None:
             return None
         total = 0
         for part in self.parts.values():
             highwater = self._highwater(part.tp)
-            if highwater is not None:
-                total += max(0, highwater - part.read_position())
+            if highwater is None or part.phase is not Phase.READY:
+                return None
+            total += max(0, highwater - part.read_position())
         return total
 
     def metrics(self) -> dict[str, Any]:

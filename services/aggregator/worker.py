@@ -60,8 +60,10 @@ class AggregatorWorker:
         http_port: int | None = None,
         finalized_producer_options: dict[str, Any] | None = None,
         checkpoint_every_ticks: int = 1,
+        instance_id: str | None = None,
     ) -> None:
         self.settings = settings
+        self._instance_id = instance_id
         self.clock = clock
         self.shutdown = shutdown or Shutdown(settings.service.shutdown_grace_s)
         self._http_port = settings.aggregator.http_port if http_port is None else http_port
@@ -128,7 +130,7 @@ class AggregatorWorker:
             checkpoint_every_ticks=self._checkpoint_every,
             flush_timeout_s=min(5.0, settings.service.shutdown_grace_s / 2),
         )
-        self.app = make_app(settings, engine)
+        self.app = make_app(settings, engine, instance_id=self._instance_id)
         engine.attach(FaustGroup(self.app))
         routes = [web.get("/snapshot", self._snapshot)]
         if isinstance(self.clock, ManualClock):
@@ -227,11 +229,11 @@ async def _partition_count(settings: Settings, topic: str) -> int:
         await admin.close()
 
 
-async def run(settings: Settings, clock: Clock) -> int:
+async def run(settings: Settings, clock: Clock, *, instance_id: str | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT; the process exit code."""
     shutdown = Shutdown(settings.service.shutdown_grace_s)
     shutdown.install()
-    worker = AggregatorWorker(settings, clock, shutdown=shutdown)
+    worker = AggregatorWorker(settings, clock, shutdown=shutdown, instance_id=instance_id)
     try:
         await worker.start()
         code = await worker.wait()

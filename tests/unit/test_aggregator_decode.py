@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.aggregator.decode import TradesDecoder
+from services.aggregator.decode import TradesDecoder, make_trade
 from services.core.models import AggTrade, InvalidInput
 from services.shared.messages import Gap, TradeBatch, decode_trades_value, encode_gap, encode_trade_batch
 
@@ -74,7 +74,7 @@ def records(draw: st.DrawFn) -> tuple[bytes | None, bytes | None]:
         key = draw(st.sampled_from([None, symbol.encode()]))
     elif mutation == "key":
         key = draw(st.sampled_from([None, b"OTHER", b"\xff", b"btcusdt"]))
-    shape = draw(st.sampled_from(["batch"] * 6 + ["gap", "raw", "garbage", "empty"]))
+    shape = draw(st.sampled_from(["batch"] * 6 + ["text"] * 3 + ["gap", "raw", "garbage", "empty"]))
     if shape == "gap":
         raw: bytes | None = encode_gap(Gap(symbol or "BTCUSDT", 5, draw(st.integers(0, 9)), "test"))
     elif shape == "raw":
@@ -85,6 +85,11 @@ def records(draw: st.DrawFn) -> tuple[bytes | None, bytes | None]:
         raw = json.dumps({"type": "trades", "s": symbol, "trades": draw(st.sampled_from([[], None, {}, [1]]))}).encode()
     else:
         raw = json.dumps({"type": "trades", "s": symbol, "trades": items}, separators=(",", ":")).encode()
+        if shape == "text":  # one byte-level edit of the ingest layout
+            at = draw(st.integers(0, len(raw)))
+            edit = draw(st.sampled_from([b" ", b"0", b"-", b"e", b".", b",", b"]", b"\n", b"", b'"', b"\\u0031"]))
+            cut = draw(st.integers(0, 2))
+            raw = raw[:at] + edit + raw[at + cut :]
     return raw, key
 
 
@@ -96,14 +101,19 @@ def verdict(decode: Any, raw: bytes | None, key: bytes | None) -> TradeBatch | G
     return result
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(records())
 def test_fast_path_agrees_with_the_contract(record: tuple[bytes | None, bytes | None]) -> None:
     raw, key = record
-    assert verdict(TradesDecoder(cache_limit=4).decode, raw, key) == verdict(decode_trades_value, raw, key)
+    decoder = TradesDecoder()
+    expected = verdict(decode_trades_value, raw, key)
+    assert verdict(decoder.decode, raw, key) == expected
+    canonical = isinstance(expected, TradeBatch) and raw == encode_trade_batch(expected.symbol, expected.trades)
+    if canonical and expected.symbol.isupper() and expected.symbol.isascii():  # type: ignore[union-attr]
+        assert decoder.fast == 1, "ingest's own layout must take the fast path"
 
 
-def test_the_ingest_shape_takes_the_fast_path_and_caches_decimals() -> None:
+def test_the_ingest_layout_takes_the_fast_path() -> None:
     decoder = TradesDecoder()
     trades = [
         AggTrade("BTCUSDT", 10 + k, "26000.10000000", "0.50000000", 20 + k, 20 + k, T0 + k, k % 2 == 0)
@@ -111,8 +121,10 @@ def test_the_ingest_shape_takes_the_fast_path_and_caches_decimals() -> None:
     ]
     raw = encode_trade_batch("BTCUSDT", trades)
     assert decoder.decode(raw, b"BTCUSDT") == TradeBatch("BTCUSDT", trades)
-    assert decoder.decode(raw, None) == TradeBatch("BTCUSDT", trades)
-    assert (decoder.fast, decoder.slow) == (2, 0)
+    assert decoder.trades(raw, "BTCUSDT") == trades
+    assert decoder.decode(raw, None) == TradeBatch("BTCUSDT", trades)  # no key: the contract's decoder
+    assert (decoder.fast, decoder.slow) == (2, 1)
+    assert decoder.trades(raw, "ETHUSDT") is None
 
 
 def test_everything_else_is_the_contract_verbatim() -> None:
@@ -141,3 +153,11 @@ def test_first_id_after_last_id_is_rejected() -> None:
     item = {"a": 5, "p": "1.5", "q": "2", "f": 9, "l": 7, "T": T0, "m": False}
     raw = json.dumps({"type": "trades", "s": "BTCUSDT", "trades": [item]}).encode()
     assert verdict(TradesDecoder().decode, raw, None) == verdict(decode_trades_value, raw, None)
+
+
+def test_trades_built_through_their_slots_are_ordinary_trades() -> None:
+    args = ("BTCUSDT", 7, "1.50", "2", 9, 11, T0, True)
+    made, plain = make_trade(*args), AggTrade(*args)
+    assert type(made) is AggTrade and made == plain and hash(made) == hash(plain) and repr(made) == repr(plain)
+    with pytest.raises(AttributeError):
+        made.a = 8  # type: ignore[misc]  # still frozen

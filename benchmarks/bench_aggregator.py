@@ -1,0 +1,317 @@
+"""Aggregator throughput on one core, against the raw client limit and a Faust windowed-table peer, same run.
+
+Run: ``KAFKA_BOOTSTRAP=127.0.0.1:9092 .venv/bin/python benchmarks/bench_aggregator.py [--trades N] [--quick]``
+(``KAFKA_BOOTSTRAP`` defaults to the local broker ``deploy/kafka/kafka.sh start`` runs). Prints a table.
+
+For each scenario one ``trades`` topic (6 partitions) is filled once, then read by three contenders, each in
+its own process pinned to the same CPU:
+
+* **limit** — a bare aiokafka consumer reading every record of the topic (no decoding): what the client can do;
+* **aggregator** — the real worker (:class:`~services.aggregator.worker.AggregatorWorker`: Faust app, batch
+  consumer, fast decoder, KlineBooks, finalized/snapshot producers, per-tick checkpoints), timed from its
+  first applied record to its last;
+* **peer** — ``benchmarks/peer_faust_windowed.py``: a Faust agent iterating the stream per message, updating
+  one tumbling-window table per interval per trade (Decimal arithmetic), the straightforward Faust design.
+  It runs for at most ``--peer-seconds`` and its rate is taken over what it processed.
+
+Scenarios: **ingest batches** — what ingest publishes: per symbol, the trades of one 5 ms slice of market time
+in one message, so a busy symbol's message holds many trades and a quiet symbol's one; and **one trade per
+message** — the worst case for any per-message cost. The synthetic market: ``--symbols`` symbols with Zipf
+activity, random-walk prices with 2-8 decimals, quantities with 8, timestamps at ``--rate`` trades per market
+second (real time for a market that busy), intervals ``1m 5m 30m 1h 4h 1d`` (the peer has no 1w/1M windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
+
+from services.aggregator.app import checkpoint_topic  # noqa: E402
+from services.aggregator.clock import ManualClock  # noqa: E402
+from services.aggregator.worker import AggregatorWorker  # noqa: E402
+from services.core.models import AggTrade  # noqa: E402
+from services.shared.kafka import delete_topics, ensure_topics, make_producer  # noqa: E402
+from services.shared.logs import setup_logging  # noqa: E402
+from services.shared.messages import encode_trade_batch  # noqa: E402
+from services.shared.settings import Settings, load_settings  # noqa: E402
+
+INTERVALS = ("1m", "5m", "30m", "1h", "4h", "1d")
+PARTITIONS = 6
+T0 = 1_735_689_600_000
+
+
+def market(trades: int, symbols: int, rate: int, seed: int = 7) -> list[AggTrade]:
+    """Synthetic trades in time order: Zipf symbol activity, random-walk prices, 8-decimal quantities."""
+    rng = random.Random(seed)
+    names = [f"S{k:04d}USDT" for k in range(symbols)]
+    weights = [1 / (k + 1) ** 1.1 for k in range(symbols)]
+    decimals = {name: rng.choice([2, 4, 6, 8]) for name in names}
+    ticks = {name: rng.randrange(10**5, 10**7) for name in names}
+    ids = dict.fromkeys(names, 1_000_000)
+    picks = rng.choices(names, weights, k=trades)
+    out = []
+    for k, name in enumerate(picks):
+        ticks[name] = max(1, ticks[name] + rng.randrange(-3, 4))
+        d, tick = decimals[name], ticks[name]
+        whole, frac = divmod(tick, 10**d)
+        qty = rng.randrange(1, 10**9)
+        a = ids[name]
+        ids[name] = a + 1
+        out.append(
+            AggTrade(
+                name,
+                a,
+                f"{whole}.{frac:0{d}d}",
+                f"{qty // 10**8}.{qty % 10**8:08d}",
+                2 * a,
+                2 * a + rng.randrange(3),
+                T0 + k * 1000 // rate,
+                rng.random() < 0.5,
+            )
+        )
+    return out
+
+
+def ingest_batches(trades: list[AggTrade], slice_ms: int) -> list[tuple[str, list[AggTrade]]]:
+    """Per symbol, the trades of one ``slice_ms`` slice of market time per message (0: one trade per message)."""
+    if slice_ms <= 0:
+        return [(t.s, [t]) for t in trades]
+    out: list[tuple[str, list[AggTrade]]] = []
+    open_batches: dict[str, list[AggTrade]] = {}
+    current = None
+    for trade in trades:
+        cell = trade.T // slice_ms
+        if cell != current:
+            out.extend(open_batches.items())
+            open_batches = {}
+            current = cell
+        open_batches.setdefault(trade.s, []).append(trade)
+    out.extend(open_batches.items())
+    return out
+
+
+async def fill_topic(settings: Settings, batches: list[tuple[str, list[AggTrade]]]) -> None:
+    producer = make_producer(settings.kafka, linger_ms=20, max_batch_size=1 << 20, compression_type=None)
+    await producer.start()
+    try:
+        pending = []
+        for symbol, chunk in batches:
+            pending.append(
+                await producer.send(
+                    settings.kafka.topics.trades,
+                    encode_trade_batch(symbol, chunk),
+                    key=symbol.encode(),
+                    timestamp_ms=chunk[0].T,
+                )
+            )
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+def bench_settings(name: str) -> Settings:
+    topics = {k: f"{name}.{k}" for k in ("trades", "finalized", "snapshots", "dead_letter")}
+    return load_settings(
+        REPO / "config" / "klines.toml",
+        kafka={
+            "bootstrap": os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+            "topics": topics,
+            "trades_partitions": PARTITIONS,
+            "klines_partitions": PARTITIONS,
+        },
+        market={"intervals": list(INTERVALS)},
+        service={"state_dir": str(REPO / ".state" / "bench" / name), "log_format": "text", "log_level": "WARNING"},
+        aggregator={"http_port": 0},
+    )
+
+
+# ------------------------------------------------------------------------------------------ contenders
+
+
+async def run_limit(settings: Settings, messages: int) -> dict[str, float]:
+    topic = settings.kafka.topics.trades
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 << 20,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        count = 0
+        started = time.perf_counter()
+        while count < messages:
+            for records in (await consumer.getmany(timeout_ms=1000, max_records=10_000)).values():
+                count += len(records)
+        return {"messages": count, "seconds": time.perf_counter() - started}
+    finally:
+        await consumer.stop()
+
+
+async def run_aggregator(settings: Settings, messages: int) -> dict[str, float]:
+    worker = AggregatorWorker(settings, ManualClock())
+    await worker.start()
+    engine = worker.engine
+    assert engine is not None
+    try:
+        first = last = 0.0
+        deadline = time.monotonic() + 600
+        while engine.stats.records < messages and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+            if not first and engine.stats.records:
+                first = time.perf_counter()
+        last = time.perf_counter()
+        return {
+            "messages": engine.stats.records,
+            "trades": engine.stats.trades_applied,
+            "seconds": last - first,
+            "klines_finalized": engine.stats.klines_finalized,
+            "snapshots": engine.stats.snapshots_sent,
+            "checkpoints": engine.stats.checkpoints,
+            "data_loss": engine.stats.data_loss,
+        }
+    finally:
+        await worker.stop()
+
+
+def contender_main(role: str, name: str, messages: int) -> None:
+    """Child process: measure one contender and print its JSON result."""
+    setup_logging("bench", "WARNING", "text")
+    settings = bench_settings(name)
+    run = run_limit if role == "limit" else run_aggregator
+    print(json.dumps(asyncio.run(run(settings, messages))), flush=True)
+
+
+def in_child(args: list[str], cpu: int) -> dict[str, Any]:
+    """Run a contender in its own process pinned to ``cpu``; its last stdout line is the JSON result."""
+    out = subprocess.run(
+        ["taskset", "-c", str(cpu), sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{args[:2]} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+async def scenario(title: str, batches: list[tuple[str, list[AggTrade]]], args: argparse.Namespace) -> list[Any]:
+    name = f"bench-agg-{uuid.uuid4().hex[:8]}"
+    settings = bench_settings(name)
+    trades = sum(len(chunk) for _s, chunk in batches)
+    messages = len(batches)
+    await ensure_topics(settings.kafka)
+    try:
+        started = time.perf_counter()
+        await fill_topic(settings, batches)
+        print(f"  {title}: {trades:,} trades in {messages:,} messages written in {time.perf_counter() - started:.1f}s")
+        me = str(Path(__file__).resolve())
+        limit = in_child([me, "--role", "limit", "--name", name, "--messages", str(messages)], args.cpu)
+        ours = in_child([me, "--role", "aggregator", "--name", name, "--messages", str(messages)], args.cpu)
+        peer = in_child(
+            [
+                str(REPO / "benchmarks" / "peer_faust_windowed.py"),
+                settings.kafka.topics.trades,
+                str(PARTITIONS),
+                str(trades),
+                str(args.peer_seconds),
+                ",".join(INTERVALS),
+            ],
+            args.cpu,
+        )
+        per_message = trades / messages
+        rows = []
+        for label, result in (
+            ("limit: bare aiokafka consumer", limit),
+            ("aggregator (Faust app, batch agent)", ours),
+            ("peer: Faust agent + windowed tables", peer),
+        ):
+            msgs = result["messages"] / result["seconds"]
+            tps = result.get("trades", result["messages"] * per_message) / result["seconds"]
+            rows.append((label, msgs, tps, result))
+        return [title, per_message, rows]
+    finally:
+        peer_group = f"bench-peer-{settings.kafka.topics.trades}"
+        await delete_topics(
+            settings.kafka,
+            [
+                *settings.kafka.topics.model_dump().values(),
+                checkpoint_topic(settings),
+                *(f"{peer_group}-kl-{i}-changelog" for i in INTERVALS),
+            ],
+        )
+
+
+def print_table(results: list[list[Any]]) -> None:
+    print()
+    print(f"{'scenario':<34} {'contender':<38} {'msgs/s':>12} {'trades/s':>12} {'vs peer':>8}")
+    print("-" * 108)
+    for title, per_message, rows in results:
+        peer_rate = rows[2][2]
+        for n, (label, msgs, tps, _result) in enumerate(rows):
+            left = f"{title} ({per_message:.1f} trades/msg)" if n == 0 else ""
+            ratio = "" if n != 1 else f"{tps / peer_rate:.1f}x"
+            print(f"{left:<34} {label:<38} {msgs:>12,.0f} {tps:>12,.0f} {ratio:>8}")
+        ours = rows[1][3]
+        print(
+            f"{'':<34} aggregator output: {ours['klines_finalized']:,} finalized, {ours['snapshots']:,} snapshots, "
+            f"{ours['checkpoints']:,} checkpoints, {ours['data_loss']} DATA_LOSS"
+        )
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(
+        f"bench_aggregator: {args.trades:,} trades, {args.symbols} symbols, {args.rate:,} trades per market "
+        f"second, {PARTITIONS} partitions, intervals {' '.join(INTERVALS)}, every contender pinned to CPU {args.cpu}"
+    )
+    trades = market(args.trades, args.symbols, args.rate)
+    results = [await scenario("ingest batches (5 ms)", ingest_batches(trades, 5), args)]
+    single = trades[: args.single_trades]
+    results.append(await scenario("one trade per message", ingest_batches(single, 0), args))
+    print(json.dumps([[t, p, [(r[0], r[1], r[2], r[3]) for r in rows]] for t, p, rows in results], default=str))
+    print_table(results)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trades", type=int, default=1_000_000)
+    parser.add_argument("--single-trades", type=int, default=300_000, help="trades in the one-per-message run")
+    parser.add_argument("--symbols", type=int, default=200)
+    parser.add_argument("--rate", type=int, default=100_000, help="trades per second of market time")
+    parser.add_argument("--peer-seconds", type=float, default=20.0)
+    parser.add_argument("--cpu", type=int, default=1, help="the CPU every contender is pinned to")
+    parser.add_argument("--quick", action="store_true", help="a smaller run (200k / 100k trades, 10 s peer)")
+    parser.add_argument("--role", choices=["limit", "aggregator"], help=argparse.SUPPRESS)
+    parser.add_argument("--name", help=argparse.SUPPRESS)
+    parser.add_argument("--messages", type=int, help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.role:
+        contender_main(cli.role, cli.name, cli.messages)
+    else:
+        if cli.quick:
+            cli.trades, cli.single_trades, cli.peer_seconds = 200_000, 100_000, 10.0
+        asyncio.run(main(cli))
