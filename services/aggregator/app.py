@@ -65,16 +65,24 @@ class BatchConsumer(faust_aiokafka.Consumer):
         topic = app.batch_topic
         consumer_stopped = self._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set
+        # One fetch is always in flight while the previous batch is applied, so the consumer thread's network
+        # round trips overlap the agent's work. Each fetch carries the epoch at which it started: a rebalance
+        # (or a seek back) while it is in flight changes the epoch, and the agent then re-reads instead of
+        # applying records that may predate the rebalance's seek.
+        next_fetch: tuple[int, asyncio.Future[Any]] | None = None
         try:
             while not (consumer_stopped() or fetcher_stopped()):
-                # The epoch when the fetch starts: a rebalance while it waits changes it, and the engine then
-                # re-reads instead of applying records that may predate the rebalance's seek.
-                epoch = agent.epoch
-                records, _active = await self._wait_next_records(1.0)
+                if next_fetch is None:
+                    next_fetch = (agent.epoch, asyncio.ensure_future(self._wait_next_records(1.0)))
+                epoch, pending = next_fetch
+                records, _active = await pending
+                next_fetch = None
                 if not records or self.should_stop or not self.flow_active:
                     # Flow stopped while fetching (a rebalance began): drop the batch; the rebalance seeks
                     # every partition (Faust: to the committed offset) and it is read again.
+                    await asyncio.sleep(0)
                     continue
+                next_fetch = (agent.epoch, asyncio.ensure_future(self._wait_next_records(1.0)))
                 batch = {tp: recs for tp, recs in records.items() if tp.topic == topic}
                 if batch:
                     await agent.handle_batch(batch, epoch)
@@ -87,6 +95,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if self.transport.app.should_stop:
                 return
             raise
+        finally:
+            if next_fetch is not None:
+                next_fetch[1].cancel()
 
 
 class BatchTransport(faust_aiokafka.Transport):

@@ -284,6 +284,7 @@ class Aggregator:
     async def _seek_back(self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> None:
         if self._group is None:
             return
+        self._epoch += 1  # a fetch already in flight may hold records from before this seek: re-read those too
         for tp in records:
             part = self.parts.get(tp.partition) if tp.topic == self.trades_topic else None
             if part is not None and part.phase is Phase.READY:
