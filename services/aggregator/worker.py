@@ -101,6 +101,14 @@ class AggregatorWorker:
                 )
             ],
         )
+        checkpoint_partitions = await _partition_count(settings, ckpt_topic)
+        if checkpoint_partitions != partitions:
+            # Checkpoint partition p holds trades partition p: with another count the mapping is wrong.
+            raise RuntimeError(
+                f"the checkpoint topic {ckpt_topic} has {checkpoint_partitions} partitions but {topics.trades} has "
+                f"{partitions}; after changing the trades partitions, delete {ckpt_topic} and the group's offsets "
+                "so the aggregator rebuilds its state from the trades topic"
+            )
         finalized = make_producer(kafka, client_suffix="aggregator-finalized", **self._finalized_options)
         snapshots = make_producer(kafka, client_suffix="aggregator-snapshots", max_batch_size=FINALIZED_BATCH_BYTES)
         checkpoints = make_producer(

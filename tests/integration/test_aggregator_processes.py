@@ -258,7 +258,9 @@ async def test_two_workers_share_partitions_and_hand_them_over_without_loss(
 
         await until(lambda: split() and caught_up(a) and caught_up(b), 60, "A and B to share the partitions", a, b)
         feeder = asyncio.create_task(produce_slowly(s, records[2 * quarter : 3 * quarter], bursts=6))
+        started = time.monotonic()
         assert a.terminate() == 0  # A leaves: B takes every partition, from A's final checkpoints
+        assert time.monotonic() - started < s.service.shutdown_grace_s, "SIGTERM: out within the grace period"
         await feeder
         await until(lambda: caught_up(b) and set(b.metrics().get("partitions", ())) == everything, 60, "B alone", b)
         await produce(s, records[3 * quarter :])

@@ -143,6 +143,8 @@ class Harness:
         finalized_auto: bool = True,
         capacity: int | None = None,
         checkpoints_auto: bool = True,
+        intervals: tuple[str, ...] = INTERVALS,
+        grace_ms: int = 0,
     ) -> None:
         self.broker = broker
         self.finalized = FakeProducer(broker, auto=finalized_auto, capacity=capacity)
@@ -155,8 +157,8 @@ class Harness:
             snapshots_topic=SNAPSHOTS,
             dead_letter_topic=DLQ,
             checkpoint_topic=CKPT,
-            intervals=INTERVALS,
-            grace_ms=0,
+            intervals=intervals,
+            grace_ms=grace_ms,
             clock=clock,
             finalized=self.finalized,
             snapshots=self.snapshots,
@@ -512,3 +514,20 @@ async def test_a_failed_checkpoint_record_blocks_the_marker_and_is_written_again
     keys = checkpoint_keys(broker, 0)
     assert keys[-1] == b"@marker" and first in keys[-3:-1]
     assert broker.committed[0] == 2
+
+
+async def test_a_restore_refuses_other_intervals_and_keeps_the_checkpointed_grace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker, clock = Broker(), ManualClock()
+    produce(broker, [("BTCUSDT", make_trades("BTCUSDT", 5, 0))])
+    h = Harness(broker, clock)
+    await h.assign()
+    await h.drain()
+    h.engine.tick()
+    await asyncio.sleep(0.01)
+    with caplog.at_level(logging.WARNING, logger="services.aggregator"):
+        await Harness(broker, clock, grace_ms=500).assign()
+    assert any("keep the grace_ms" in r.getMessage() for r in caplog.records)
+    with pytest.raises(RuntimeError, match=r"market\.intervals"):
+        await Harness(broker, clock, intervals=("1m", "1h")).assign()
