@@ -202,7 +202,7 @@ async def crash_rounds(
         else:
             await until(lambda w=worker: w.get("/healthz") is not None, 60, "the worker's HTTP")  # type: ignore[misc]
             feeder = asyncio.create_task(produce_slowly(settings, chunk, bursts=10, pause_s=0.2))
-            delay = rng.uniform(0.0, 2.5)
+            delay = rng.uniform(0.3, 3.5)
             await asyncio.sleep(delay)
             phase = "running"
         kills.append((phase, round(delay, 2), worker.metrics().get("records")))
