@@ -123,6 +123,15 @@ def open_time(interval: str, ts_ms: int) -> int:
     return month_start(year, month)
 
 
+def is_kline_span(interval: str, open_ms: int, close_ms: int) -> bool:
+    """True when ``open_ms`` is an open time of ``interval`` and ``close_ms`` its close time (cheap for the
+    fixed-size intervals: it runs for every kline a writer stores)."""
+    size = _FIXED_MS.get(interval)
+    if size is not None:
+        return (open_ms - _OFFSET_MS.get(interval, 0)) % size == 0 and close_ms == open_ms + size - 1
+    return open_time(interval, open_ms) == open_ms and close_time(interval, open_ms) == close_ms
+
+
 def next_open(interval: str, open_ms: int) -> int:
     """Open time of the kline after the one that opens at (or contains) ``open_ms``."""
     size = _FIXED_MS.get(interval)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
 
-from services.core.intervals import close_time, open_time, validate_interval
+from services.core.intervals import close_time, is_kline_span, open_time, validate_interval
 
 #: Accepted trade timestamps: 2010-01-01 .. 2100-01-01 UTC, in milliseconds.
 MIN_TIME_MS: Final = 1_262_304_000_000
@@ -29,7 +29,9 @@ KLINE_SOURCES: Final = frozenset({"live", "repaired", "empty"})
 _PLAIN_DECIMAL = re.compile(rf"([0-9]{{1,{MAX_INTEGER_DIGITS}}})(?:\.([0-9]{{1,{MAX_DECIMALS}}}))?")
 # Kline decimals may carry more digits than a trade (quote volume = sum of p*q, up to twice the decimals).
 _KLINE_DECIMAL = re.compile(r"[0-9]{1,60}(?:\.[0-9]{1,60})?")
-_SYMBOL = re.compile(r"[A-Z0-9][A-Z0-9_]{0,39}")
+#: A symbol as stored: upper-case letters, digits and '_', at most 40.
+SYMBOL_PATTERN: Final = r"[A-Z0-9][A-Z0-9_]{0,39}"
+_SYMBOL = re.compile(SYMBOL_PATTERN)
 
 
 class InvalidInput(ValueError):
@@ -289,27 +291,17 @@ class Kline:
         source = d.get("source", "live")
         if type(source) is not str or source not in KLINE_SOURCES:
             raise InvalidInput(f"field 'source' = {source!r:.40} is not one of {sorted(KLINE_SOURCES)}")
-        t = ints["t"]
-        if open_time(i, t) != t:
-            raise InvalidInput(f"field 't' = {t} is not an open time of interval {i!r}")
-        if ints["T"] != close_time(i, t):
-            raise InvalidInput(f"field 'T' = {ints['T']} is not the close time {close_time(i, t)} of t = {t}")
-        o, h, low_, c = decimals["o"], decimals["h"], decimals["l"], decimals["c"]
-        if not (low_ <= o <= h and low_ <= c <= h and low_ > 0):
-            raise InvalidInput(f"inconsistent prices: o={o} h={h} l={low_} c={c} (need 0 < l <= o,c <= h)")
-        if decimals["V"] > decimals["v"] or decimals["Q"] > decimals["q"]:
-            raise InvalidInput("taker-buy volume V/Q exceeds total volume v/q")
-        return cls(
+        return cls.from_fields(
             s,
             i,
-            t,
+            ints["t"],
             ints["T"],
             ints["f"],
             ints["L"],
-            o,
-            h,
-            low_,
-            c,
+            decimals["o"],
+            decimals["h"],
+            decimals["l"],
+            decimals["c"],
             decimals["v"],
             ints["n"],
             x,
@@ -319,6 +311,45 @@ class Kline:
             version,
             source,
         )
+
+    @classmethod
+    def from_fields(
+        cls,
+        s: str,
+        i: str,
+        t: int,
+        T: int,
+        f: int,
+        L: int,
+        o: Decimal,
+        h: Decimal,
+        l: Decimal,  # noqa: E741 - Binance's field name
+        c: Decimal,
+        v: Decimal,
+        n: int,
+        x: bool,
+        q: Decimal,
+        V: Decimal,
+        Q: Decimal,
+        version: int,
+        source: str,
+    ) -> Kline:
+        """The kline of fields that are each valid already (types, ranges, a known interval); checks what ties
+        them together: ``t`` is an open time of ``i`` and ``T`` its close time, ``0 < l <= o,c <= h``, and
+        the taker-buy volumes do not exceed the totals. Raises :class:`InvalidInput` otherwise.
+
+        :meth:`from_dict` ends here, and so does the writers' fast decoder
+        (:func:`services.shared.messages.decode_kline_record`), so both accept exactly the same klines.
+        """
+        if not is_kline_span(i, t, T):
+            if open_time(i, t) != t:
+                raise InvalidInput(f"field 't' = {t} is not an open time of interval {i!r}")
+            raise InvalidInput(f"field 'T' = {T} is not the close time {close_time(i, t)} of t = {t}")
+        if not (l <= o <= h and l <= c <= h and l > 0):
+            raise InvalidInput(f"inconsistent prices: o={o} h={h} l={l} c={c} (need 0 < l <= o,c <= h)")
+        if V > v or Q > q:
+            raise InvalidInput("taker-buy volume V/Q exceeds total volume v/q")
+        return cls(s, i, t, T, f, L, o, h, l, c, v, n, x, q, V, Q, version, source)
 
 
 def _kline_decimal(d: Mapping[str, Any], key: str) -> Decimal:
