@@ -15,6 +15,7 @@ from services.core.intervals import (
     close_time,
     common_grain,
     interval_ms,
+    is_kline_span,
     iter_opens,
     next_open,
     open_time,
@@ -130,3 +131,16 @@ def test_every_boundary_is_on_the_common_grain(intervals: list[str], value: int)
     size, offset = common_grain(intervals)
     for interval in intervals:
         assert (open_time(interval, value) - offset) % size == 0
+
+
+@given(
+    st.sampled_from(INTERVALS),
+    st.integers(0, 4_102_444_800_000),
+    st.integers(-2, 2),
+    st.sampled_from([-1, 0, 1]),
+)
+@settings(max_examples=500)
+def test_is_kline_span_agrees_with_open_and_close_times(interval: str, ts: int, shift: int, off: int) -> None:
+    t = open_time(interval, ts) + shift * (ts % 3)  # an open time, or (often) not
+    close = close_time(interval, t) + off
+    assert is_kline_span(interval, t, close) == (open_time(interval, t) == t and close_time(interval, t) == close)
