@@ -15,7 +15,7 @@
 
 ``klines.finalized`` (key = ``symbol|interval``): :meth:`Kline.to_dict` of a closed kline (``x`` true).
 ``klines.snapshots`` (key = ``symbol|interval``, compacted): the same for an in-progress kline plus ``seq``,
-increasing per key.
+increasing per key. :func:`decode_kline_record` reads both, quickly for what :func:`encode_kline` writes.
 Dead-letter topic (key = the rejected record's key): ``{"service", "reason", "topic", "partition", "offset",
 "value"}`` where ``value`` is the rejected text (or ``base64:`` + bytes when not UTF-8).
 """
@@ -24,11 +24,24 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from decimal import Decimal
+from typing import Annotated, Any, NamedTuple
 
-from services.core.models import AggTrade, InvalidInput, Kline, parse_agg_trade
+import msgspec
+
+from services.core.intervals import INTERVALS
+from services.core.models import (
+    KLINE_SOURCES,
+    MAX_ID,
+    SYMBOL_PATTERN,
+    AggTrade,
+    InvalidInput,
+    Kline,
+    parse_agg_trade,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +134,120 @@ def encode_kline(kline: Kline, seq: int | None = None) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
+class DecodedKline(NamedTuple):
+    """A decoded ``klines.*`` value: the kline, its ``seq`` (snapshots only) and, when the fast path read it,
+    ``text``: ``s i source o h l c v q V Q`` exactly as sent, tab-separated, as verified: a symbol of letters,
+    digits and ``_``, a known interval and source, and eight plain decimals that fit ``Decimal(38, 18)`` exactly
+    (no sign, exponent or leading zero; at most 20 integer and 18 fraction digits). No field contains a tab, a
+    newline or a backslash, so a writer can store this text as it is (``TabSeparated``). ``text`` is ``None``
+    when the full path read the value."""
+
+    kline: Kline
+    seq: int | None
+    text: str | None = None
+
+    @property
+    def decimals(self) -> tuple[str, ...] | None:
+        """``o h l c v q V Q`` as sent (fast path), else ``None``."""
+        return None if self.text is None else tuple(self.text.split("\t")[3:])
+
+
 def decode_kline(raw: bytes | None) -> tuple[Kline, int | None]:
     """Decode a ``klines.finalized`` / ``klines.snapshots`` value into the kline and its ``seq`` (if any)."""
+    record = decode_kline_record(raw)
+    return record.kline, record.seq
+
+
+def decode_kline_record(raw: bytes | None) -> DecodedKline:
+    """Decode and validate a ``klines.*`` value; raise :class:`InvalidInput` with the reason for anything unusable.
+
+    Two paths that accept exactly the same values and build the same kline:
+
+    * the **fast path** (about a tenth of the cost) takes ASCII JSON whose fields have the types and ranges of
+      the contract and whose symbol, interval, source and decimals are in the canonical form that
+      :func:`encode_kline` writes, checked by one compiled pattern; the cross-field rules are
+      :meth:`Kline.from_fields`, as for the full path;
+    * anything else (bad input, but also valid variants: a lower-case symbol, a decimal sent as a JSON number or
+      with more digits than the table keeps) goes through the **full path**, :func:`json.loads` and
+      :meth:`Kline.from_dict`, which accepts it or names what is wrong. The fast path never rejects.
+    """
+    if raw is not None and raw.isascii():  # msgspec skips unknown fields without checking their UTF-8
+        try:
+            wire = _KLINE_WIRE.decode(raw)
+        except msgspec.MsgspecError:
+            pass
+        else:
+            record = _from_wire(wire)
+            if record is not None:
+                return record
+    kline, seq = _decode_kline_fully(raw)
+    return DecodedKline(kline, seq)
+
+
+# msgspec bounds fit an int64; a version or seq above MAX_ID (rare but valid up to UInt64) takes the full path.
+_Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+_TradeId = Annotated[int, msgspec.Meta(ge=-1, le=MAX_ID)]
+
+
+class _KlineWire(msgspec.Struct, gc=False):
+    """The kline contract's field types and ranges (ints exact JSON integers, never booleans); unknown fields
+    are ignored, as :meth:`Kline.from_dict` ignores them."""
+
+    t: _Id
+    T: _Id
+    s: str
+    i: str
+    f: _TradeId
+    L: _TradeId
+    o: str
+    c: str
+    h: str
+    l: str  # noqa: E741 - Binance's field name
+    v: str
+    n: _Id
+    x: bool
+    q: str
+    V: str
+    Q: str
+    version: _Id = 0
+    source: str = "live"
+    seq: _Id | None = None
+
+
+_KLINE_WIRE = msgspec.json.Decoder(_KlineWire)
+# A plain decimal that Decimal(38, 18) holds exactly: at most 20 integer digits without a leading zero, at most
+# 18 fraction digits.
+_DECIMAL_38_18 = r"(?:0|[1-9][0-9]{0,19})(?:\.[0-9]{1,18})?"
+# Symbol, interval, source and the eight decimals, joined by tabs (which none of them may contain).
+_CANONICAL = re.compile(
+    "\t".join(
+        [
+            SYMBOL_PATTERN,
+            "(?:" + "|".join(sorted(INTERVALS, key=len, reverse=True)) + ")",
+            "(?:" + "|".join(sorted(KLINE_SOURCES)) + ")",
+            *[_DECIMAL_38_18] * 8,
+        ]
+    )
+)
+
+
+def _from_wire(w: _KlineWire) -> DecodedKline | None:
+    """The fast path's kline, or ``None`` to leave the value to the full path (which then decides)."""
+    text = "\t".join((w.s, w.i, w.source, w.o, w.h, w.l, w.c, w.v, w.q, w.V, w.Q))
+    if _CANONICAL.fullmatch(text) is None:
+        return None
+    d = Decimal  # eight direct calls: half the cost of map() here
+    try:
+        kline = Kline.from_fields(
+            w.s, w.i, w.t, w.T, w.f, w.L, d(w.o), d(w.h), d(w.l), d(w.c), d(w.v), w.n, w.x, d(w.q), d(w.V), d(w.Q),
+            w.version, w.source,
+        )  # fmt: skip
+    except InvalidInput:
+        return None
+    return DecodedKline(kline, w.seq, text)
+
+
+def _decode_kline_fully(raw: bytes | None) -> tuple[Kline, int | None]:
     if raw is None:
         raise InvalidInput("empty record (null value)")
     try:
