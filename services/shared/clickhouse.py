@@ -5,6 +5,13 @@ clickhouse-connect only: a server (``http://host:8123``) or the embedded chDB en
 embedded data directory can be open in one process at a time, so a process keeps one client per directory
 (:func:`connect` caches it) and shares it between its writers.
 
+Rows travel as ``TabSeparated`` text through clickhouse-connect's ``raw_insert``, and ClickHouse parses every
+value itself: a decimal is sent as its exact plain text (:func:`decimal_text`) and never becomes a float, and
+no Python object is built per value. With the generic ``client.insert`` each ``Decimal`` was converted to
+``Decimal128`` in Python, most of an insert's cost. The deduplication token rides in the insert's settings
+either way: chDB puts it in the ``INSERT ... FROM INFILE ... SETTINGS`` clause, a server gets it as a URL
+parameter, exactly as for ``client.insert``.
+
 clickhouse-connect's client is synchronous (the chDB backend has no async client); async callers run these
 functions in a worker thread (``asyncio.to_thread``), one insert at a time per client.
 """
@@ -13,10 +20,10 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable, Sequence
-from decimal import Decimal
+from collections.abc import Iterable, Iterator, Sequence
+from decimal import Context, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import clickhouse_connect
 
@@ -47,6 +54,33 @@ KLINE_COLUMNS: tuple[str, ...] = (
     "kafka_offset",
     "batch_token",
 )
+
+
+#: The column order of the text the writers send: the verified text of a decoded record first
+#: (:attr:`services.shared.messages.DecodedKline.text`, or :func:`kline_text`), then the integers and provenance.
+TEXT_COLUMNS: tuple[str, ...] = (
+    "symbol",
+    "interval",
+    "source",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "quote_volume",
+    "taker_buy_volume",
+    "taker_buy_quote_volume",
+    "open_time",
+    "close_time",
+    "first_trade_id",
+    "last_trade_id",
+    "trade_count",
+    "version",
+    "kafka_partition",
+    "kafka_offset",
+    "batch_token",
+)
+_TEXT_ORDER = tuple(KLINE_COLUMNS.index(name) for name in TEXT_COLUMNS)
 
 
 class SchemaError(Exception):
@@ -178,8 +212,61 @@ def check_table(client: Any, settings: ClickHouseSettings, table: str) -> None:
         raise SchemaError(f"table {where} lacks columns {', '.join(missing)}; apply the schema: klines schema apply")
 
 
-def kline_row(kline: Any, *, version: int, partition: int, offset: int, token: str) -> tuple[Any, ...]:
-    """Build the row for ``kline`` (a :class:`services.core.models.Kline`) in :data:`KLINE_COLUMNS` order."""
+#: ``Decimal(38, 18)``: 18 fraction digits, 20 integer digits.
+DECIMAL_SCALE = 18
+DECIMAL_INTEGER_DIGITS = 20
+_SCALE = Decimal(1).scaleb(-DECIMAL_SCALE)
+_EXACT = Context(prec=2 * (DECIMAL_SCALE + DECIMAL_INTEGER_DIGITS))
+#: TabSeparated escapes (what ClickHouse unescapes in a text field).
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"})
+Decimals = tuple[str, ...]
+"""``o h l c v q V Q`` as exact plain text that fits ``Decimal(38, 18)``."""
+
+
+def decimal_text(value: Decimal) -> str:
+    """``value`` as the plain text ClickHouse parses into ``Decimal(38, 18)`` exactly; ``ValueError`` when the
+    column cannot hold it exactly (not finite, more than 20 integer digits, or non-zero digits beyond the 18th
+    decimal; extra zeros are dropped)."""
+    if not value.is_finite():
+        raise ValueError(f"{value} is not a finite decimal")
+    if value and value.adjusted() >= DECIMAL_INTEGER_DIGITS:
+        raise ValueError(f"{value} has more than {DECIMAL_INTEGER_DIGITS} integer digits")
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -DECIMAL_SCALE:
+        quantized = value.quantize(_SCALE, context=_EXACT)
+        if quantized != value:
+            raise ValueError(f"{value} has more than {DECIMAL_SCALE} decimals")
+        value = quantized
+    return format(value, "f")
+
+
+def kline_decimals(kline: Any) -> Decimals:
+    """A kline's ``o h l c v q V Q`` as :func:`decimal_text`."""
+    return (
+        decimal_text(kline.o),
+        decimal_text(kline.h),
+        decimal_text(kline.l),
+        decimal_text(kline.c),
+        decimal_text(kline.v),
+        decimal_text(kline.q),
+        decimal_text(kline.V),
+        decimal_text(kline.Q),
+    )
+
+
+def kline_text(kline: Any, decimals: Decimals | None = None) -> str:
+    """``s i source o h l c v q V Q`` of a validated kline, tab-separated: the start of its row in
+    :data:`TEXT_COLUMNS` order, the same as :attr:`~services.shared.messages.DecodedKline.text`."""
+    return "\t".join((kline.s, kline.i, kline.source, *(decimals if decimals is not None else kline_decimals(kline))))
+
+
+def kline_row(
+    kline: Any, *, version: int, partition: int, offset: int, token: str, decimals: Decimals | None = None
+) -> tuple[Any, ...]:
+    """The row for ``kline`` (a :class:`services.core.models.Kline`) in :data:`KLINE_COLUMNS` order. Decimals are
+    exact plain text: ``decimals`` when the caller has it already verified (a decoded record's), else
+    :func:`kline_decimals`."""
+    o, h, low, c, v, q, taker_v, taker_q = decimals if decimals is not None else kline_decimals(kline)
     return (
         kline.s,
         kline.i,
@@ -187,15 +274,15 @@ def kline_row(kline: Any, *, version: int, partition: int, offset: int, token: s
         kline.T,
         kline.f,
         kline.L,
-        Decimal(kline.o),
-        Decimal(kline.h),
-        Decimal(kline.l),
-        Decimal(kline.c),
-        Decimal(kline.v),
-        Decimal(kline.q),
+        o,
+        h,
+        low,
+        c,
+        v,
+        q,
         kline.n,
-        Decimal(kline.V),
-        Decimal(kline.Q),
+        taker_v,
+        taker_q,
         version,
         kline.source,
         partition,
@@ -204,23 +291,121 @@ def kline_row(kline: Any, *, version: int, partition: int, offset: int, token: s
     )
 
 
+KlineEntry = tuple[int, int, Any, int, str]
+"""What a writer keeps per row until its batch is inserted: (partition, offset, kline, version, text), ``text``
+being :func:`kline_text` or a decoded record's verified :attr:`~services.shared.messages.DecodedKline.text`."""
+
+
+class KlineRows(Sequence[tuple[Any, ...]]):
+    """The rows of one batch of validated klines, all under one ``token``; encodes to ``TabSeparated`` (in
+    :data:`TEXT_COLUMNS` order) without building the row tuples, which exist only for whoever indexes or
+    iterates (e.g. a test's fake table), in :data:`KLINE_COLUMNS` order.
+
+    Every value is safe as it is: each entry's text passed the kline validation (symbol, interval and source of
+    letters, digits and ``_``; plain decimals), the rest are integers; the token is escaped once.
+    """
+
+    __slots__ = ("_entries", "token")
+
+    def __init__(self, entries: Sequence[KlineEntry], token: str) -> None:
+        self._entries = entries
+        self.token = token
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[Any, ...]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[Any, ...]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[Any, ...] | list[tuple[Any, ...]]:
+        if isinstance(index, slice):
+            return [self._row(e) for e in self._entries[index]]
+        return self._row(self._entries[index])
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return (self._row(e) for e in self._entries)
+
+    def _row(self, entry: KlineEntry) -> tuple[Any, ...]:
+        partition, offset, kline, version, text = entry
+        decimals = tuple(text.split("\t")[3:])
+        return kline_row(
+            kline, version=version, partition=partition, offset=offset, token=self.token, decimals=decimals
+        )
+
+    def tsv(self) -> bytes:
+        token = self.token.translate(_TSV_ESCAPES)
+        lines: list[str] = []
+        append = lines.append
+        for partition, offset, k, version, text in self._entries:
+            append(f"{text}\t{k.t}\t{k.T}\t{k.f}\t{k.L}\t{k.n}\t{version}\t{partition}\t{offset}\t{token}\n")
+        text = "".join(lines)
+        # A cheap proof (three passes in C) that no value carried a separator or an escape, which would shift
+        # or change columns: only a kline built around validation could.
+        n = len(lines)
+        if (
+            text.count("\t") != (len(KLINE_COLUMNS) - 1) * n
+            or text.count("\n") != n
+            or text.count("\\") != token.count("\\") * n
+        ):
+            raise ValueError("a kline value contains a tab, a newline or a backslash; it was not validated")
+        return text.encode()
+
+
+def encode_rows(rows: Iterable[Sequence[Any]]) -> bytes:
+    """``TabSeparated`` text, in :data:`TEXT_COLUMNS` order, of rows in :data:`KLINE_COLUMNS` order: strings
+    escaped, integers as they are, ``Decimal`` as :func:`decimal_text`. Anything else (a float, a bool,
+    ``None``) is a ``TypeError``: nothing reaches the table through binary floating point or a guess."""
+    if isinstance(rows, KlineRows):
+        return rows.tsv()
+    lines = []
+    for row in rows:
+        if len(row) != len(KLINE_COLUMNS):
+            raise ValueError(f"a kline row has {len(KLINE_COLUMNS)} values, got {len(row)}")
+        lines.append("\t".join(_tsv_value(row[i]) for i in _TEXT_ORDER))
+    return "".join(line + "\n" for line in lines).encode()
+
+
+def _tsv_value(value: Any) -> str:
+    kind = type(value)
+    if kind is str:
+        return value.translate(_TSV_ESCAPES)  # type: ignore[no-any-return]
+    if kind is int:
+        return str(value)
+    if kind is Decimal:
+        return decimal_text(value)
+    raise TypeError(f"cannot store a {kind.__name__} in a kline column: {value!r:.60}")
+
+
 def insert_klines(
     client: Any, settings: ClickHouseSettings, table: str, rows: Sequence[Sequence[Any]], token: str
 ) -> None:
-    """Insert ``rows`` with ``insert_deduplication_token=token``: retrying the same batch adds nothing."""
+    """Insert ``rows`` with ``insert_deduplication_token=token``: retrying the same batch adds nothing.
+
+    ``rows`` are :data:`KLINE_COLUMNS`-ordered sequences (:func:`kline_row`), or a :class:`KlineRows`, which
+    encodes faster. Raises :class:`ClickHouseUnavailable` when ClickHouse refuses or cannot be reached.
+    """
     if not rows:
         return
+    insert_tsv(client, settings, table, encode_rows(rows), token)
+
+
+def insert_tsv(client: Any, settings: ClickHouseSettings, table: str, body: bytes, token: str) -> None:
+    """Insert ``TabSeparated`` rows in :data:`TEXT_COLUMNS` order with ``insert_deduplication_token=token``."""
+    target = f"{_ident(settings.database)}.{_ident(table)}"
     try:
         with _call_lock(client):
-            client.insert(
-                table,
-                rows,
-                database=settings.database,
-                column_names=list(KLINE_COLUMNS),
+            client.raw_insert(
+                target,
+                TEXT_COLUMNS,
+                body,
                 settings={"insert_deduplication_token": token},
+                fmt="TabSeparated",
             )
     except Exception as exc:  # clickhouse-connect raises many types; the caller retries
-        raise ClickHouseUnavailable(f"insert into {settings.database}.{table} failed: {exc}") from exc
+        raise ClickHouseUnavailable(f"insert into {target} failed: {exc}") from exc
 
 
 def query_rows(client: Any, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:

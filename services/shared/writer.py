@@ -17,7 +17,11 @@ The protocol is written down where it runs, on :meth:`WriterEngine.run` and
   engine keeps calling ``getmany`` (so ``max_poll_interval_ms`` never expires) while it retries with jittered
   exponential backoff;
 * **poison never crash-loops**: a record that is not a valid kline goes to the dead-letter topic with its
-  reason and is committed past like any other.
+  reason and is committed past like any other;
+* **throughput without shortcuts**: records are decoded by a fast path that accepts exactly what the full
+  validation accepts (:func:`~services.shared.messages.decode_kline_record`), rows go to ClickHouse as exact
+  text, and the next batch is decoded while the current one is inserted (step 3 of
+  :meth:`WriterEngine.flush_and_commit`), never committed before its own insert.
 
 Every piece with I/O or time is injectable (clock, insert function, commit hook, decoder, dead-letter sink),
 so each step's failure can be tested exactly; :func:`make_writer` wires the real ones.
@@ -41,10 +45,10 @@ from aiokafka.errors import KafkaError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from services.core.models import InvalidInput, Kline
-from services.shared.clickhouse import insert_klines, kline_row
+from services.shared.clickhouse import Decimals, KlineEntry, KlineRows, insert_klines, kline_decimals, kline_text
 from services.shared.lifecycle import Counters, Shutdown
 from services.shared.logs import log_event
-from services.shared.messages import dead_letter_value, decode_kline
+from services.shared.messages import DecodedKline, dead_letter_value, decode_kline_record
 from services.shared.settings import ClickHouseSettings
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ _SCALE = Decimal(1).scaleb(-_MAX_SCALE)
 _EXACT = Context(prec=2 * (_MAX_SCALE + _MAX_INTEGER_DIGITS))
 _UINT64_LIMIT = 2**64
 _DECIMAL_FIELDS = ("o", "h", "l", "c", "v", "q", "V", "Q")
+#: While an insert runs and the consumer has nothing fetched, look again this often (seconds).
+_OVERLAP_IDLE_S = 0.002
 
 #: What an engine reports (``/metrics``): counters since start, and gauges (lag, paused, last flush).
 _METRICS = (
@@ -80,10 +86,12 @@ _METRICS = (
 
 Row = tuple[Any, ...]
 InsertFn = Callable[[Sequence[Row], str], None]
-"""Blocking insert of rows with a deduplication token; runs in a worker thread."""
+"""Blocking insert of rows with a deduplication token; runs in a worker thread. The engine passes a
+:class:`~services.shared.clickhouse.KlineRows`, which the real insert encodes without building the tuples."""
 CommitFn = Callable[[Mapping[Any, tuple[int, str]]], Awaitable[None]]
 """Commit ``{TopicPartition: (next offset, metadata)}``; :meth:`AIOKafkaConsumer.commit` by default."""
-DecodeFn = Callable[[bytes | None], tuple[Kline, int | None]]
+DecodeFn = Callable[[bytes | None], DecodedKline]
+"""Decode a record's value or raise :class:`InvalidInput`; :func:`~services.shared.messages.decode_kline_record`."""
 
 
 class FlushAbandoned(Exception):
@@ -190,12 +198,27 @@ class WriterSpec:
             raise ValueError(f"{self.component}: buffer_size and flush_interval_ms must be positive")
 
 
-def check_fits_table(kline: Kline, version: int) -> None:
-    """Raise :class:`InvalidInput` unless every value fits its column exactly (Decimal(38, 18), UInt64)."""
+def check_fits_table(kline: Kline, version: int) -> Decimals:
+    """Raise :class:`InvalidInput` unless every value fits its column exactly (Decimal(38, 18), UInt64); return
+    the decimals' exact text for the insert."""
     for name in _DECIMAL_FIELDS:
         value: Decimal = getattr(kline, name)
         if not _fits_decimal_38_18(value):
             raise InvalidInput(f"field {name!r} = {value} does not fit Decimal(38, 18) exactly")
+    _check_version(version)
+    return kline_decimals(kline)
+
+
+def row_text(record: DecodedKline, version: int) -> str:
+    """The start of the record's row (:func:`~services.shared.clickhouse.kline_text`), once every value is
+    known to fit its column: the fast decoder verified its text already, leaving only the version to check."""
+    if record.text is None:
+        return kline_text(record.kline, check_fits_table(record.kline, version))
+    _check_version(version)
+    return record.text
+
+
+def _check_version(version: int) -> None:
     if not 0 <= version < _UINT64_LIMIT:
         raise InvalidInput(f"version {version} does not fit UInt64")
 
@@ -226,7 +249,7 @@ class Batch:
     __slots__ = ("_crc", "consumed", "dead", "entries", "opened_at", "ranges")
 
     def __init__(self) -> None:
-        self.entries: list[tuple[int, int, Kline, int]] = []  # (partition, offset, kline, version)
+        self.entries: list[KlineEntry] = []  # (partition, offset, kline, version, row text)
         self.dead: list[DeadLetter] = []
         self.ranges: dict[int, tuple[int, int]] = {}  # partition -> (first offset, last offset)
         self._crc: dict[int, int] = {}  # partition -> running CRC-32 of the consumed values
@@ -244,9 +267,18 @@ class Batch:
         if self.opened_at is None:
             self.opened_at = now
 
-    def add_row(self, partition: int, offset: int, value: bytes | None, kline: Kline, version: int, now: float) -> None:
+    def add_row(
+        self,
+        partition: int,
+        offset: int,
+        value: bytes | None,
+        kline: Kline,
+        version: int,
+        now: float,
+        text: str | None = None,
+    ) -> None:
         self._track(partition, offset, value, now)
-        self.entries.append((partition, offset, kline, version))
+        self.entries.append((partition, offset, kline, version, text if text is not None else kline_text(kline)))
 
     def add_dead(self, letter: DeadLetter, value: bytes | None, now: float) -> None:
         self._track(letter.partition, letter.offset, value, now)
@@ -254,6 +286,30 @@ class Batch:
 
     def add_skipped(self, partition: int, offset: int, now: float) -> None:
         self._track(partition, offset, None, now)
+
+    def add_run(
+        self,
+        partition: int,
+        records: Sequence[ConsumerRecordLike],
+        entries: Iterable[KlineEntry],
+        dead: Iterable[DeadLetter],
+        now: float,
+    ) -> None:
+        """Add consecutive ``records`` of one partition at once (one ``getmany`` list): the rows and dead letters
+        made of them, and the offsets and values they cover, skipped tombstones included. The same as adding
+        them one by one (the CRC of concatenated values is the running CRC), in a few calls instead of many."""
+        if not records:
+            return
+        first_last = self.ranges.get(partition)
+        first = records[0].offset if first_last is None else first_last[0]
+        self.ranges[partition] = (first, records[-1].offset)
+        values = b"".join([r.value or b"" for r in records])
+        self._crc[partition] = zlib.crc32(values, self._crc.get(partition, 0))
+        self.consumed += len(records)
+        if self.opened_at is None:
+            self.opened_at = now
+        self.entries.extend(entries)
+        self.dead.extend(dead)
 
     def due(self, now: float, buffer_size: int, flush_interval_s: float) -> bool:
         """Flush when ``buffer_size`` records are buffered or ``flush_interval_s`` passed since the first."""
@@ -275,12 +331,9 @@ class Batch:
             digest = zlib.crc32(f"{partition}:{self._crc[partition]};".encode(), digest)
         return f"{prefix}:{parts}#{digest:08x}"
 
-    def rows(self, token: str) -> list[Row]:
+    def rows(self, token: str) -> KlineRows:
         """The rows in :data:`~services.shared.clickhouse.KLINE_COLUMNS` order, with provenance."""
-        return [
-            kline_row(kline, version=version, partition=partition, offset=offset, token=token)
-            for partition, offset, kline, version in self.entries
-        ]
+        return KlineRows(self.entries, token)
 
     def next_offsets(self) -> dict[int, int]:
         """``{partition: last offset + 1}``: what to commit once the batch is stored."""
@@ -367,7 +420,7 @@ class WriterEngine:
         shutdown: Shutdown,
         clock: Clock | None = None,
         commit: CommitFn | None = None,
-        decode: DecodeFn = decode_kline,
+        decode: DecodeFn = decode_kline_record,
         counters: Counters | None = None,
         retry_max_s: float = 5.0,
         retry_initial_s: float = 0.05,
@@ -422,9 +475,9 @@ class WriterEngine:
 
         1. **Poll** (``getmany``) at most ``buffer_size - buffered`` records from the assigned, unpaused
            partitions, waiting no longer than the flush deadline of the current buffer.
-        2. **Decode and validate** each record (``decode_kline``, the spec's ``version_of``, column ranges). A
-           record that fails becomes a dead letter carrying the reason; a tombstone on a compacted topic is
-           skipped. Both still count as consumed, so the commit moves past them. An unexpected exception (a
+        2. **Decode and validate** each record (``decode_kline_record``, the spec's ``version_of``, column
+           ranges). A record that fails becomes a dead letter carrying the reason; a tombstone on a compacted
+           topic is skipped. Both still count as consumed, so the commit moves past them. An unexpected exception (a
            bug, not bad input) propagates: the process exits without committing anything of the batch.
         3. **Buffer**: append the row with its provenance (partition, offset) to the buffer.
         4. **Flush when due**: the buffer holds ``buffer_size`` records, or ``flush_interval_ms`` passed since
@@ -474,11 +527,14 @@ class WriterEngine:
            retry with jittered exponential backoff capped at ``retry_max_s``. Raising before the rows landed or
            after they landed is the same to us: the retry carries the same token, so ClickHouse stores the
            rows once.
-        3. **Backpressure** while the insert takes longer than ``keepalive_s`` (ClickHouse slow or down):
-           pause every assigned partition, so nothing more is fetched than can be stored, and call ``getmany``
-           every ``keepalive_s`` so the member is not evicted for exceeding ``max_poll_interval_ms`` (no
-           rebalance). A quick insert needs neither: no poll is due meanwhile, and a pause would make aiokafka
-           drop the records it has prefetched.
+        3. **Overlap, then backpressure.** For the first ``keepalive_s`` of the insert, keep taking what the
+           consumer has already fetched (``getmany`` without waiting) and decode it into the next buffer, up to
+           ``buffer_size`` records: decoding runs while ClickHouse parses, on the other core. Those records are
+           the next batch's: stored and committed only with it. If the insert takes longer (ClickHouse slow or
+           down), pause every assigned partition, so nothing more is fetched than can be stored, and call
+           ``getmany`` every ``keepalive_s`` so the member is not evicted for exceeding
+           ``max_poll_interval_ms`` (no rebalance). A quick insert never pauses: a pause would make aiokafka drop
+           the records it has prefetched.
         4. **Deliver** the batch's dead letters (acknowledged by the broker), retried the same way.
         5. **Record** the batch's offsets + 1 as stored, except for partitions revoked meanwhile.
         6. **Commit** the stored offsets of the partitions this member owns, with the token as commit
@@ -498,13 +554,15 @@ class WriterEngine:
         self._forfeit = set()
         self._inflight = asyncio.create_task(self._store(batch, token), name=f"{self.spec.component}-store")
         try:
-            await self._await_with_keepalive(self._inflight)  # steps 2-5
+            next_batch_error = await self._await_with_keepalive(self._inflight)  # steps 2-5
             await self._commit_stored()  # step 6
         finally:
             self._inflight = None
             self._flush_started = None
             if self._paused:
                 self._resume_assigned()  # step 7
+        if next_batch_error is not None:
+            raise next_batch_error
         elapsed = self._clock.monotonic() - started
         self.counters.inc("batches")
         self.counters.set("last_flush_latency_ms", round(elapsed * 1000, 3))
@@ -532,19 +590,40 @@ class WriterEngine:
             if tp not in self._forfeit:
                 self._stored[tp] = (offset, token)
 
-    async def _await_with_keepalive(self, task: asyncio.Task[None]) -> None:
+    async def _await_with_keepalive(self, task: asyncio.Task[None]) -> BaseException | None:
+        """Wait for the store ``task`` (steps 2-5) while doing step 3. Returns an error that decoding the next
+        batch raised (a bug): the caller commits the stored batch first, then raises it."""
+        loop = asyncio.get_running_loop()
+        overlap_until = loop.time() + self._keepalive_s
+        next_batch_error: BaseException | None = None
+        # Step 3, overlap: decode the next batch while this one is inserted (not once a stop is requested).
+        while not task.done() and not self._shutdown.requested and loop.time() < overlap_until:
+            room = self.spec.buffer_size - len(self._buffer)
+            if room > 0:
+                records = await self._consumer.getmany(timeout_ms=0, max_records=room)
+                if records:
+                    try:
+                        self._accept(records)
+                    except Exception as exc:  # not this batch's fault: store and commit it, then fail
+                        next_batch_error = exc
+                        break
+                    continue
+            await asyncio.wait({task}, timeout=min(_OVERLAP_IDLE_S, max(0.0, overlap_until - loop.time())))
+        wait_s = max(0.0, overlap_until - loop.time())  # what is left of the first keepalive_s
         reported_stuck = False
         while True:
-            done, _ = await asyncio.wait({task}, timeout=self._keepalive_s)
-            if done:
+            if not task.done():
+                await asyncio.wait({task}, timeout=wait_s)
+            if task.done():
                 task.result()  # re-raise FlushAbandoned or a bug
-                return
+                return next_batch_error
+            wait_s = self._keepalive_s
             if self._shutdown.requested and self._shutdown.remaining() <= 0:
                 task.cancel()
                 raise FlushAbandoned(f"{self.spec.component}: shutdown deadline passed while storing a batch")
-            # Step 3. Keep the membership alive: aiokafka leaves the group when getmany is not called within
-            # max_poll_interval_ms. Everything assigned is paused first, so only a partition assigned by a
-            # rebalance during this flush could return records; they belong to the next batch.
+            # Step 3, backpressure. Keep the membership alive: aiokafka leaves the group when getmany is not
+            # called within max_poll_interval_ms. Everything assigned is paused first, so only a partition
+            # assigned by a rebalance during this flush could return records; they belong to the next batch.
             self._pause_assigned()
             records = await self._consumer.getmany(timeout_ms=0)
             self._accept(records)
@@ -631,6 +710,8 @@ class WriterEngine:
     # --- polling -------------------------------------------------------------------------------------------
 
     async def _poll_once(self) -> None:
+        if len(self._buffer) >= self.spec.buffer_size:
+            return  # filled while the last batch was stored (step 3): flush it first
         timeout_s = self._poll_timeout_s
         opened = self._buffer.opened_at
         if opened is not None:
@@ -645,31 +726,36 @@ class WriterEngine:
         if not records:
             return
         now = self._clock.monotonic()
-        buffer = self._buffer
         decode = self._decode
         version_of = self.spec.version_of
-        dead = 0
+        skip_tombstones = self.spec.skip_tombstones
+        dead_count = skipped = 0
         for tp, batch in records.items():
+            if not batch:
+                continue
             partition = tp.partition
+            entries: list[KlineEntry] = []
+            dead: list[DeadLetter] = []
             for record in batch:
                 value = record.value
-                if value is None and self.spec.skip_tombstones:
-                    buffer.add_skipped(partition, record.offset, now)
-                    self.counters.inc("tombstones_skipped")
+                if value is None and skip_tombstones:
+                    skipped += 1
                     continue
                 try:
-                    kline, seq = decode(value)
-                    version = version_of(kline, seq)
-                    check_fits_table(kline, version)
+                    decoded = decode(value)
+                    version = version_of(decoded.kline, decoded.seq)
+                    text = row_text(decoded, version)
                 except InvalidInput as exc:
-                    buffer.add_dead(self._dead_letter(record, exc.reason), value, now)
-                    dead += 1
+                    dead.append(self._dead_letter(record, exc.reason))
                     continue
-                buffer.add_row(partition, record.offset, value, kline, version, now)
-            if batch:
-                self._position[tp] = batch[-1].offset + 1
-        if dead:
-            self.counters.inc("dead_letters", dead)
+                entries.append((partition, record.offset, decoded.kline, version, text))
+            self._buffer.add_run(partition, batch, entries, dead, now)
+            dead_count += len(dead)
+            self._position[tp] = batch[-1].offset + 1
+        if dead_count:
+            self.counters.inc("dead_letters", dead_count)
+        if skipped:
+            self.counters.inc("tombstones_skipped", skipped)
 
     def _dead_letter(self, record: ConsumerRecordLike, reason: str) -> DeadLetter:
         log_event(

@@ -36,7 +36,7 @@ from services.shared import clickhouse
 from services.shared.clickhouse import ClickHouseUnavailable, SchemaError
 from services.shared.kafka import make_consumer, make_producer
 from services.shared.lifecycle import HealthServer, Shutdown
-from services.shared.messages import encode_kline, kline_key
+from services.shared.messages import DecodedKline, encode_kline, kline_key
 from services.shared.settings import Settings
 from services.shared.writer import (
     InsertFn,
@@ -420,13 +420,13 @@ class Injected:
 
         return insert
 
-    def decode(self, raw: bytes | None) -> tuple[Kline, int | None]:
-        from services.shared.messages import decode_kline
+    def decode(self, raw: bytes | None) -> DecodedKline:
+        from services.shared.messages import decode_kline_record
 
         self.decodes += 1
         if self.decodes == self.decode_fail_at:
             raise RuntimeError("injected: a bug while decoding")
-        return decode_kline(raw)
+        return decode_kline_record(raw)
 
     def commit(self, real: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
         async def commit(offsets: Mapping[Any, tuple[int, str]]) -> None:

@@ -24,7 +24,7 @@ from services.core.models import Kline
 from services.finalized_writer import finalized_version
 from services.shared.clickhouse import KLINE_COLUMNS, ClickHouseUnavailable
 from services.shared.lifecycle import Shutdown
-from services.shared.messages import encode_kline
+from services.shared.messages import DecodedKline, decode_kline_record, encode_kline
 from services.shared.writer import DeadLetter, FlushAbandoned, WriterEngine, WriterSpec
 from services.snapshot_writer import snapshot_version
 
@@ -350,13 +350,11 @@ async def test_tombstones_on_the_snapshot_topic_are_skipped_not_dead_lettered() 
 async def test_an_unexpected_decode_error_stops_the_engine_with_the_batch_uncommitted() -> None:
     calls = []
 
-    def decode(raw: bytes | None) -> tuple[Kline, int | None]:
-        from services.shared.messages import decode_kline
-
+    def decode(raw: bytes | None) -> DecodedKline:
         calls.append(raw)
         if raw == b"boom":
             raise RuntimeError("a bug in decoding")
-        return decode_kline(raw)
+        return decode_kline_record(raw)
 
     r = await assigned(rig(buffer_size=3, decode=decode))
     for n in range(3):
@@ -406,6 +404,8 @@ async def test_partitions_stay_paused_while_the_insert_is_in_flight() -> None:
     r.consumer.produce(0, kline_value(0))
     task = asyncio.create_task(r.engine.run())
     await asyncio.to_thread(r.table.entered.wait, 5)
+    while not r.engine.metrics()["paused"]:  # the insert outlasted keepalive_s: backpressure is on
+        await asyncio.sleep(0.001)
     r.consumer.produce(0, kline_value(1))  # arrives while ClickHouse is busy: not fetched yet
     await asyncio.sleep(0.05)
     assert r.consumer.paused_tps == r.consumer.assigned
@@ -602,3 +602,29 @@ async def test_a_stop_with_clickhouse_down_gives_up_at_the_deadline_and_commits_
         await asyncio.wait_for(task, 10)
     assert r.consumer.committed == {} and r.table.rows == []
     assert r.shutdown.remaining() == 0.0
+
+
+async def test_records_fetched_during_a_quick_insert_are_decoded_but_committed_with_their_own_batch() -> None:
+    r = await assigned(rig(keepalive_s=5.0, buffer_size=3))
+    r.table.gate = threading.Event()
+    for n in range(3):
+        r.consumer.produce(0, kline_value(n))
+    task = asyncio.create_task(r.engine.run())
+    await asyncio.to_thread(r.table.entered.wait, 5)
+    for n in range(3, 6):
+        r.consumer.produce(0, kline_value(n))
+    r.consumer.produce(1, b"garbage")
+    while len(r.engine._buffer) < 3:  # decoded into the next batch while the first one is being inserted
+        await asyncio.sleep(0.001)
+    assert len(r.engine._buffer) == 3 and r.consumer.positions[tp(1)] == 0  # no more than buffer_size
+    assert r.consumer.committed == {} and r.table.rows == []
+    r.table.gate.set()
+    deadline = time.monotonic() + 5
+    while r.consumer.committed != {tp(0): 6, tp(1): 1}:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.002)
+    r.shutdown.request("test")
+    await asyncio.wait_for(task, 5)
+    assert [t.split("#")[0] for t in r.table.tokens] == ["finalized:p0=0-2", "finalized:p0=3-5"]  # p1: a dead letter
+    assert [c[tp(0)][0] for c in r.consumer.commit_log if tp(0) in c] == [3, 6]  # each batch after its insert
+    assert r.consumer.pause_calls == 0 and [d.offset for d in r.dlq.letters] == [0]
