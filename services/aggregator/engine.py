@@ -47,7 +47,9 @@ Per ``trades`` partition ``p``. ``next[S]`` is the offset after the last applied
    finalized producer is flushed (bounded), the in-flight checkpoint awaited, a final checkpoint written and
    committed (4-6), and the partition's state parked. If the next assignment gives ``p`` back, the parked
    state continues (it equals what was just checkpointed and committed); otherwise it is dropped and the new
-   owner restores (7).
+   owner restores (7). A batch whose fetch was in flight across the rebalance is not applied — its records
+   may come from before or after the rebalance's seek — and its partitions are sought back to their resume
+   offset (after the last applied record, else the restored marker), so no record is skipped.
 9. **SIGTERM**: stop applying, publish the last snapshots, flush the finalized producer, final checkpoint and
    commit for every partition, then leave the group — each step bounded by the shutdown deadline.
 10. **Crash** anywhere: the restart restores (7). Klines closed after the last checkpoint close again during
