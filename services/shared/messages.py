@@ -215,6 +215,7 @@ class _KlineWire(msgspec.Struct, gc=False):
 
 
 _KLINE_WIRE = msgspec.json.Decoder(_KlineWire)
+_new_record = tuple.__new__  # a third of the cost of calling the NamedTuple (its __new__ is Python code)
 # A plain decimal that Decimal(38, 18) holds exactly: at most 20 integer digits without a leading zero, at most
 # 18 fraction digits.
 _DECIMAL_38_18 = r"(?:0|[1-9][0-9]{0,19})(?:\.[0-9]{1,18})?"
@@ -244,7 +245,7 @@ def _from_wire(w: _KlineWire) -> DecodedKline | None:
         )  # fmt: skip
     except InvalidInput:
         return None
-    return DecodedKline(kline, w.seq, text)
+    return _new_record(DecodedKline, (kline, w.seq, text))
 
 
 def _decode_kline_fully(raw: bytes | None) -> tuple[Kline, int | None]:
