@@ -222,17 +222,22 @@ class AggregatorWorker:
         return web.json_response({"now_ms": self.clock.now_ms()})
 
 
-async def _partition_count(settings: Settings, topic: str) -> int:
+async def _partition_count(settings: Settings, topic: str, wait_s: float = 10.0) -> int:
+    """The topic's partition count; waits up to ``wait_s`` for a topic just created to show its partitions."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=settings.kafka.request_timeout_ms
     )
     await admin.start()
     try:
-        described = await admin.describe_topics([topic])
-        partitions = described[0].get("partitions") or []
-        if not partitions:
-            raise RuntimeError(f"topic {topic} has no partitions (does it exist? kafka.topics.trades)")
-        return len(partitions)
+        deadline = time.monotonic() + wait_s
+        while True:
+            described = await admin.describe_topics([topic])
+            partitions = described[0].get("partitions") or [] if described else []
+            if partitions:
+                return len(partitions)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {topic} has no partitions (does it exist? see kafka.topics)")
+            await asyncio.sleep(0.2)
     finally:
         await admin.close()
 
