@@ -502,6 +502,8 @@ def _resolved_env(container: dict[str, Any], manifests: list[dict[str, Any]]) ->
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = item["value"]
+        elif "fieldRef" in item["valueFrom"]:
+            env[item["name"]] = f"<{item['valueFrom']['fieldRef']['fieldPath']}>"  # the pod's own field
         else:
             ref = item["valueFrom"]["secretKeyRef"]
             secret = secrets[ref["name"]]
