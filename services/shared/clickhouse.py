@@ -339,8 +339,8 @@ class KlineRows(Sequence[tuple[Any, ...]]):
         token = self.token.translate(_TSV_ESCAPES)
         lines: list[str] = []
         append = lines.append
-        for partition, offset, k, version, text in self._entries:
-            append(f"{text}\t{k.t}\t{k.T}\t{k.f}\t{k.L}\t{k.n}\t{version}\t{partition}\t{offset}\t{token}\n")
+        for partition, offset, k, version, head in self._entries:
+            append(f"{head}\t{k.t}\t{k.T}\t{k.f}\t{k.L}\t{k.n}\t{version}\t{partition}\t{offset}\t{token}\n")
         text = "".join(lines)
         # A cheap proof (three passes in C) that no value carried a separator or an escape, which would shift
         # or change columns: only a kline built around validation could.

@@ -65,6 +65,8 @@ _UINT64_LIMIT = 2**64
 _DECIMAL_FIELDS = ("o", "h", "l", "c", "v", "q", "V", "Q")
 #: While an insert runs and the consumer has nothing fetched, look again this often (seconds).
 _OVERLAP_IDLE_S = 0.002
+#: While an insert runs, decode at most this many records between two turns of the event loop.
+_OVERLAP_CHUNK = 1000
 
 #: What an engine reports (``/metrics``): counters since start, and gauges (lag, paused, last flush).
 _METRICS = (
@@ -527,14 +529,14 @@ class WriterEngine:
            retry with jittered exponential backoff capped at ``retry_max_s``. Raising before the rows landed or
            after they landed is the same to us: the retry carries the same token, so ClickHouse stores the
            rows once.
-        3. **Overlap, then backpressure.** For the first ``keepalive_s`` of the insert, keep taking what the
+        3. **Overlap, then backpressure.** For the first ``keepalive_s`` of steps 2-6, keep taking what the
            consumer has already fetched (``getmany`` without waiting) and decode it into the next buffer, up to
-           ``buffer_size`` records: decoding runs while ClickHouse parses, on the other core. Those records are
-           the next batch's: stored and committed only with it. If the insert takes longer (ClickHouse slow or
-           down), pause every assigned partition, so nothing more is fetched than can be stored, and call
-           ``getmany`` every ``keepalive_s`` so the member is not evicted for exceeding
-           ``max_poll_interval_ms`` (no rebalance). A quick insert never pauses: a pause would make aiokafka drop
-           the records it has prefetched.
+           ``buffer_size`` records: decoding runs while ClickHouse parses, on the other core, and while the
+           commit travels. Those records are the next batch's: stored and committed only with it. If the insert
+           takes longer (ClickHouse slow or down), pause every assigned partition, so nothing more is fetched
+           than can be stored, and call ``getmany`` every ``keepalive_s`` so the member is not evicted for
+           exceeding ``max_poll_interval_ms`` (no rebalance). A quick insert never pauses: a pause would make
+           aiokafka drop the records it has prefetched.
         4. **Deliver** the batch's dead letters (acknowledged by the broker), retried the same way.
         5. **Record** the batch's offsets + 1 as stored, except for partitions revoked meanwhile.
         6. **Commit** the stored offsets of the partitions this member owns, with the token as commit
@@ -554,8 +556,7 @@ class WriterEngine:
         self._forfeit = set()
         self._inflight = asyncio.create_task(self._store(batch, token), name=f"{self.spec.component}-store")
         try:
-            next_batch_error = await self._await_with_keepalive(self._inflight)  # steps 2-5
-            await self._commit_stored()  # step 6
+            next_batch_error = await self._await_with_keepalive(self._inflight)  # steps 2-6
         finally:
             self._inflight = None
             self._flush_started = None
@@ -589,16 +590,20 @@ class WriterEngine:
             tp = TopicPartition(self.spec.topic, partition)
             if tp not in self._forfeit:
                 self._stored[tp] = (offset, token)
+        await self._commit_stored()  # step 6, a broker round trip: the next batch keeps decoding meanwhile
 
     async def _await_with_keepalive(self, task: asyncio.Task[None]) -> BaseException | None:
-        """Wait for the store ``task`` (steps 2-5) while doing step 3. Returns an error that decoding the next
+        """Wait for the store ``task`` (steps 2-6) while doing step 3. Returns an error that decoding the next
         batch raised (a bug): the caller commits the stored batch first, then raises it."""
         loop = asyncio.get_running_loop()
         overlap_until = loop.time() + self._keepalive_s
         next_batch_error: BaseException | None = None
         # Step 3, overlap: decode the next batch while this one is inserted (not once a stop is requested).
         while not task.done() and not self._shutdown.requested and loop.time() < overlap_until:
-            room = self.spec.buffer_size - len(self._buffer)
+            # getmany returns fetched records without yielding to the event loop: yield between chunks, so the
+            # store task starts its insert at once, and the consumer's fetcher keeps fetching.
+            await asyncio.sleep(0)
+            room = min(self.spec.buffer_size - len(self._buffer), _OVERLAP_CHUNK)
             if room > 0:
                 records = await self._consumer.getmany(timeout_ms=0, max_records=room)
                 if records:
