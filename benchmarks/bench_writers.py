@@ -1,27 +1,32 @@
-"""Throughput and latency of the two writers against a bare clickhouse-connect insert loop, in one run (chDB).
+"""Throughput and latency of the two writers against the raw clients' limits, in one run (chDB).
 
 Run: ``.venv/bin/python benchmarks/bench_writers.py [--rows N] [--repeat K] [--latency-s S] [--rate R]`` with a
-broker at
-``$KAFKA_BOOTSTRAP`` (default 127.0.0.1:9092). Everything runs in this process on the embedded engine in a
-temporary directory; the topics are created for the run and deleted after it.
+broker at ``$KAFKA_BOOTSTRAP`` (default 127.0.0.1:9092). Everything runs in this process on the embedded engine
+in a temporary directory; the topics are created for the run and deleted after it.
 
 Throughput (rows/s): N klines are produced to each topic first, then each writer is started from the beginning
 of its topic and timed from its partition assignment until every row is inserted and committed, with the default
-``[persistence]`` buffer sizes. The baseline is a bare clickhouse-connect loop inserting the same rows (already
-built, no Kafka, no decoding) in batches of ``finalized_buffer_size``: the ceiling of the write path itself.
-The paths run in ``--repeat`` interleaved rounds (the machine is shared); best, median and worst are printed. A
-split of the per-row cost (JSON, ``Kline.from_dict``, row building, insert) shows where the writer's time goes.
+``[persistence]`` buffer sizes. Next to them, in the same rounds, the raw limits of what a writer is made of:
+
+* a bare aiokafka consumer reading the finalized topic (``getmany`` only, nothing decoded);
+* a bare clickhouse-connect ``client.insert`` loop of the same rows, already built, ``Decimal`` columns (what the
+  writers used before: clickhouse-connect converts every ``Decimal`` in Python);
+* a bare ``raw_insert`` loop of the same rows as ``TabSeparated`` text, already encoded (what the writers send
+  now: ClickHouse parses every value); the raw client limit of the write path.
+
+The inserts run in batches of ``finalized_buffer_size``. The paths run in ``--repeat`` interleaved rounds (the
+machine is shared); best, median and worst are printed. A split of the per-row cost (decode, row text, insert),
+next to the full path's and clickhouse-connect's, shows where a writer's time goes.
 
 Latency: klines are produced at ``--rate`` per second (the close of each kline is the moment it is produced) while
-the finalized writer runs; a poller in the same process (an embedded directory opens in one process only) looks
-for new rows every 20 ms. Reported per flush interval: p50 / p99 / max from produce to queryable.
+the finalized writer runs with the default configuration; a poller in the same process (an embedded directory
+opens in one process only) looks for new rows every 20 ms. Reported: p50 / p99 / max from produce to queryable.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -35,12 +40,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aiokafka import TopicPartition
+
 from services.core.models import Kline
 from services.finalized_writer import finalized_spec
-from services.shared import clickhouse
-from services.shared.kafka import delete_topics, ensure_topics, make_producer
+from services.shared import clickhouse, writer
+from services.shared.kafka import delete_topics, ensure_topics, make_consumer, make_producer
 from services.shared.lifecycle import Shutdown
-from services.shared.messages import decode_kline, encode_kline, kline_key
+from services.shared.messages import _decode_kline_fully, decode_kline_record, encode_kline, kline_key
 from services.shared.settings import Settings, load_settings
 from services.shared.writer import WriterEngine
 from services.writers import serve
@@ -87,50 +94,94 @@ async def produce(settings: Settings, topic: str, values: Sequence[tuple[bytes, 
 # --- throughput ---------------------------------------------------------------------------------------------
 
 
-def bare_insert_loop(
-    settings: Settings, rows: list[tuple[Any, ...]], batch: int, *, decimals_as_text: bool = False
-) -> float:
-    """rows/s of clickhouse-connect inserting prebuilt rows: no Kafka, no JSON, no validation.
-
-    ``decimals_as_text``: send the Decimal(38, 18) columns as strings for ClickHouse to parse (a what-if for the
-    write path: clickhouse-connect converts every Decimal in Python, which is most of an insert's cost).
-    """
+def bare_insert_loop(settings: Settings, rows: list[tuple[Any, ...]], batch: int) -> float:
+    """rows/s of clickhouse-connect's ``client.insert`` of prebuilt rows (``Decimal`` columns): no Kafka, no JSON,
+    no validation."""
     client = clickhouse.connect(settings.clickhouse)
     clickhouse.apply_schema(client, settings.clickhouse)
     columns = list(clickhouse.KLINE_COLUMNS)
-    types = None
-    if decimals_as_text:
-        described = dict(
-            clickhouse.query_rows(
-                client,
-                f"SELECT name, type FROM system.columns WHERE database = "
-                f"'{settings.clickhouse.database}' AND table = '{settings.clickhouse.finalized_table}'",
-            )
-        )
-        types = ["String" if described[c].startswith("Decimal") else described[c] for c in columns]
-        rows = [tuple(format(v, "f") if isinstance(v, Decimal) else v for v in row) for row in rows]
     started = time.perf_counter()
     for i in range(0, len(rows), batch):
         client.insert(settings.clickhouse.finalized_table, rows[i : i + batch], database=settings.clickhouse.database,
-                      column_names=columns, column_type_names=types,
-                      settings={"insert_deduplication_token": f"bare:{i}"})  # fmt: skip
+                      column_names=columns, settings={"insert_deduplication_token": f"bare:{i}"})  # fmt: skip
     return len(rows) / (time.perf_counter() - started)
 
 
-def cost_split(values: list[bytes]) -> dict[str, float]:
-    """Microseconds per row of each stage of the writer's work, measured one stage at a time."""
+def raw_text_insert_loop(settings: Settings, bodies: list[bytes], rows: int) -> float:
+    """rows/s of the write path's ``raw_insert`` of prebuilt TabSeparated batches: the raw client limit."""
+    client = clickhouse.connect(settings.clickhouse)
+    clickhouse.apply_schema(client, settings.clickhouse)
+    started = time.perf_counter()
+    for i, body in enumerate(bodies):
+        clickhouse.insert_tsv(client, settings.clickhouse, settings.clickhouse.finalized_table, body, f"raw:{i}")
+    return rows / (time.perf_counter() - started)
+
+
+async def bare_consumer(settings: Settings, topic: str, expected: int) -> float:
+    """rows/s of a bare aiokafka consumer reading ``topic`` from the start (``getmany`` only, nothing decoded)."""
+    consumer = make_consumer(settings.kafka, group_id=None, client_suffix="bare",
+                             max_poll_records=settings.persistence.finalized_buffer_size)  # fmt: skip
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(settings.kafka.klines_partitions)])
+        await consumer.seek_to_beginning()
+        seen = 0
+        started = time.perf_counter()
+        while seen < expected:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=settings.persistence.finalized_buffer_size)
+            if not batches:
+                raise RuntimeError(f"bare consumer: nothing more after {seen} records")
+            seen += sum(len(records) for records in batches.values())
+        return expected / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+
+
+def tsv_batches(klines: list[Kline], batch: int) -> list[bytes]:
+    """The writers' text for ``klines`` (decoded as a writer decodes them), in batches of ``batch`` rows."""
+    entries = []
+    for offset, k in enumerate(klines):
+        record = decode_kline_record(encode_kline(k))
+        entries.append((0, offset, record.kline, k.version, writer.row_text(record, k.version)))
+    return [clickhouse.KlineRows(entries[i : i + batch], f"raw:{i}").tsv() for i in range(0, len(entries), batch)]
+
+
+def cost_split(
+    values: list[bytes], topics: dict[str, str], chdb_dir: Path, batch: int, consumer_rate: float
+) -> dict[str, float]:
+    """Microseconds per row of each stage of a writer's work, one stage at a time (the best of three); the Kafka
+    stage is the bare consumer's median from the throughput table."""
     n = len(values)
-    started = time.perf_counter()
-    objs = [json.loads(v) for v in values]
-    json_us = (time.perf_counter() - started) / n * 1e6
-    started = time.perf_counter()
-    klines = [decode_kline(v)[0] for v in values]
-    decode_us = (time.perf_counter() - started) / n * 1e6 - json_us
-    started = time.perf_counter()
-    rows = [clickhouse.kline_row(k, version=0, partition=0, offset=i, token="t") for i, k in enumerate(klines)]
-    row_us = (time.perf_counter() - started) / n * 1e6
-    del objs, rows
-    return {"json.loads": json_us, "Kline.from_dict + checks": decode_us, "kline_row": row_us}
+
+    def best(stage: Any) -> float:
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            stage()
+            timings.append(time.perf_counter() - started)
+        return min(timings) / n * 1e6
+
+    records = [decode_kline_record(v) for v in values]
+    entries = [(0, i, r.kline, 0, writer.row_text(r, 0)) for i, r in enumerate(records)]
+    bodies = [clickhouse.KlineRows(entries[i : i + batch], "t").tsv() for i in range(0, n, batch)]
+    rows = [clickhouse.kline_row(r.kline, version=0, partition=0, offset=i, token="t") for i, r in enumerate(records)]
+    split = {
+        "Kafka: aiokafka getmany (bare consumer, median)": 1e6 / consumer_rate,
+        "decode + validate: fast path (decode_kline_record)": best(lambda: [decode_kline_record(v) for v in values]),
+        "row text (KlineRows.tsv)": best(
+            lambda: [clickhouse.KlineRows(entries[i : i + batch], "t").tsv() for i in range(0, n, batch)]
+        ),
+        "insert: raw_insert of the text (ClickHouse parses)": 1e6
+        / raw_text_insert_loop(bench_settings("bench_split_raw", topics, chdb_dir), bodies, n),
+    }
+    before = {
+        "decode + validate: full path (json.loads + Kline.from_dict)": best(
+            lambda: [_decode_kline_fully(v) for v in values]
+        ),
+        "insert: clickhouse-connect client.insert (Decimal columns)": 1e6
+        / bare_insert_loop(bench_settings("bench_split_cc", topics, chdb_dir), rows, batch),
+    }
+    return {**split, "total (now)": sum(split.values()), **{f"before: {k}": v for k, v in before.items()}}
 
 
 async def run_writers(settings: Settings, kinds: list[str], expected: int) -> float:
@@ -252,10 +303,13 @@ async def main() -> None:
         bare_rows = [clickhouse.kline_row(k, version=0, partition=0, offset=i, token="bare") for i, k in
                      enumerate(klines)]  # fmt: skip
         batch = base.persistence.finalized_buffer_size
+        bodies = tsv_batches(klines, batch)
         # Interleaved repeats (the machine is shared): each path runs once per round, in fresh tables and groups.
         rates: dict[str, list[float]] = {}
-        paths = {
-            "bare clickhouse-connect insert loop (prebuilt rows)": None,
+        paths: dict[str, Any] = {
+            "bare aiokafka consumer (getmany only)": "consumer",
+            "bare clickhouse-connect client.insert loop (prebuilt rows, Decimal columns)": "client.insert",
+            "bare raw_insert loop (prebuilt TabSeparated): raw client limit": "raw_insert",
             "finalized_writer (Kafka -> decode -> insert -> commit)": (["finalized"], args.rows),
             "snapshot_writer": (["snapshot"], args.rows),
             "both writers in one process (sum)": (["finalized", "snapshot"], 2 * args.rows),
@@ -263,8 +317,12 @@ async def main() -> None:
         for round_ in range(args.repeat):
             for n, (label, run) in enumerate(paths.items()):
                 settings = bench_settings(f"bench_r{round_}_p{n}", topics, chdb_dir)
-                if run is None:
+                if run == "consumer":
+                    rate = await bare_consumer(settings, topics["finalized"], args.rows)
+                elif run == "client.insert":
                     rate = bare_insert_loop(settings, bare_rows, batch)
+                elif run == "raw_insert":
+                    rate = raw_text_insert_loop(settings, bodies, args.rows)
                 else:
                     rate = await run_writers(settings, run[0], run[1])
                 rates.setdefault(label, []).append(rate)
@@ -278,32 +336,27 @@ async def main() -> None:
         print_table(["path", "best rows/s", "median", "worst"], results)
 
         sample = min(20_000, args.rows)
-        split = cost_split([v for _k, v in finals[:sample]])
-        insert_rate = bare_insert_loop(bench_settings("bench_split", topics, chdb_dir), bare_rows[:sample], batch)
-        split["clickhouse-connect insert (Decimal columns)"] = 1e6 / insert_rate
-        text_rate = bare_insert_loop(
-            bench_settings("bench_text", topics, chdb_dir), bare_rows[:sample], batch, decimals_as_text=True
-        )
-        print("\nWhere a writer's time goes, per row\n")
-        print_table(["stage", "us/row"], [(k, f"{v:.1f}") for k, v in split.items()] +
-                    [("total", f"{sum(split.values()):.1f}"),
-                     ("what-if: insert with decimals sent as text (parsed by ClickHouse)",
-                      f"{1e6 / text_rate:.1f}")])  # fmt: skip
+        consumer_rate = statistics.median(rates["bare aiokafka consumer (getmany only)"])
+        split = cost_split([v for _k, v in finals[:sample]], topics, chdb_dir, batch, consumer_rate)
+        print("\nWhere a writer's time goes, per row (one stage at a time)\n")
+        print_table(["stage", "us/row"], [(k, f"{v:.1f}") for k, v in split.items()])
 
-        print(f"\nLatency, produce (kline close) -> queryable, {args.rate:,.0f} klines/s for {args.latency_s:g}s\n")
-        lat_rows = []
-        for interval_ms in (1000, 200):
-            # A topic of its own, so the writer starts on an empty topic and only the paced klines count.
-            lat_topics = {**topics, "finalized": f"{name}.latency-{interval_ms}"}
-            settings = bench_settings(f"bench_lat{interval_ms}", lat_topics, chdb_dir,
-                                      finalized_flush_interval_ms=interval_ms)  # fmt: skip
-            await ensure_topics(settings.kafka)
-            extra_topics.append(lat_topics["finalized"])
-            values = await latency(settings, args.rate, args.latency_s, 0)
-            lat_rows.append((f"finalized_flush_interval_ms={interval_ms}", len(values),
-                             f"{statistics.median(values) * 1000:.0f}", f"{percentile(values, 0.99) * 1000:.0f}",
-                             f"{values[-1] * 1000:.0f}"))  # fmt: skip
-        print_table(["config", "klines", "p50 ms", "p99 ms", "max ms"], lat_rows)
+        defaults = base.persistence
+        print(f"\nLatency, produce (kline close) -> queryable, {args.rate:,.0f} klines/s for {args.latency_s:g}s, "
+              "default configuration\n")  # fmt: skip
+        # A topic of its own, so the writer starts on an empty topic and only the paced klines count.
+        lat_topics = {**topics, "finalized": f"{name}.latency"}
+        settings = bench_settings("bench_lat", lat_topics, chdb_dir)
+        await ensure_topics(settings.kafka)
+        extra_topics.append(lat_topics["finalized"])
+        values = await latency(settings, args.rate, args.latency_s, 0)
+        print_table(
+            ["config", "klines", "p50 ms", "p99 ms", "max ms"],
+            [(f"finalized_flush_interval_ms={defaults.finalized_flush_interval_ms}, "
+              f"finalized_buffer_size={defaults.finalized_buffer_size}", len(values),
+              f"{statistics.median(values) * 1000:.0f}", f"{percentile(values, 0.99) * 1000:.0f}",
+              f"{values[-1] * 1000:.0f}")],
+        )  # fmt: skip
     finally:
         clickhouse.close(base.clickhouse)
         await delete_topics(base.kafka, [*topics.values(), *extra_topics])
