@@ -38,7 +38,7 @@ log = logging.getLogger("services.aggregator")
 
 #: Records per fetched batch (Faust's ``broker_max_poll_records``): large enough to amortise the hand-off,
 #: small enough that one batch is a few milliseconds of work.
-MAX_POLL_RECORDS = 4000
+MAX_POLL_RECORDS = 10000
 
 
 class BatchAgent(Protocol):
@@ -191,7 +191,7 @@ def make_app(
         broker_heartbeat_interval=1.0,
         broker_rebalance_timeout=30.0,
         broker_max_poll_records=max_poll_records,
-        consumer_max_fetch_size=4 * 1024 * 1024,
+        consumer_max_fetch_size=16 * 1024 * 1024,
         stream_recovery_delay=0.0,
         stream_wait_empty=False,
         consumer_group_instance_id=instance_id,

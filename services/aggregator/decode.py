@@ -1,128 +1,158 @@
 """A fast path for :func:`services.shared.messages.decode_trades_value`, with exactly its verdicts.
 
-The ``trades`` contract is :mod:`services.shared.messages`; this module only makes reading it cheaper for the
-one byte layout ingest writes (:func:`~services.shared.messages.encode_trade_batch`: no whitespace, fields in
-the order ``a p q f l T m``), which is nearly every record the aggregator sees. One regular expression pass
-reads every trade of a record: the pattern admits only JSON the contract also admits (integers without sign,
-exponent, fraction or leading zero; decimals as plain digit strings; ``true``/``false``), a length check proves
-the matched trades tile the whole record, and what a pattern cannot say (id and time ranges, ``f <= l``,
-non-zero prices and quantities, the key) is checked in code with the contract's own bounds.
+The ``trades`` contract is :mod:`services.shared.messages`; this module only makes reading its commonest kind,
+the per-symbol batch ingest writes, cheaper, and hands it on as columns (:data:`~services.core.book.TradeColumns`)
+so that no object is built per trade (:meth:`KlineBook.apply_columns
+<services.core.book.KlineBook.apply_columns>`).
 
-Anything else — a gap event, a raw aggTrade, another layout (whitespace, other field order, extra fields), and
-every record that fails a check — goes through the contract's own decoder, which either accepts it or raises
-:class:`~services.core.models.InvalidInput` with the reason. So the fast path can only accept what the contract
-accepts, and every rejection carries the contract's reason (a property test holds the two together).
+1. msgspec parses the record into typed structs in C: ``type``, ``s`` and a list of trades with exactly the
+   fields ``a p q f l T m``. The structs forbid any other field (the contract checks some extra ones, such as
+   ``E``, ``M`` or ``s``), and their types and bounds are the contract's: ``a f l`` integers in ``0..2**63-1``,
+   ``T`` an integer in the contract's time range, ``m`` a boolean, ``p q`` strings. Like :func:`json.loads`
+   it takes the last of duplicate keys and refuses what is not strict JSON.
+2. What a struct cannot say is checked column-wise, with the contract's own rules: ``type`` is ``trades``,
+   the symbol is the record's key (capital letters and digits), the list is not empty, ``f <= l``, and every
+   price and quantity is a plain decimal (``[0-9]{1,24}(.[0-9]{1,18})?``) greater than zero.
+
+Anything else — a gap event, a raw aggTrade, extra fields, and every record that fails a check — goes through
+the contract's own decoder, which either accepts it or raises :class:`~services.core.models.InvalidInput` with
+the reason. So the fast path can only accept what the contract accepts, with the same values, and every
+rejection carries the contract's reason (a property test holds the two together).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from itertools import chain
-from typing import Final
+from itertools import repeat
+from operator import le
+from typing import Annotated, Final
 
-from services.core.models import MAX_ID, MAX_TIME_MS, MIN_TIME_MS, AggTrade
+import msgspec
+
+from services.core.book import TradeColumns
+from services.core.models import MAX_DECIMALS, MAX_ID, MAX_INTEGER_DIGITS, MAX_TIME_MS, MIN_TIME_MS, AggTrade
 from services.shared.messages import Gap, TradeBatch, decode_trades_value
 
-_HEAD: Final = re.compile(r'\{"type":"trades","s":"([A-Z0-9]{1,40})","trades":\[')
-_INT: Final = r"(0|[1-9][0-9]{0,18})"
-_DECIMAL: Final = r'"([0-9]{1,24}(?:\.[0-9]{1,18})?)"'  # services.core.models._PLAIN_DECIMAL, quoted
-_TRADE: Final = re.compile(
-    r'\{"a":' + _INT + r',"p":' + _DECIMAL + r',"q":' + _DECIMAL + r',"f":' + _INT + r',"l":' + _INT
-    + r',"T":' + _INT + r',"m":(true|false)\}(,|\]\}\Z)'
-)  # fmt: skip
-#: The characters of one trade that are not in its groups (the separator is a group).
-_TRADE_FRAME: Final = len('{"a":,"p":"","q":"","f":,"l":,"T":,"m":}')
-
-TradeFactory = Callable[[str, int, str, str, int, int, int, bool], AggTrade]
+_Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+_Time = Annotated[int, msgspec.Meta(ge=MIN_TIME_MS, le=MAX_TIME_MS)]
 
 
-def _slot_factory() -> TradeFactory:
-    """Build :class:`AggTrade` instances through their slots, or plainly if its fields ever change.
+class Trade(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """One trade of a batch as parsed (step 1): types and bounds checked, the rest not yet."""
 
-    ``AggTrade`` is a frozen, slotted dataclass: its generated ``__init__`` sets each field through
-    ``object.__setattr__``, which is about a fifth of this module's cost per trade. Setting the same slots
-    through their own descriptors gives an identical instance (equal, same hash) for half the price. The
-    shortcut is taken only while the class's slots are exactly the eight fields assigned here.
-    """
-    if getattr(AggTrade, "__slots__", None) != ("s", "a", "p", "q", "f", "l", "T", "m"):
-        return AggTrade
-    new = object.__new__
-    set_s, set_a, set_p, set_q, set_f, set_l, set_t, set_m = (
-        getattr(AggTrade, name).__set__ for name in AggTrade.__slots__
-    )
-
-    def make(s: str, a: int, p: str, q: str, f: int, last: int, t: int, m: bool) -> AggTrade:
-        trade: AggTrade = new(AggTrade)
-        set_s(trade, s)
-        set_a(trade, a)
-        set_p(trade, p)
-        set_q(trade, q)
-        set_f(trade, f)
-        set_l(trade, last)
-        set_t(trade, t)
-        set_m(trade, m)
-        return trade
-
-    return make
+    a: _Id
+    p: str
+    q: str
+    f: _Id
+    l: _Id  # noqa: E741 - the contract's field name
+    T: _Time
+    m: bool
 
 
-make_trade: Final = _slot_factory()
+class _Batch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    type: str
+    s: str
+    trades: list[Trade]
+
+
+_DECODE: Final = msgspec.json.Decoder(_Batch).decode
+_SYMBOL: Final = re.compile(r"[A-Z0-9]{1,40}")
+_ONE: Final = rf"[0-9]{{1,{MAX_INTEGER_DIGITS}}}(?:\.[0-9]{{1,{MAX_DECIMALS}}})?"
+#: Plain decimals (services.core.models._PLAIN_DECIMAL) joined by commas.
+_DECIMALS: Final = re.compile(rf"{_ONE}(?:,{_ONE})*")
 
 
 class TradesDecoder:
-    """Decode ``trades`` records: the fast path for ingest's layout, the contract's decoder for the rest."""
+    """Decode ``trades`` records: the fast path for ingest's batches, the contract's decoder for the rest."""
 
     def __init__(self) -> None:
         self.fast = 0
-        """Records decoded by the fast path."""
+        """Records parsed by the fast path (step 1)."""
         self.slow = 0
-        """Records handed to the contract's decoder (accepted or rejected)."""
+        """Records handed to the contract's decoder (accepted or rejected; after failing step 2, too)."""
+        self._symbols: set[str] = set()
 
     def decode(self, raw: bytes | None, key: bytes | None) -> TradeBatch | Gap:
         """The record as :func:`~services.shared.messages.decode_trades_value` reads it, or its InvalidInput."""
-        if raw is not None and key is not None:
-            trades = self.trades(raw, key.decode(errors="replace"))
-            if trades is not None:
-                return TradeBatch(trades[0].s, trades)
+        if key is not None:
+            symbol = key.decode(errors="replace")
+            columns = self.columns(raw, symbol)
+            if columns is not None:
+                ids, times, prices, quantities, firsts, lasts, makers = columns
+                trades = list(map(AggTrade, repeat(symbol), ids, prices, quantities, firsts, lasts, times, makers))
+                return TradeBatch(symbol, trades)
         self.slow += 1
         return decode_trades_value(raw, key)
 
-    def trades(self, raw: bytes | None, symbol: str) -> list[AggTrade] | None:
-        """The trades of a record in ingest's layout for ``symbol`` (its key), or None: use :meth:`decode`.
+    def columns(self, raw: bytes | None, symbol: str) -> TradeColumns | None:
+        """The trades of a per-symbol batch for ``symbol`` (its key) as columns, or None: use :meth:`decode`.
 
-        The engine's hot path: no :class:`TradeBatch` is built, and ``None`` says nothing about validity.
+        ``None`` says nothing about validity. The same as :meth:`checked` of :meth:`items`.
+        """
+        items = self.items(raw, symbol)
+        return None if items is None else self.checked(items)
+
+    def items(self, raw: bytes | None, symbol: str) -> list[Trade] | None:
+        """Step 1: the record parsed, if it is a non-empty batch of ``symbol`` (its key), else None.
+
+        The engine's hot path: it joins the items of consecutive records of one symbol and runs
+        :meth:`checked` once on them all.
         """
         if raw is None:
             return None
         try:
-            text = raw.decode()
-        except UnicodeDecodeError:
+            batch = _DECODE(raw)
+        except msgspec.DecodeError:
             return None
-        head = _HEAD.match(text)
-        if head is None or head.group(1) != symbol:
+        items = batch.trades
+        if batch.type != "trades" or batch.s != symbol or not items or not self._known(symbol):
             return None
-        start = head.end()
-        found = _TRADE.findall(text, start)
-        if (
-            not found
-            or found[-1][7] != "]}"
-            or _TRADE_FRAME * len(found) + sum(map(len, chain.from_iterable(found))) != len(text) - start
-        ):
-            return None  # the trades do not tile the rest of the record: not this layout
-        trades: list[AggTrade] = []
-        append = trades.append
-        make = make_trade
-        for a_text, p, q, f_text, l_text, t_text, m_text, _sep in found:
-            a, f, last, t = int(a_text), int(f_text), int(l_text), int(t_text)
-            if not (
-                a <= MAX_ID
-                and f <= last <= MAX_ID
-                and MIN_TIME_MS <= t <= MAX_TIME_MS
-                and p.strip("0.")  # zero is not a price
-                and q.strip("0.")
-            ):
-                return None
-            append(make(symbol, a, p, q, f, last, t, m_text == "true"))
         self.fast += 1
-        return trades
+        return items
+
+    @staticmethod
+    def columns_of(items: list[Trade]) -> TradeColumns | None:
+        """``items`` as columns if ``f <= l`` for every trade, else None; prices and quantities unchecked.
+
+        For :meth:`KlineBook.extend <services.core.book.KlineBook.extend>`, which folds a batch only if every
+        price and quantity is a plain decimal > 0 as the contract defines it (and refuses it otherwise, leaving
+        the record-by-record way to give the reason): checking the texts here too would only repeat that.
+        """
+        firsts = [t.f for t in items]
+        lasts = [t.l for t in items]
+        if not all(map(le, firsts, lasts)):
+            return None
+        return (
+            [t.a for t in items], [t.T for t in items], [t.p for t in items], [t.q for t in items],
+            firsts, lasts, [t.m for t in items],
+        )  # fmt: skip
+
+    @classmethod
+    def checked(cls, items: list[Trade]) -> TradeColumns | None:
+        """Step 2: ``items`` (of one or more records) as columns if every trade passes the checks, else None.
+
+        The checks are per trade, so a list of several records passes exactly when each record would.
+        """
+        columns = cls.columns_of(items)
+        if columns is None:
+            return None
+        texts = [*columns[2], *columns[3]]
+        joined = ",".join(texts)
+        if (
+            joined.count(",") == len(texts) - 1  # no text holds a comma itself
+            and _DECIMALS.fullmatch(joined)
+            and all(map(str.strip, texts, repeat("0.")))  # zero is not a price or a quantity
+        ):
+            return columns
+        return None
+
+    def _known(self, symbol: str) -> bool:
+        """``symbol`` is one the contract accepts as a batch's symbol and ingest writes (checked once)."""
+        if symbol in self._symbols:
+            return True
+        if _SYMBOL.fullmatch(symbol) is None:
+            return False
+        if len(self._symbols) > 100_000:
+            self._symbols.clear()
+        self._symbols.add(symbol)
+        return True

@@ -74,6 +74,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import chain
 from typing import Any, Final, Protocol
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -86,10 +87,10 @@ from services.aggregator.checkpoint import (
     encode_symbol,
 )
 from services.aggregator.clock import Clock, TradeTimeClock
-from services.aggregator.decode import TradesDecoder
+from services.aggregator.decode import Trade, TradesDecoder
 from services.aggregator.sending import NotEnqueued, try_send
-from services.core.book import KlineBook, KlineBooks
-from services.core.models import InvalidInput, Kline
+from services.core.book import KlineBook, KlineBooks, TradeColumns
+from services.core.models import AggTrade, InvalidInput, Kline
 from services.shared.logs import log_event
 from services.shared.messages import Gap, dead_letter_value, encode_kline, encode_trade_batch, kline_key
 
@@ -315,15 +316,20 @@ class Aggregator:
             self._apply_partition(part, batch)
 
     def _apply_partition(self, part: PartitionState, batch: Sequence[ConsumerRecord[Any, Any]]) -> None:
-        """The hot loop: one partition's records, in offset order. Counters are kept in locals."""
-        fast = self._decoder.trades
-        observe = self._observe
+        """The hot loop: one partition's records, in offset order.
+
+        A symbol's consecutive batch records (ingest's layout) are parsed one by one but checked and folded as
+        one run: :meth:`_apply_run`. Any other record first applies its symbol's run so far, then itself
+        (:meth:`_apply_record`). Books are independent, so only the order within a symbol matters.
+        """
+        items_of = self._decoder.items
         books = part.books
         next_offsets = part.next_offsets
         skip_below = next_offsets.get
+        runs: dict[str, tuple[list[ConsumerRecord[Any, Any]], list[list[Trade]]]] = {}
         touched: dict[str, KlineBook] = {}
         last_offset: dict[str, int] = {}
-        trades_applied = replayed = 0
+        replayed = 0
         for record in batch:
             key = record.key
             if key is None:
@@ -339,37 +345,34 @@ class Aggregator:
                 replayed += 1
                 continue
             last_offset[symbol] = offset
-            trades = fast(record.value, symbol)
-            if trades is None:  # not ingest's layout: the contract decides (and gives the reason)
-                try:
-                    decoded = self._decoder.decode(record.value, key)
-                except InvalidInput as exc:
-                    self._dead_letter(record, exc.reason)
-                    continue
-                if isinstance(decoded, Gap):
-                    book = touched.get(symbol) or touched.setdefault(symbol, books.book(symbol))
-                    book.mark_gap()
-                    self.stats.gaps += 1
-                    continue
-                trades = decoded.trades
-            book = touched.get(symbol) or touched.setdefault(symbol, books.book(symbol))
-            rejected_before = book.rejected
+            items = items_of(record.value, symbol)
+            if items is not None:
+                run = runs.get(symbol)
+                if run is None:
+                    runs[symbol] = ([record], [items])
+                else:
+                    run[0].append(record)
+                    run[1].append(items)
+                continue
+            # Not ingest's batch layout: the contract decides (and gives the reason).
             try:
-                book.apply(trades)
-            except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
-                log.exception("the book of %s raised on the record at offset %s", symbol, offset)
-                self._dead_letter(record, f"internal error applying the batch: {exc!r}")
-            trades_applied += len(trades)
-            if book.rejected != rejected_before:
-                for rejected in book.drain_rejected():
-                    self._dead_letter(
-                        record, rejected.reason, value=encode_trade_batch(rejected.trade.s, [rejected.trade])
-                    )
-            if observe is not None:
-                observe(trades[-1].T)
+                decoded = self._decoder.decode(record.value, key)
+            except InvalidInput as exc:
+                self._dead_letter(record, exc.reason)
+                continue
+            book = touched.get(symbol) or touched.setdefault(symbol, books.book(symbol))
+            run = runs.pop(symbol, None)
+            if run is not None:
+                self._apply_run(book, *run)
+            if isinstance(decoded, Gap):
+                book.mark_gap()
+                self.stats.gaps += 1
+            else:
+                self._apply_record(book, record, decoded.trades)
+        for symbol, run in runs.items():
+            self._apply_run(touched.get(symbol) or touched.setdefault(symbol, books.book(symbol)), *run)
         stats = self.stats
         stats.records += len(batch)
-        stats.trades_applied += trades_applied
         stats.records_replayed += replayed
         part.position = batch[-1].offset + 1
         for symbol, offset in last_offset.items():
@@ -379,6 +382,64 @@ class Aggregator:
             closed = book.drain_closed()
             if closed:
                 self._finalize(part, symbol, closed)
+
+    def _apply_run(self, book: KlineBook, records: list[ConsumerRecord[Any, Any]], parts: list[list[Trade]]) -> None:
+        """One symbol's consecutive batch records: checked and folded at once when they simply continue its
+        stream (nearly always), else record by record."""
+        checked = self._decoder.checked
+        # Prices and quantities are checked by extend() itself (it refuses a text the contract would refuse).
+        columns = self._decoder.columns_of(parts[0] if len(parts) == 1 else list(chain.from_iterable(parts)))
+        if columns is not None:
+            try:
+                folded = book.extend(columns)
+            except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
+                log.exception("the book of %s raised on a run of records", book.symbol)
+                for record in records:
+                    self._dead_letter(record, f"internal error applying the batch: {exc!r}")
+                return
+            if folded:
+                self.stats.trades_applied += len(columns[0])
+                if self._observe is not None:
+                    self._observe(columns[1][-1])
+                return
+        for record, items in zip(records, parts, strict=True):
+            one = checked(items)
+            if one is not None:
+                self._apply_record(book, record, one)
+                continue
+            try:  # a check failed: the contract gives the reason (or, against expectations, accepts it)
+                decoded = self._decoder.decode(record.value, record.key)
+            except InvalidInput as exc:
+                self._dead_letter(record, exc.reason)
+                continue
+            if isinstance(decoded, Gap):
+                book.mark_gap()
+                self.stats.gaps += 1
+            else:
+                self._apply_record(book, record, decoded.trades)
+
+    def _apply_record(
+        self, book: KlineBook, record: ConsumerRecord[Any, Any], trades: list[AggTrade] | TradeColumns
+    ) -> None:
+        """Apply one record's trades (objects or checked columns); the book's rejections go to the DLQ."""
+        rejected_before = book.rejected
+        try:
+            if isinstance(trades, list):
+                book.apply(trades)
+                count, last_time = len(trades), trades[-1].T
+            else:
+                book.apply_columns(trades)
+                count, last_time = len(trades[0]), trades[1][-1]
+        except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
+            log.exception("the book of %s raised on the record at offset %s", book.symbol, record.offset)
+            self._dead_letter(record, f"internal error applying the batch: {exc!r}")
+            return
+        self.stats.trades_applied += count
+        if book.rejected != rejected_before:
+            for rejected in book.drain_rejected():
+                self._dead_letter(record, rejected.reason, value=encode_trade_batch(rejected.trade.s, [rejected.trade]))
+        if self._observe is not None:
+            self._observe(last_time)
 
     def _check_start_offset(self, part: PartitionState, first: int) -> None:
         """Detect (never expected) a group offset past the restored marker: trades would have been skipped."""

@@ -59,7 +59,7 @@ from services.core.intervals import (
     open_time,
     sort_intervals,
 )
-from services.core.models import MAX_DECIMALS, AggTrade, Kline
+from services.core.models import MAX_DECIMALS, MAX_INTEGER_DIGITS, AggTrade, Kline
 
 # Layout of a kline state: a plain list of ints (fast to update, compact to export).
 N, O, H, LO, C, V, QV, BV, BQ, F, L, OT, OA, CT, CA = range(15)  # noqa: E741
@@ -86,6 +86,10 @@ _FIRST = itemgetter(0)
 _CLOSE_ORDER = itemgetter(0, 1)
 _POW10: Final[tuple[int, ...]] = tuple(int(10**k) for k in range(64))
 _ZERO = Decimal(0)
+#: A batch of one symbol's trades as columns: ``a``, ``T``, ``p``, ``q``, ``f``, ``l``, ``m``.
+TradeColumns = tuple[
+    Sequence[int], Sequence[int], Sequence[str], Sequence[str], Sequence[int], Sequence[int], Sequence[bool]
+]
 # Room for any sum the book can build; Inexact trapped so that a rounding could never pass silently.
 _EXACT = Context(prec=400, traps=[Inexact, InvalidOperation, Overflow])
 
@@ -115,7 +119,9 @@ def _scaled_cache(scale: int) -> dict[str, int]:
 
 
 def _parse_scaled(text: str, scale: int) -> int:
-    """``text`` times ``10**scale`` as an exact int; ValueError if not a plain decimal > 0.
+    """``text`` times ``10**scale`` as an exact int; ValueError unless it is a plain decimal > 0 as the trade
+    contract defines it (:func:`~services.core.models.check_positive_decimal`: 1 to 24 digits, then optionally
+    a point and 1 to 18 digits).
 
     Raises :class:`_NeedScale` when ``text`` has more significant decimals than ``scale``.
     """
@@ -124,14 +130,18 @@ def _parse_scaled(text: str, scale: int) -> int:
     point = text.find(".")
     if point < 0:
         digits, places = text, 0
+        integer_digits = len(text)
     else:
         digits, places = text[:point] + text[point + 1 :], len(text) - point - 1
+        integer_digits = point
     if not (digits.isascii() and digits.isdigit()):
         raise ValueError(f"{text[:40]!r} is not a plain decimal string")
+    if not 0 < integer_digits <= MAX_INTEGER_DIGITS or (point >= 0 and not 0 < places <= MAX_DECIMALS):
+        raise ValueError(
+            f"{text[:40]!r} is not a plain decimal (1 to {MAX_INTEGER_DIGITS} digits, a point, 1 to {MAX_DECIMALS})"
+        )
     if places > scale:
         needed = places - min(places, len(digits) - len(digits.rstrip("0")))
-        if needed > MAX_DECIMALS:
-            raise ValueError(f"{text[:40]!r} has more than {MAX_DECIMALS} significant decimals")
         if needed > scale:
             raise _NeedScale(needed)
         value = int(digits) // _POW10[places - scale]
@@ -357,6 +367,36 @@ class KlineBook:
 
     # ----------------------------------------------------------------------------------------------- input
 
+    def apply_columns(self, columns: TradeColumns) -> None:
+        """:meth:`apply` for a batch given as columns ``(a, T, p, q, f, l, m)`` instead of :class:`AggTrade` s.
+
+        The values must be what :func:`~services.core.models.parse_agg_trade` accepts (ints in range, ``f <= l``,
+        plain decimal strings > 0): the aggregator's decoder checks exactly that. The usual batch — this
+        symbol's next trades, in order — is folded without building one object per trade; any other batch
+        (late, duplicate, out of order) takes :meth:`apply`'s way with the same results.
+        """
+        if not self.extend(columns):
+            self.apply(self._trades_of(columns))
+
+    def extend(self, columns: TradeColumns) -> bool:
+        """Fold the batch if it simply continues the stream, else change nothing and return False.
+
+        "Continues": ids strictly increasing and above every applied id, times not decreasing and not before
+        the newest applied trade (a hole in the ids is fine: it is remembered). Values as for
+        :meth:`apply_columns`, except that prices and quantities need not be checked: a batch with a text that
+        is not a plain decimal > 0 as the trade contract defines it is refused. The cheap case of
+        :meth:`apply_columns`, for callers that handle the rest themselves (the aggregator joins consecutive
+        records of a symbol and falls back record by record).
+        """
+        ids, times, prices, quantities, firsts, lasts, makers = columns
+        if len(ids) == 1:
+            return self._next(ids[0], times[0], prices[0], quantities[0], firsts[0], lasts[0], makers[0])
+        return bool(ids) and self._extend(ids, times, prices, quantities, firsts, lasts, makers)
+
+    def _trades_of(self, columns: TradeColumns) -> list[AggTrade]:
+        ids, times, prices, quantities, firsts, lasts, makers = columns
+        return list(map(AggTrade, repeat(self._symbol), ids, prices, quantities, firsts, lasts, times, makers))
+
     def apply(self, trades: Sequence[AggTrade]) -> None:
         """Fold a batch of this symbol's trades (any order; sorted by ``(T, a)`` here when needed).
 
@@ -387,30 +427,60 @@ class KlineBook:
             return
         columns = zip(*map(_COLUMNS, trades), strict=True)
         symbols, ids, times, prices, quantities, firsts, lasts, makers = columns
-        try:
-            in_order = all(map(lt, ids, ids[1:])) and all(map(le, times, times[1:])) and ids[0] >= 0
-        except TypeError:
-            in_order = False
-        if not in_order or symbols.count(self._symbol) != count:
+        if symbols.count(self._symbol) != count:
             self._apply_each(trades)
             return
-        if self._ranges and ids[0] <= self._ranges[-1][1]:
+        self._fold_columns(ids, times, prices, quantities, firsts, lasts, makers, trades)
+
+    def _fold_columns(
+        self,
+        ids: Sequence[int],
+        times: Sequence[int],
+        prices: Sequence[str],
+        quantities: Sequence[str],
+        firsts: Sequence[int],
+        lasts: Sequence[int],
+        makers: Sequence[bool],
+        trades: Sequence[AggTrade],
+    ) -> None:
+        """Fold a batch of this symbol's trades column-wise when it continues the stream, else the general way."""
+        ranges = self._ranges
+        if ranges and ids[0] <= ranges[-1][1] and len(ranges) == 1 and ids[0] >= ranges[0][0]:
             # A redelivered prefix (replay after a restart): drop it in one step when it is all known.
-            cut = bisect_right(ids, self._ranges[-1][1])
-            if len(self._ranges) == 1 and ids[0] >= self._ranges[0][0]:
+            try:
+                cut = bisect_right(ids, ranges[-1][1]) if all(map(lt, ids, ids[1:])) else 0
+            except TypeError:
+                cut = 0
+            if cut:
                 self.duplicates += cut
-                if cut == count:
-                    return
-                self._apply_batch(trades[cut:])
+                if cut < len(ids):
+                    self._apply_batch(trades[cut:])
                 return
+        if not self._extend(ids, times, prices, quantities, firsts, lasts, makers):
             self._apply_each(trades)
-            return
-        if self._gs is None:
-            self._start(times[0])
-        assert self._gs is not None
-        if times[0] < self._gs or (times[0], ids[0]) <= self._hi:
-            self._apply_each(trades)
-            return
+
+    def _extend(
+        self,
+        ids: Sequence[int],
+        times: Sequence[int],
+        prices: Sequence[str],
+        quantities: Sequence[str],
+        firsts: Sequence[int],
+        lasts: Sequence[int],
+        makers: Sequence[bool],
+    ) -> bool:
+        """:meth:`extend` for two or more trades; the book is unchanged when it returns False (but a rescale)."""
+        try:
+            if not (all(map(lt, ids, ids[1:])) and all(map(le, times, times[1:])) and ids[0] >= 0):
+                return False
+        except TypeError:
+            return False
+        ranges = self._ranges
+        if ranges and ids[0] <= ranges[-1][1]:
+            return False
+        gs = self._gs
+        if gs is not None and (times[0] < gs or (times[0], ids[0]) <= self._hi):
+            return False
         scale = -1
         scaled_p: list[int] | None = None
         scaled_q: list[int] | None = None
@@ -419,49 +489,51 @@ class KlineBook:
             scaled_p = self._scaled_all(prices, True)
             scaled_q = self._scaled_all(quantities, False) if scaled_p is not None else None
             if scaled_q is None:
-                self._apply_each(trades)
-                return
+                return False
         assert scaled_p is not None and scaled_q is not None
+        if gs is None:
+            self._start(times[0])
         self._fold_sorted(ids, times, scaled_p, scaled_q, firsts, lasts, makers)
         self._record_ids(ids)
+        return True
 
     def _apply_next(self, trade: AggTrade) -> bool:
         """Fold ``trade`` if it simply continues the stream (next id, not older); False to take the long way."""
-        ranges = self._ranges
-        a = trade.a
-        t = trade.T
-        gs = self._gs
+        a, t, first, last = trade.a, trade.T, trade.f, trade.l
         if (
-            gs is None
-            or not ranges
-            or a != ranges[-1][1] + 1
-            or t < gs
-            or t < self._hi[0]
-            or trade.s != self._symbol
+            trade.s != self._symbol
             or type(a) is not int
             or type(t) is not int
+            or type(first) is not int
+            or type(last) is not int
+            or first > last
         ):
+            return False
+        return self._next(a, t, trade.p, trade.q, first, last, trade.m)
+
+    def _next(self, a: int, t: int, p_text: str, q_text: str, first: int, last: int, m: bool) -> bool:
+        """:meth:`_apply_next` for checked values (ints, ``first <= last``)."""
+        ranges = self._ranges
+        gs = self._gs
+        if gs is None or not ranges or a != ranges[-1][1] + 1 or t < gs or t < self._hi[0]:
             return False
         cache = self._cache
         scale = self._scale
         try:
-            p = cache.get(trade.p)
+            p = cache.get(p_text)
             if p is None:
-                p = _parse_scaled(trade.p, scale)
+                p = _parse_scaled(p_text, scale)
                 if len(cache) > _CACHE_LIMIT:
                     cache.clear()
-                cache[trade.p] = p
-            q = _parse_scaled(trade.q, scale)
+                cache[p_text] = p
+            q = _parse_scaled(q_text, scale)
         except (ValueError, TypeError, _NeedScale):  # the long way rejects or rescales
-            return False
-        first, last = trade.f, trade.l
-        if type(first) is not int or type(last) is not int or first > last:
             return False
         if t >= self._ge:
             self._roll(self._cell_of(t))
         part = self._part
         if part is None:
-            self._part = _trade_state(t, a, p, q, first, last, bool(trade.m))
+            self._part = _trade_state(t, a, p, q, first, last, bool(m))
         else:
             part[N] += last - first + 1
             if p > part[H]:
@@ -471,7 +543,7 @@ class KlineBook:
             pq = p * q
             part[V] += q
             part[QV] += pq
-            if not trade.m:
+            if not m:
                 part[BV] += q
                 part[BQ] += pq
             part[C] = p
@@ -489,7 +561,7 @@ class KlineBook:
             self.rejected += 1
             self._rejected.append(RejectedTrade(trade, reason))
 
-    def _scaled_all(self, texts: tuple[str, ...], cached: bool) -> list[int] | None:
+    def _scaled_all(self, texts: Sequence[str], cached: bool) -> list[int] | None:
         """Scaled ints for ``texts``, or None if one is not a valid decimal > 0. May raise the book's scale.
 
         With ``cached`` (prices, which repeat) the shared cache answers first. Otherwise, and on a miss, the
@@ -504,12 +576,16 @@ class KlineBook:
                 pass
         scale = self._scale
         try:
+            # Every text the quick way takes is a plain decimal as the trade contract defines it: 1 to 24
+            # digits (the point's position), a point and 1 to scale (<= 18) digits, or no point at all.
             dots = list(map(str.find, texts, repeat(".")))
-            if min(dots) >= 0:
+            if 0 < min(dots) and max(dots) <= MAX_INTEGER_DIGITS:
                 decimals = set(map(sub, map(len, texts), dots))
                 digits = list(map(str.replace, texts, repeat("."), repeat(""), repeat(1)))
                 places = decimals.pop() - 1 if len(decimals) == 1 else scale + 1
-            elif max(dots) < 0:
+                if places == 0:
+                    places = scale + 1  # "5.": the long way refuses it
+            elif max(dots) < 0 and max(map(len, texts)) <= MAX_INTEGER_DIGITS:
                 digits, places = list(texts), 0
             else:
                 places = scale + 1

@@ -13,13 +13,14 @@ snapshot writer in one process with ``python -m services.writers`` (embedded chD
 from __future__ import annotations
 
 from services.core.models import InvalidInput, Kline
+from services.shared.messages import KlineWire
 from services.shared.settings import Settings
 from services.shared.writer import WriterSpec
 
 COMPONENT = "finalized_writer"
 
 
-def finalized_version(kline: Kline, seq: int | None) -> int:
+def finalized_version(kline: Kline | KlineWire, seq: int | None) -> int:
     """The row version of a finalized kline: its own ``version``; an open kline does not belong here."""
     if not kline.x:
         raise InvalidInput("kline is not closed (x=false) on the finalized topic")

@@ -28,11 +28,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from operator import le
 from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
-from services.core.intervals import INTERVALS
+from services.core.intervals import INTERVALS, is_kline_span
 from services.core.models import (
     KLINE_SOURCES,
     MAX_ID,
@@ -189,9 +190,9 @@ _Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
 _TradeId = Annotated[int, msgspec.Meta(ge=-1, le=MAX_ID)]
 
 
-class _KlineWire(msgspec.Struct, gc=False):
-    """The kline contract's field types and ranges (ints exact JSON integers, never booleans); unknown fields
-    are ignored, as :meth:`Kline.from_dict` ignores them."""
+class KlineWire(msgspec.Struct, gc=False):
+    """A ``klines.*`` value as parsed: the kline contract's field types and ranges (ints exact JSON integers,
+    never booleans); unknown fields are ignored, as :meth:`Kline.from_dict` ignores them. Decimals stay text."""
 
     t: _Id
     T: _Id
@@ -214,7 +215,7 @@ class _KlineWire(msgspec.Struct, gc=False):
     seq: _Id | None = None
 
 
-_KLINE_WIRE = msgspec.json.Decoder(_KlineWire)
+_KLINE_WIRE = msgspec.json.Decoder(KlineWire)
 _new_record = tuple.__new__  # a third of the cost of calling the NamedTuple (its __new__ is Python code)
 # A plain decimal that Decimal(38, 18) holds exactly: at most 20 integer digits without a leading zero, at most
 # 18 fraction digits.
@@ -232,7 +233,7 @@ _CANONICAL = re.compile(
 )
 
 
-def _from_wire(w: _KlineWire) -> DecodedKline | None:
+def _from_wire(w: KlineWire) -> DecodedKline | None:
     """The fast path's kline, or ``None`` to leave the value to the full path (which then decides)."""
     text = "\t".join((w.s, w.i, w.source, w.o, w.h, w.l, w.c, w.v, w.q, w.V, w.Q))
     if _CANONICAL.fullmatch(text) is None:
@@ -246,6 +247,47 @@ def _from_wire(w: _KlineWire) -> DecodedKline | None:
     except InvalidInput:
         return None
     return _new_record(DecodedKline, (kline, w.seq, text))
+
+
+def decode_kline_run(values: Sequence[bytes | None]) -> tuple[list[KlineWire], list[str]] | None:
+    """The fast path of :func:`decode_kline_record` for many values at once, or None if any value is not for it.
+
+    Returns each value's fields as parsed (a :class:`KlineWire`: what a writer's row needs of a kline, without
+    building the :class:`Kline` and its Decimals) and its verified ``text`` (:attr:`DecodedKline.text`). The
+    checks are the fast path's, run column-wise over the run: the same types and ranges (msgspec), the same
+    canonical pattern per value, and the rules of :meth:`Kline.from_fields` (``t``/``T`` a span of ``i``,
+    ``0 < l <= o,c <= h``, ``V <= v``, ``Q <= q``). Each is a check of one value, so the run passes exactly
+    when :func:`decode_kline_record` would take the fast path for every value; on None, decode them one by one.
+    """
+    if not values:
+        return [], []
+    if not b"".join([v or b"\xff" for v in values]).isascii():  # None and non-ASCII take the long way
+        return None
+    decode = _KLINE_WIRE.decode
+    try:
+        wires = [decode(v) for v in values]  # type: ignore[arg-type]  # None was excluded above
+    except msgspec.MsgspecError:
+        return None
+    texts = ["\t".join((w.s, w.i, w.source, w.o, w.h, w.l, w.c, w.v, w.q, w.V, w.Q)) for w in wires]
+    if not all(map(_CANONICAL.fullmatch, texts)):
+        return None
+    d = Decimal
+    lows = list(map(d, [w.l for w in wires]))
+    opens = list(map(d, [w.o for w in wires]))
+    highs = list(map(d, [w.h for w in wires]))
+    closes = list(map(d, [w.c for w in wires]))
+    if not (
+        all(map(is_kline_span, [w.i for w in wires], [w.t for w in wires], [w.T for w in wires]))
+        and all(map(le, lows, opens))
+        and all(map(le, opens, highs))
+        and all(map(le, lows, closes))
+        and all(map(le, closes, highs))
+        and min(lows) > 0
+        and all(map(le, map(d, [w.V for w in wires]), map(d, [w.v for w in wires])))
+        and all(map(le, map(d, [w.Q for w in wires]), map(d, [w.q for w in wires])))
+    ):
+        return None
+    return wires, texts
 
 
 def _decode_kline_fully(raw: bytes | None) -> tuple[Kline, int | None]:

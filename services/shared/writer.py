@@ -38,6 +38,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Context, Decimal
+from itertools import repeat
 from typing import Any, Protocol, TypeVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -48,7 +49,7 @@ from services.core.models import InvalidInput, Kline
 from services.shared.clickhouse import Decimals, KlineEntry, KlineRows, insert_klines, kline_decimals, kline_text
 from services.shared.lifecycle import Counters, Shutdown
 from services.shared.logs import log_event
-from services.shared.messages import DecodedKline, dead_letter_value, decode_kline_record
+from services.shared.messages import DecodedKline, KlineWire, dead_letter_value, decode_kline_record, decode_kline_run
 from services.shared.settings import ClickHouseSettings
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class WriterSpec:
     group_id: str
     buffer_size: int
     flush_interval_ms: int
-    version_of: Callable[[Kline, int | None], int]
+    version_of: Callable[[Kline | KlineWire, int | None], int]
     skip_tombstones: bool = False
 
     def __post_init__(self) -> None:
@@ -444,6 +445,8 @@ class WriterEngine:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._commit: CommitFn = commit if commit is not None else consumer.commit
         self._decode = decode
+        # The run-at-once fast path is the default decoder's; an injected decoder is used record by record.
+        self._decode_values = decode_kline_run if decode is decode_kline_record else None
         self._retry_max_s = retry_max_s
         self._retry_initial_s = retry_initial_s
         self._keepalive_s = keepalive_s
@@ -739,7 +742,12 @@ class WriterEngine:
             if not batch:
                 continue
             partition = tp.partition
-            entries: list[KlineEntry] = []
+            entries = self._decode_run(partition, batch)
+            if entries is not None:  # the usual case: every record valid, checked at once
+                self._buffer.add_run(partition, batch, entries, (), now)
+                self._position[tp] = batch[-1].offset + 1
+                continue
+            entries = []
             dead: list[DeadLetter] = []
             for record in batch:
                 value = record.value
@@ -761,6 +769,26 @@ class WriterEngine:
             self.counters.inc("dead_letters", dead_count)
         if skipped:
             self.counters.inc("tombstones_skipped", skipped)
+
+    def _decode_run(self, partition: int, batch: Sequence[ConsumerRecordLike]) -> list[KlineEntry] | None:
+        """Step 2 for a whole fetched run of one partition when every record passes the fast path's checks
+        (:func:`~services.shared.messages.decode_kline_run`) and gets a valid version; else None: decode one by
+        one. Rows keep the parsed fields (:class:`~services.shared.messages.KlineWire`), not a :class:`Kline`."""
+        if self._decode_values is None:
+            return None
+        run = self._decode_values([record.value for record in batch])
+        if run is None:
+            return None
+        wires, texts = run
+        version_of = self.spec.version_of
+        try:
+            versions = [version_of(wire, wire.seq) for wire in wires]
+        except InvalidInput:
+            return None
+        if versions and not (min(versions) >= 0 and max(versions) < _UINT64_LIMIT):
+            return None
+        offsets = [record.offset for record in batch]
+        return list(zip(repeat(partition, len(offsets)), offsets, wires, versions, texts, strict=True))
 
     def _dead_letter(self, record: ConsumerRecordLike, reason: str) -> DeadLetter:
         log_event(

@@ -13,13 +13,14 @@ Run it alone with ``python -m services.snapshot_writer``, or with the finalized 
 from __future__ import annotations
 
 from services.core.models import InvalidInput, Kline
+from services.shared.messages import KlineWire
 from services.shared.settings import Settings
 from services.shared.writer import WriterSpec
 
 COMPONENT = "snapshot_writer"
 
 
-def snapshot_version(kline: Kline, seq: int | None) -> int:
+def snapshot_version(kline: Kline | KlineWire, seq: int | None) -> int:
     """The row version of a snapshot: its ``seq``, without which it cannot be ordered against the others."""
     if seq is None:
         raise InvalidInput("snapshot without 'seq' (the per-key snapshot sequence that versions its row)")

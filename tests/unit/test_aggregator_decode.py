@@ -6,11 +6,12 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from services.aggregator.decode import TradesDecoder, make_trade
-from services.core.models import AggTrade, InvalidInput
+from services.aggregator.decode import TradesDecoder
+from services.core.book import KlineBook
+from services.core.models import MIN_TIME_MS, AggTrade, InvalidInput
 from services.shared.messages import Gap, TradeBatch, decode_trades_value, encode_gap, encode_trade_batch
 
 pytestmark = pytest.mark.unit
@@ -28,10 +29,11 @@ BAD: dict[str, list[Any]] = {
     "f": [-1, MAX_ID + 1, 2.0, False, "7"],
     "l": [-1, MAX_ID + 1, 3.5, True, "7"],
     "T": [1_262_303_999_999, 4_102_444_800_001, -5, 1.5, "1735689600000", True],
-    "p": ["0", "0.000", "-1.0", "1e5", "NaN", "Infinity", " 1.0", "1.0000000000000000001", "１.0", 1, 1.5, ""],
-    "q": ["0", "00.00", "+1", "1E-8", "nan", "1,5", "0.1 ", 2, None, "1" * 25],
+    "p": ["0", "0.000", ".5", "5.", "-1.0", "1e5", "NaN", "Infinity", " 1.0", "1." + "0" * 18 + "1", "１.0", 1, ""],
+    "q": ["0", "00.00", "1.", ".0001", "1" * 24 + ".5" + "0" * 18, "+1", "1E-8", "nan", "1,5", "0.1 ", 2, None],
     "m": [1, 0, "true", None, "false"],
 }
+BAD["q"].append("1" * 25)
 ANY_BAD: list[Any] = [None, [], {}, "x"]
 
 
@@ -121,10 +123,10 @@ def test_the_ingest_layout_takes_the_fast_path() -> None:
     ]
     raw = encode_trade_batch("BTCUSDT", trades)
     assert decoder.decode(raw, b"BTCUSDT") == TradeBatch("BTCUSDT", trades)
-    assert decoder.trades(raw, "BTCUSDT") == trades
+    assert decoder.columns(raw, "BTCUSDT") == columns_of(trades)
     assert decoder.decode(raw, None) == TradeBatch("BTCUSDT", trades)  # no key: the contract's decoder
     assert (decoder.fast, decoder.slow) == (2, 1)
-    assert decoder.trades(raw, "ETHUSDT") is None
+    assert decoder.columns(raw, "ETHUSDT") is None
 
 
 def test_everything_else_is_the_contract_verbatim() -> None:
@@ -155,9 +157,54 @@ def test_first_id_after_last_id_is_rejected() -> None:
     assert verdict(TradesDecoder().decode, raw, None) == verdict(decode_trades_value, raw, None)
 
 
-def test_trades_built_through_their_slots_are_ordinary_trades() -> None:
-    args = ("BTCUSDT", 7, "1.50", "2", 9, 11, T0, True)
-    made, plain = make_trade(*args), AggTrade(*args)
-    assert type(made) is AggTrade and made == plain and hash(made) == hash(plain) and repr(made) == repr(plain)
-    with pytest.raises(AttributeError):
-        made.a = 8  # type: ignore[misc]  # still frozen
+@settings(max_examples=300, deadline=None)
+@given(st.lists(records(), min_size=1, max_size=4))
+def test_a_run_of_records_passes_the_checks_exactly_when_each_record_does(
+    run: list[tuple[bytes | None, bytes | None]],
+) -> None:
+    """The engine checks a symbol's consecutive records at once: the same verdict, the same columns."""
+    decoder = TradesDecoder()
+    parsed = [items for raw, _key in run if (items := decoder.items(raw, "BTCUSDT")) is not None]
+    assume(parsed)
+    each = [decoder.checked(items) for items in parsed]
+    merged = decoder.checked([trade for items in parsed for trade in items])
+    if any(columns is None for columns in each):
+        assert merged is None
+    else:
+        assert merged == tuple(
+            [value for columns in each for value in columns[k]]  # type: ignore[index]
+            for k in range(7)
+        )
+
+
+@settings(max_examples=500, deadline=None)
+@given(records())
+def test_what_the_book_folds_unchecked_the_contract_accepts(record: tuple[bytes | None, bytes | None]) -> None:
+    """The engine hands a run's prices and quantities to KlineBook.extend unchecked: whatever it folds, the
+    contract accepts, with the same trades; whatever the contract refuses, it refuses."""
+    raw, _key = record
+    decoder = TradesDecoder()
+    items = decoder.items(raw, "BTCUSDT")
+    assume(items is not None)
+    assert items is not None
+    columns = decoder.columns_of(items)
+    expected = verdict(decode_trades_value, raw, b"BTCUSDT")
+    if columns is None:
+        assert isinstance(expected, str)
+        return
+    book = KlineBook("BTCUSDT", ["1m"])
+    first_a, first_t = columns[0][0], columns[1][0]
+    if first_a > 0 and first_t > MIN_TIME_MS:  # a book that already holds the trade before: one trade continues
+        book.apply([AggTrade("BTCUSDT", first_a - 1, "1", "1", 0, 0, first_t - 1, False)])
+    before = book.export_state()
+    if book.extend(columns):
+        assert isinstance(expected, TradeBatch) and columns_of(expected.trades) == columns
+    else:
+        assert book.export_state() == before
+
+
+def columns_of(trades: list[AggTrade]) -> tuple[list[Any], ...]:
+    return (
+        [t.a for t in trades], [t.T for t in trades], [t.p for t in trades], [t.q for t in trades],
+        [t.f for t in trades], [t.l for t in trades], [t.m for t in trades],
+    )  # fmt: skip

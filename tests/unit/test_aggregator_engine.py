@@ -466,6 +466,39 @@ async def test_bad_records_go_to_the_dead_letter_topic_with_the_reason() -> None
     assert not h.engine.parts[p].books.book("BTCUSDT").continuous
 
 
+async def test_a_bad_record_inside_a_run_is_dead_lettered_and_its_neighbours_are_applied() -> None:
+    """Consecutive batch records of a symbol are checked and folded as one run; one that fails a check, or a
+    batch that does not continue the stream, sends the run record by record: nothing valid is lost."""
+    broker, clock = Broker(), ManualClock()
+    p = partition_of("BTCUSDT")
+    trades = make_trades("BTCUSDT", 40, 3)
+    zero_price = json.loads(encode_trade_batch("BTCUSDT", trades[10:12]))
+    zero_price["trades"][1]["p"] = "0.000"
+    late = trades[20:22]  # delivered after trades[22:30]: out of order, still exact
+    log = broker.logs[(TRADES, p)]
+    log += [(b"BTCUSDT", encode_trade_batch("BTCUSDT", trades[k : k + 2])) for k in range(0, 10, 2)]
+    log.append((b"BTCUSDT", json.dumps(zero_price, separators=(",", ":")).encode()))
+    log += [(b"BTCUSDT", encode_trade_batch("BTCUSDT", chunk)) for chunk in (trades[12:20], trades[22:30], late)]
+    log += [(b"BTCUSDT", encode_trade_batch("BTCUSDT", trades[k : k + 5])) for k in range(30, 40, 5)]
+    h = Harness(broker, clock)
+    await h.assign()
+    await h.drain()
+    letters = [json.loads(v) for v in broker.values(DLQ)]
+    assert [(letter["offset"], letter["reason"]) for letter in letters] == [
+        (5, "trades[1]: field 'p' (price) = '0.000' must be greater than zero")
+    ]
+    applied = trades[:10] + trades[12:]
+    assert h.engine.stats.trades_applied == len(applied)
+    clock.set(end_of({"BTCUSDT": applied}))
+    h.engine.tick()
+    await asyncio.sleep(0.01)
+    got = finalized(broker)
+    for interval in INTERVALS:
+        for expected in reference_klines(applied, interval):
+            newest = max(got[("BTCUSDT", interval, expected.t)], key=lambda kline: kline.version)
+            assert newest.same_values(expected), (newest.differences(expected), newest, expected)
+
+
 async def test_snapshot_sequence_continues_above_the_previous_owners_lease() -> None:
     broker, clock = Broker(), ManualClock()
     produce(broker, [("BTCUSDT", make_trades("BTCUSDT", 5, 0))])

@@ -2,7 +2,8 @@
 
 Random trade streams (millisecond ties, empty intervals, prices with up to 12 decimals) start just before a
 calendar boundary (leap day, month, week, year change) and are delivered in random batches, partly out of order,
-with duplicates, with the clock advanced and the state exported/restored through JSON at random points. After
+with duplicates, with the clock advanced and the state exported/restored through JSON at random points, as trade
+objects or as columns (the aggregator's form; a batch the fast way refuses must leave the book untouched). After
 everything, the LAST version of every kline the book emitted must equal the reference computed over all trades,
 field by field; every reference kline must have been emitted (or still be open); versions only increase; and the
 in-progress snapshots (drain_changed) always agree with current().
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from services.core.book import KlineBook
+from services.core.book import KlineBook, TradeColumns
 from services.core.intervals import DAY_MS, INTERVALS, interval_ms, next_open, open_time
 from services.core.models import AggTrade, Kline
 from services.core.reference import reference_klines
@@ -69,6 +70,7 @@ class Scenario:
     grace_ms: int
     duplicates: int
     gaps: bool = field(default=False)
+    as_columns: bool = field(default=False)
 
 
 @st.composite
@@ -137,7 +139,14 @@ def scenarios(draw: st.DrawFn, *, gaps: bool = False) -> Scenario:
         value = delivered_max + draw(st.integers(-unit, 3 * unit)) if kind == "advance" else 0
         steps.append((kind, value))
     grace = draw(st.sampled_from([0, 0, 1, 500, unit // 2]))
-    return Scenario(intervals, trades, batches, steps, grace, duplicates, gaps)
+    return Scenario(intervals, trades, batches, steps, grace, duplicates, gaps, draw(st.booleans()))
+
+
+def columns_of(batch: list[AggTrade]) -> TradeColumns:
+    return (
+        [t.a for t in batch], [t.T for t in batch], [t.p for t in batch], [t.q for t in batch],
+        [t.f for t in batch], [t.l for t in batch], [t.m for t in batch],
+    )  # fmt: skip
 
 
 def _restore(book: KlineBook) -> KlineBook:
@@ -171,7 +180,16 @@ def run_scenario(scenario: Scenario) -> tuple[KlineBook, list[Kline]]:
     snapshot: dict[str, Kline] = {}
     applied: dict[int, AggTrade] = {}
     for batch, (kind, value) in zip(scenario.delivery, scenario.steps, strict=True):
-        book.apply(batch)
+        if scenario.as_columns:
+            columns = columns_of(batch)
+            before = book.export_state()
+            if book.extend(columns):
+                event("columns: extended")
+            else:
+                assert book.export_state() == before, "a refused batch changed the book"
+                book.apply_columns(columns)
+        else:
+            book.apply(batch)
         for trade in batch:
             applied.setdefault(trade.a, trade)
         if kind == "advance":

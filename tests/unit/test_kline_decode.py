@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 from services.core.intervals import INTERVALS, close_time, open_time
 from services.core.models import KLINE_SOURCES, MAX_ID, InvalidInput, Kline
 from services.shared.clickhouse import DECIMAL_INTEGER_DIGITS, DECIMAL_SCALE, decimal_text, kline_text
-from services.shared.messages import _decode_kline_fully, decode_kline, decode_kline_record, encode_kline
+from services.shared.messages import (
+    _decode_kline_fully,
+    decode_kline,
+    decode_kline_record,
+    decode_kline_run,
+    encode_kline,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -210,3 +216,45 @@ def test_values_are_kept_exactly() -> None:
     assert record.decimals is not None
     assert record.decimals[4:] == (big, big, "0.000000000000000001", "12345678901234567890.5")
     assert record.kline.v == Decimal(big)
+
+
+@st.composite
+def changed_values(draw: st.DrawFn) -> bytes | None:
+    """A canonical value, often with a field or two changed (valid or not), now and then something else."""
+    kline, seq = draw(klines()), draw(seqs)
+    shape = draw(st.sampled_from(["canonical"] * 4 + ["changed"] * 4 + ["bytes", "none"]))
+    if shape == "none":
+        return None
+    if shape == "bytes":
+        return draw(st.binary(max_size=60))
+    payload: dict[str, Any] = kline.to_dict()
+    if seq is not None:
+        payload["seq"] = seq
+    if shape == "changed":
+        for name, value in draw(st.lists(st.tuples(field_names, json_values), min_size=1, max_size=2)):
+            payload[name] = value
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+@given(st.lists(changed_values(), max_size=5))
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+def test_a_run_is_decoded_at_once_exactly_when_every_value_takes_the_fast_path(values: list[bytes | None]) -> None:
+    """Writers decode a fetched run at once (decode_kline_run): the same verdict and fields as one by one."""
+    singles = []
+    for raw in values:
+        try:
+            singles.append(decode_kline_record(raw))
+        except InvalidInput:
+            singles.append(None)
+    every_value_fast = all(record is not None and record.text is not None for record in singles)
+    run = decode_kline_run(values)
+    assert (run is not None) == every_value_fast
+    if run is not None:
+        wires, texts = run
+        for wire, text, record in zip(wires, texts, singles, strict=True):
+            assert record is not None
+            k = record.kline
+            assert text == record.text and wire.seq == record.seq
+            assert (wire.s, wire.i, wire.t, wire.T, wire.f, wire.L, wire.n, wire.x, wire.version, wire.source) == (
+                k.s, k.i, k.t, k.T, k.f, k.L, k.n, k.x, k.version, k.source
+            )  # fmt: skip
