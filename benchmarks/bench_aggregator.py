@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -210,6 +211,7 @@ async def run_aggregator(settings: Settings, messages: int) -> dict[str, float]:
             "snapshots": engine.stats.snapshots_sent,
             "checkpoints": engine.stats.checkpoints,
             "data_loss": engine.stats.data_loss,
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
     finally:
         await worker.stop()
@@ -311,7 +313,7 @@ def print_table(results: list[list[Any]]) -> None:
         ours = rows[1][3]
         print(
             f"{'':<30} aggregator output: {ours['klines_finalized']:,} finalized, {ours['snapshots']:,} snapshots, "
-            f"{ours['checkpoints']:,} checkpoints, {ours['data_loss']} DATA_LOSS"
+            f"{ours['checkpoints']:,} checkpoints, {ours['data_loss']} DATA_LOSS, peak RSS {ours['max_rss_mb']:.0f} MB"
         )
     print(
         "\ntrades/s: wall clock, each contender alone on the pinned CPU (a shared machine lowers it); "

@@ -47,7 +47,13 @@ from services.finalized_writer import finalized_spec
 from services.shared import clickhouse, writer
 from services.shared.kafka import delete_topics, ensure_topics, make_consumer, make_producer
 from services.shared.lifecycle import Shutdown
-from services.shared.messages import _decode_kline_fully, decode_kline_record, encode_kline, kline_key
+from services.shared.messages import (
+    _decode_kline_fully,
+    decode_kline_record,
+    decode_kline_run,
+    encode_kline,
+    kline_key,
+)
 from services.shared.settings import Settings, load_settings
 from services.shared.writer import WriterEngine
 from services.writers import serve
@@ -167,7 +173,9 @@ def cost_split(
     rows = [clickhouse.kline_row(r.kline, version=0, partition=0, offset=i, token="t") for i, r in enumerate(records)]
     split = {
         "Kafka: aiokafka getmany (bare consumer, median)": 1e6 / consumer_rate,
-        "decode + validate: fast path (decode_kline_record)": best(lambda: [decode_kline_record(v) for v in values]),
+        "decode + validate: a fetched run at once (decode_kline_run)": best(
+            lambda: [decode_kline_run(values[i : i + 500]) for i in range(0, n, 500)]
+        ),
         "row text (KlineRows.tsv)": best(
             lambda: [clickhouse.KlineRows(entries[i : i + batch], "t").tsv() for i in range(0, n, batch)]
         ),
@@ -175,6 +183,9 @@ def cost_split(
         / raw_text_insert_loop(bench_settings("bench_split_raw", topics, chdb_dir), bodies, n),
     }
     before = {
+        "decode + validate: one record at a time (decode_kline_record)": best(
+            lambda: [decode_kline_record(v) for v in values]
+        ),
         "decode + validate: full path (json.loads + Kline.from_dict)": best(
             lambda: [_decode_kline_fully(v) for v in values]
         ),
@@ -276,7 +287,13 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=50_000, help="klines per topic for the throughput runs")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=100_000,
+        help="klines per topic for the throughput runs (a multiple of both buffer sizes: no batch waits for its "
+        "flush interval)",
+    )
     parser.add_argument("--latency-s", type=float, default=10.0, help="seconds of paced production per run")
     parser.add_argument("--rate", type=float, default=1000.0, help="klines per second in the latency runs")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the throughput runs (best/median/worst)")

@@ -36,9 +36,14 @@ from services.shared.settings import Settings
 
 log = logging.getLogger("services.aggregator")
 
-#: Records per fetched batch (Faust's ``broker_max_poll_records``): large enough to amortise the hand-off,
-#: small enough that one batch is a few milliseconds of work.
-MAX_POLL_RECORDS = 10000
+#: Records per fetched batch (Faust's ``broker_max_poll_records``): large enough that each symbol's records
+#: in it form long runs (folded at once) and the hand-off is amortised; at full load one batch is about 0.1 s
+#: of work, well inside the finalized latency budget. Measured: 4,000 → 112k trades/s, 10,000 → 134k.
+MAX_POLL_RECORDS = 10_000
+#: Bytes fetched per partition per request (Faust's ``consumer_max_fetch_size``). aiokafka fetches a partition
+#: again only once its buffer is drained, so small fetches leave the agent waiting on the network between
+#: batches: 1 MiB → 42k trades/s, 4 MiB → 77k, 16 MiB → 95–134k (bench_aggregator, one core).
+MAX_FETCH_BYTES = 16 * 1024 * 1024
 
 
 class BatchAgent(Protocol):
@@ -191,7 +196,7 @@ def make_app(
         broker_heartbeat_interval=1.0,
         broker_rebalance_timeout=30.0,
         broker_max_poll_records=max_poll_records,
-        consumer_max_fetch_size=16 * 1024 * 1024,
+        consumer_max_fetch_size=MAX_FETCH_BYTES,
         stream_recovery_delay=0.0,
         stream_wait_empty=False,
         consumer_group_instance_id=instance_id,

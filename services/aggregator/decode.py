@@ -11,8 +11,11 @@ so that no object is built per trade (:meth:`KlineBook.apply_columns
    ``T`` an integer in the contract's time range, ``m`` a boolean, ``p q`` strings. Like :func:`json.loads`
    it takes the last of duplicate keys and refuses what is not strict JSON.
 2. What a struct cannot say is checked column-wise, with the contract's own rules: ``type`` is ``trades``,
-   the symbol is the record's key (capital letters and digits), the list is not empty, ``f <= l``, and every
-   price and quantity is a plain decimal (``[0-9]{1,24}(.[0-9]{1,18})?``) greater than zero.
+   the symbol is the record's key (capital letters and digits), the list is not empty (:meth:`TradesDecoder.items`),
+   ``f <= l`` (:meth:`TradesDecoder.columns_of`), and every price and quantity is a plain decimal
+   (``[0-9]{1,24}(.[0-9]{1,18})?``) greater than zero (:meth:`TradesDecoder.checked`). The engine checks a
+   symbol's consecutive records as one run and leaves the decimals of a run to :meth:`KlineBook.extend
+   <services.core.book.KlineBook.extend>`, which applies the same rule while it converts them.
 
 Anything else — a gap event, a raw aggTrade, extra fields, and every record that fails a check — goes through
 the contract's own decoder, which either accepts it or raises :class:`~services.core.models.InvalidInput` with
