@@ -16,7 +16,8 @@ of its topic and timed from its partition assignment until every row is inserted
 
 The inserts run in batches of ``finalized_buffer_size``. The paths run in ``--repeat`` interleaved rounds (the
 machine is shared); best, median and worst are printed. A split of the per-row cost (decode, row text, insert),
-next to the full path's and clickhouse-connect's, shows where a writer's time goes.
+next to the full path's and clickhouse-connect's, shows where a writer's time goes, and a GIL check shows whether
+an embedded insert lets the writer's main thread run meanwhile.
 
 Latency: klines are produced at ``--rate`` per second (the close of each kline is the moment it is produced) while
 the finalized writer runs with the default configuration; a poller in the same process (an embedded directory
@@ -31,9 +32,10 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,27 @@ def raw_text_insert_loop(settings: Settings, bodies: list[bytes], rows: int) -> 
     for i, body in enumerate(bodies):
         clickhouse.insert_tsv(client, settings.clickhouse, settings.clickhouse.finalized_table, body, f"raw:{i}")
     return rows / (time.perf_counter() - started)
+
+
+def gil_share_during_insert(settings: Settings, bodies: list[bytes], rows: int) -> tuple[float, float]:
+    """How fast a pure-Python loop runs on the main thread while another thread inserts (a fraction of its
+    speed alone), and the insert's rows/s meanwhile. Near 1.0 would mean the insert leaves the GIL to the main
+    thread (a writer decodes the next batch meanwhile); near 0 means inserts and decoding take turns."""
+
+    def spin(until: Callable[[], bool]) -> float:
+        count, started = 0, time.perf_counter()
+        while not until():
+            count += 1
+        return count / (time.perf_counter() - started)
+
+    deadline = time.perf_counter() + 1.0
+    alone = spin(lambda: time.perf_counter() >= deadline)
+    result: list[float] = []
+    thread = threading.Thread(target=lambda: result.append(raw_text_insert_loop(settings, bodies, rows)))
+    thread.start()
+    during = spin(lambda: not thread.is_alive())
+    thread.join()
+    return during / alone, result[0]
 
 
 async def bare_consumer(settings: Settings, topic: str, expected: int) -> float:
@@ -357,6 +380,13 @@ async def main() -> None:
         split = cost_split([v for _k, v in finals[:sample]], topics, chdb_dir, batch, consumer_rate)
         print("\nWhere a writer's time goes, per row (one stage at a time)\n")
         print_table(["stage", "us/row"], [(k, f"{v:.1f}") for k, v in split.items()])
+
+        share, insert_rate = gil_share_during_insert(bench_settings("bench_gil", topics, chdb_dir), bodies, args.rows)
+        print(
+            f"\nchDB and the GIL: a Python loop on the main thread runs at {share:.0%} of its speed while another "
+            f"thread inserts ({insert_rate:,.0f} rows/s meanwhile).\nAn embedded insert and the writer's own Python "
+            "work (Kafka, decoding) take turns instead of overlapping."
+        )
 
         defaults = base.persistence
         print(f"\nLatency, produce (kline close) -> queryable, {args.rate:,.0f} klines/s for {args.latency_s:g}s, "
