@@ -239,14 +239,20 @@ async def test_connection_drops_are_repaired(settings: Settings) -> None:
 
 
 async def test_stalled_connection_is_replaced_by_the_watchdog(settings: Settings) -> None:
+    missed: list[int] = []
+
     async def during(ex: ReplayExchange, service: IngestService) -> None:
         await until(lambda: published(ex, "BTCUSDT") > 300, 10, "trades")
+        before = sum(published(ex, symbol) for symbol in SYMBOLS)
         ex.faults.stall(4.0)
         await until(lambda: service.pool.stats.stale >= 1, 6, "the watchdog to notice the stall")
+        # Trades published while the stalled connection held them back: the replacement subscribed after them.
+        missed.append(sum(published(ex, symbol) for symbol in SYMBOLS) - before)
 
-    metrics, _ = await run_scenario(settings, during=during)
+    metrics, _ = await run_scenario(settings, during=during)  # every trade exactly once
     assert metrics["stale_connections"] >= 1
-    assert metrics["gaps_repaired"] >= 1, "trades published during the stall come from REST"
+    if missed[0]:  # the market can be quiet for the whole stall (the feed has quiet stretches)
+        assert metrics["gaps_repaired"] >= 1, "trades published during the stall come from REST"
 
 
 async def test_skipped_ids_are_backfilled_from_rest(settings: Settings) -> None:
