@@ -92,7 +92,7 @@ from services.aggregator.sending import NotEnqueued, try_send
 from services.core.book import KlineBook, KlineBooks, TradeColumns
 from services.core.models import AggTrade, InvalidInput, Kline
 from services.shared.logs import log_event
-from services.shared.messages import Gap, dead_letter_value, encode_kline, encode_trade_batch, kline_key
+from services.shared.messages import Gap, TradeBatch, dead_letter_value, encode_kline, encode_trade_batch, kline_key
 
 log = logging.getLogger("services.aggregator")
 
@@ -364,11 +364,7 @@ class Aggregator:
             run = runs.pop(symbol, None)
             if run is not None:
                 self._apply_run(book, *run)
-            if isinstance(decoded, Gap):
-                book.mark_gap()
-                self.stats.gaps += 1
-            else:
-                self._apply_record(book, record, decoded.trades)
+            self._apply_decoded(book, record, decoded)
         for symbol, run in runs.items():
             self._apply_run(touched.get(symbol) or touched.setdefault(symbol, books.book(symbol)), *run)
         stats = self.stats
@@ -412,11 +408,15 @@ class Aggregator:
             except InvalidInput as exc:
                 self._dead_letter(record, exc.reason)
                 continue
-            if isinstance(decoded, Gap):
-                book.mark_gap()
-                self.stats.gaps += 1
-            else:
-                self._apply_record(book, record, decoded.trades)
+            self._apply_decoded(book, record, decoded)
+
+    def _apply_decoded(self, book: KlineBook, record: ConsumerRecord[Any, Any], decoded: TradeBatch | Gap) -> None:
+        """A record the contract's decoder accepted: a gap marks the book, a batch is applied."""
+        if isinstance(decoded, Gap):
+            book.mark_gap()
+            self.stats.gaps += 1
+        else:
+            self._apply_record(book, record, decoded.trades)
 
     def _apply_record(
         self, book: KlineBook, record: ConsumerRecord[Any, Any], trades: list[AggTrade] | TradeColumns

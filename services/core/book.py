@@ -391,7 +391,7 @@ class KlineBook:
         ids, times, prices, quantities, firsts, lasts, makers = columns
         if len(ids) == 1:
             return self._next(ids[0], times[0], prices[0], quantities[0], firsts[0], lasts[0], makers[0])
-        return bool(ids) and self._extend(ids, times, prices, quantities, firsts, lasts, makers)
+        return bool(ids) and self._extend(columns)
 
     def _trades_of(self, columns: TradeColumns) -> list[AggTrade]:
         ids, times, prices, quantities, firsts, lasts, makers = columns
@@ -425,25 +425,10 @@ class KlineBook:
                 if not self._apply_next(trade):
                     self._apply_one_or_reject(trade)
             return
-        columns = zip(*map(_COLUMNS, trades), strict=True)
-        symbols, ids, times, prices, quantities, firsts, lasts, makers = columns
+        symbols, ids, times, prices, quantities, firsts, lasts, makers = zip(*map(_COLUMNS, trades), strict=True)
         if symbols.count(self._symbol) != count:
             self._apply_each(trades)
             return
-        self._fold_columns(ids, times, prices, quantities, firsts, lasts, makers, trades)
-
-    def _fold_columns(
-        self,
-        ids: Sequence[int],
-        times: Sequence[int],
-        prices: Sequence[str],
-        quantities: Sequence[str],
-        firsts: Sequence[int],
-        lasts: Sequence[int],
-        makers: Sequence[bool],
-        trades: Sequence[AggTrade],
-    ) -> None:
-        """Fold a batch of this symbol's trades column-wise when it continues the stream, else the general way."""
         ranges = self._ranges
         if ranges and ids[0] <= ranges[-1][1] and len(ranges) == 1 and ids[0] >= ranges[0][0]:
             # A redelivered prefix (replay after a restart): drop it in one step when it is all known.
@@ -453,23 +438,15 @@ class KlineBook:
                 cut = 0
             if cut:
                 self.duplicates += cut
-                if cut < len(ids):
+                if cut < count:
                     self._apply_batch(trades[cut:])
                 return
-        if not self._extend(ids, times, prices, quantities, firsts, lasts, makers):
+        if not self._extend((ids, times, prices, quantities, firsts, lasts, makers)):
             self._apply_each(trades)
 
-    def _extend(
-        self,
-        ids: Sequence[int],
-        times: Sequence[int],
-        prices: Sequence[str],
-        quantities: Sequence[str],
-        firsts: Sequence[int],
-        lasts: Sequence[int],
-        makers: Sequence[bool],
-    ) -> bool:
+    def _extend(self, columns: TradeColumns) -> bool:
         """:meth:`extend` for two or more trades; the book is unchanged when it returns False (but a rescale)."""
+        ids, times, prices, quantities, firsts, lasts, makers = columns
         try:
             if not (all(map(lt, ids, ids[1:])) and all(map(le, times, times[1:])) and ids[0] >= 0):
                 return False
