@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -77,12 +77,14 @@ def synthetic_kline(n: int, *, closed: bool = True) -> Kline:
                  v / 2, q / 2)  # fmt: skip
 
 
-def bench_settings(database: str, topics: dict[str, str], chdb_dir: Path, **persistence: Any) -> Settings:
+def bench_settings(
+    database: str, topics: dict[str, str], chdb_dir: Path, *, in_process: bool = False, **persistence: Any
+) -> Settings:
     return load_settings(
         REPO / "config" / "klines.toml",
         kafka={"bootstrap": os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"), "topics": topics,
                "klines_partitions": 3, "client_id": f"bench-{database}-{uuid.uuid4().hex[:6]}"},
-        clickhouse={"dsn": f"chdb://{chdb_dir}", "database": database},
+        clickhouse={"dsn": f"chdb://{chdb_dir}", "database": database, "embedded_in_process": in_process},
         service={"writers_http_port": 0, "log_level": "WARNING"},
         persistence=persistence,
     )  # fmt: skip
@@ -127,22 +129,24 @@ def raw_text_insert_loop(settings: Settings, bodies: list[bytes], rows: int) -> 
 
 def gil_share_during_insert(settings: Settings, bodies: list[bytes], rows: int) -> tuple[float, float]:
     """How fast a pure-Python loop runs on the main thread while another thread inserts (a fraction of its
-    speed alone), and the insert's rows/s meanwhile. Near 1.0 would mean the insert leaves the GIL to the main
-    thread (a writer decodes the next batch meanwhile); near 0 means inserts and decoding take turns."""
+    speed while that thread waits on an event), and the insert's rows/s meanwhile. Near 1.0 means the insert
+    leaves the GIL to the main thread (a writer decodes its next batch meanwhile)."""
 
-    def spin(until: Callable[[], bool]) -> float:
+    def spin(thread: threading.Thread) -> float:
         count, started = 0, time.perf_counter()
-        while not until():
+        while thread.is_alive():
             count += 1
         return count / (time.perf_counter() - started)
 
-    deadline = time.perf_counter() + 1.0
-    alone = spin(lambda: time.perf_counter() >= deadline)
+    idle = threading.Event()
+    waiting = threading.Thread(target=idle.wait)
+    waiting.start()
+    threading.Timer(1.0, idle.set).start()
+    alone = spin(waiting)
     result: list[float] = []
-    thread = threading.Thread(target=lambda: result.append(raw_text_insert_loop(settings, bodies, rows)))
-    thread.start()
-    during = spin(lambda: not thread.is_alive())
-    thread.join()
+    inserting = threading.Thread(target=lambda: result.append(raw_text_insert_loop(settings, bodies, rows)))
+    inserting.start()
+    during = spin(inserting)
     return during / alone, result[0]
 
 
@@ -313,9 +317,10 @@ async def main() -> None:
     parser.add_argument(
         "--rows",
         type=int,
-        default=100_000,
-        help="klines per topic for the throughput runs (a multiple of both buffer sizes: no batch waits for its "
-        "flush interval)",
+        default=300_000,
+        help="klines per topic for the throughput runs: a multiple of both buffer sizes (no batch waits for its "
+        "flush interval), and a backlog long enough that the first and last batches, which nothing overlaps, "
+        "weigh little",
     )
     parser.add_argument("--latency-s", type=float, default=10.0, help="seconds of paced production per run")
     parser.add_argument("--rate", type=float, default=1000.0, help="klines per second in the latency runs")
@@ -351,12 +356,15 @@ async def main() -> None:
             "bare clickhouse-connect client.insert loop (prebuilt rows, Decimal columns)": "client.insert",
             "bare raw_insert loop (prebuilt TabSeparated): raw client limit": "raw_insert",
             "finalized_writer (Kafka -> decode -> insert -> commit)": (["finalized"], args.rows),
+            "finalized_writer, chDB in the writer's process": (["finalized"], args.rows, True),
             "snapshot_writer": (["snapshot"], args.rows),
             "both writers in one process (sum)": (["finalized", "snapshot"], 2 * args.rows),
         }
         for round_ in range(args.repeat):
             for n, (label, run) in enumerate(paths.items()):
-                settings = bench_settings(f"bench_r{round_}_p{n}", topics, chdb_dir)
+                in_process = isinstance(run, tuple) and len(run) > 2
+                settings = bench_settings(f"bench_r{round_}_p{n}", topics, chdb_dir, in_process=in_process)
+                clickhouse.close(settings.clickhouse)  # the directory's engine opens as this path wants it
                 if run == "consumer":
                     rate = await bare_consumer(settings, topics["finalized"], args.rows)
                 elif run == "client.insert":
@@ -381,12 +389,14 @@ async def main() -> None:
         print("\nWhere a writer's time goes, per row (one stage at a time)\n")
         print_table(["stage", "us/row"], [(k, f"{v:.1f}") for k, v in split.items()])
 
-        share, insert_rate = gil_share_during_insert(bench_settings("bench_gil", topics, chdb_dir), bodies, args.rows)
-        print(
-            f"\nchDB and the GIL: a Python loop on the main thread runs at {share:.0%} of its speed while another "
-            f"thread inserts ({insert_rate:,.0f} rows/s meanwhile).\nAn embedded insert and the writer's own Python "
-            "work (Kafka, decoding) take turns instead of overlapping."
-        )
+        print("\nchDB and the GIL: the speed of a Python loop on the main thread while another thread inserts\n")
+        checks = []
+        for where, in_process in (("child process (default)", False), ("in process", True)):
+            settings = bench_settings(f"bench_gil_{int(in_process)}", topics, chdb_dir, in_process=in_process)
+            share, insert_rate = gil_share_during_insert(settings, bodies, args.rows)
+            clickhouse.close(settings.clickhouse)
+            checks.append((where, f"{share:.0%}", f"{insert_rate:,.0f}"))
+        print_table(["embedded engine", "main thread speed", "insert rows/s meanwhile"], checks)
 
         defaults = base.persistence
         print(f"\nLatency, produce (kline close) -> queryable, {args.rate:,.0f} klines/s for {args.latency_s:g}s, "

@@ -3,7 +3,9 @@
 Both writers persist through :func:`insert_klines` (the seed's ``persist_kline_data``). Access goes through
 clickhouse-connect only: a server (``http://host:8123``) or the embedded chDB engine (``chdb:///dir``). An
 embedded data directory can be open in one process at a time, so a process keeps one client per directory
-(:func:`connect` caches it) and shares it between its writers.
+(:func:`connect` caches it) and shares it between its writers. That client runs chDB in a child process
+(:class:`~services.shared.embedded.EmbeddedClient`), where its queries do not hold this process's GIL, unless
+``embedded_in_process`` is set.
 
 Rows travel as ``TabSeparated`` text through clickhouse-connect's ``raw_insert``, and ClickHouse parses every
 value itself: a decimal is sent as its exact plain text (:func:`decimal_text`) and never becomes a float, and
@@ -27,6 +29,7 @@ from typing import Any, overload
 
 import clickhouse_connect
 
+from services.shared.embedded import EmbeddedClient
 from services.shared.settings import ClickHouseSettings
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse"
@@ -112,7 +115,10 @@ def connect(settings: ClickHouseSettings) -> Any:
                 path = settings.dsn.removeprefix("chdb://")
                 if path.startswith("/"):
                     Path(path).mkdir(parents=True, exist_ok=True)
-                client = clickhouse_connect.get_client(dsn=settings.dsn)
+                if settings.embedded_in_process:
+                    client = clickhouse_connect.get_client(dsn=settings.dsn)
+                else:
+                    client = EmbeddedClient(settings.dsn)
             else:
                 client = clickhouse_connect.get_client(
                     dsn=settings.dsn,
@@ -337,14 +343,13 @@ class KlineRows(Sequence[tuple[Any, ...]]):
 
     def tsv(self) -> bytes:
         token = self.token.translate(_TSV_ESCAPES)
-        lines: list[str] = []
-        append = lines.append
-        for partition, offset, k, version, head in self._entries:
-            append(f"{head}\t{k.t}\t{k.T}\t{k.f}\t{k.L}\t{k.n}\t{version}\t{partition}\t{offset}\t{token}\n")
-        text = "".join(lines)
+        text = "".join(
+            [f"{head}\t{k.t}\t{k.T}\t{k.f}\t{k.L}\t{k.n}\t{version}\t{partition}\t{offset}\t{token}\n"
+             for partition, offset, k, version, head in self._entries]
+        )  # fmt: skip
         # A cheap proof (three passes in C) that no value carried a separator or an escape, which would shift
         # or change columns: only a kline built around validation could.
-        n = len(lines)
+        n = len(self._entries)
         if (
             text.count("\t") != (len(KLINE_COLUMNS) - 1) * n
             or text.count("\n") != n

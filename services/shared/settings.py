@@ -76,6 +76,9 @@ class ClickHouseSettings(_Section):
     finalized_table: str = "klines_finalized"
     snapshots_table: str = "klines_snapshots"
     dedup_window: int = Field(default=10_000, ge=1)
+    # chDB only: run the engine inside this process instead of in a child process that owns the directory.
+    # In process, every query holds the GIL, so inserting and decoding take turns (services/shared/embedded.py).
+    embedded_in_process: bool = False
 
     @field_validator("dsn")
     @classmethod
@@ -95,7 +98,7 @@ class PersistenceSettings(_Section):
     """The seed's ``[persistence]`` section, plus the snapshot writer's own pair."""
 
     queue_size: int = Field(default=5000, gt=0)
-    finalized_buffer_size: int = Field(default=5000, gt=0)
+    finalized_buffer_size: int = Field(default=20_000, gt=0)
     finalized_flush_interval_ms: int = Field(default=250, gt=0)
     snapshot_buffer_size: int = Field(default=20_000, gt=0)
     snapshot_flush_interval_ms: int = Field(default=1000, gt=0)

@@ -20,6 +20,7 @@ from typing import Any
 
 from services import finalized_writer, snapshot_writer
 from services.shared import clickhouse
+from services.shared.embedded import EmbeddedClient
 from services.shared.kafka import KafkaUnreachable, check_reachable, make_consumer, make_producer
 from services.shared.lifecycle import HealthServer, Shutdown
 from services.shared.logs import log_event, setup_logging
@@ -67,7 +68,8 @@ async def serve(
     client = clickhouse.connect(settings.clickhouse)  # one client per process, shared by the writers
     for spec in specs:
         clickhouse.check_table(client, settings.clickhouse, spec.table)
-    _warm_up_insert_path()
+    if not isinstance(client, EmbeddedClient):  # an embedded engine's own process warms itself up
+        _warm_up_insert_path()
     _tune_garbage_collector()
 
     producer = make_producer(settings.kafka, client_suffix="writers-dead-letter")

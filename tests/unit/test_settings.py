@@ -32,7 +32,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_repo_config_loads_with_the_seed_persistence_section() -> None:
     s = load_settings(REPO / "config" / "klines.toml")
     assert s.persistence.queue_size == 5000
-    assert s.persistence.finalized_buffer_size == 5000
+    assert s.persistence.finalized_buffer_size == 20_000
     assert s.persistence.finalized_flush_interval_ms == 250
     assert s.kafka.topics.snapshots == "klines.snapshots"
     assert s.market.intervals == ("1m", "5m", "30m", "1h", "4h", "1d", "1w")
@@ -100,7 +100,7 @@ def test_overrides_win_and_defaults_fill_the_rest(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, ""), persistence={"queue_size": 3})
     assert isinstance(s, Settings)
     assert s.persistence.queue_size == 3
-    assert s.persistence.finalized_buffer_size == 5000
+    assert s.persistence.finalized_buffer_size == 20_000
 
 
 def test_relative_chdb_path_resolves_against_the_working_directory(tmp_path: Path) -> None:

@@ -1,0 +1,283 @@
+"""The embedded ClickHouse engine (chDB) in a child process that owns the data directory.
+
+chDB runs every query while holding the interpreter's GIL: in the process that opened it, an insert stops all
+other Python threads until it returns (measured: a pure-Python loop on the main thread runs at 14-27% of its
+speed while another thread inserts). A writer would then decode its next batch and insert the current one in
+turns instead of at once, on a machine with cores to spare. So by default :func:`services.shared.clickhouse.connect`
+opens an embedded directory through an :class:`EmbeddedClient`: a child process (``python -m
+services.shared.embedded``) opens it with clickhouse-connect's chDB backend and runs the calls it is sent,
+one at a time, while the parent only waits on a pipe, without the GIL.
+
+It stands in for the clickhouse-connect client the rest of the code uses: ``command``, ``query`` (a
+:class:`QueryRows` with ``result_rows`` and ``column_names``), ``insert``, ``raw_insert`` and ``close``, with
+the same arguments and the same exceptions (clickhouse-connect's, raised again in the parent). The data
+directory is still open in exactly one process, the child, and every client of the parent shares it.
+
+Lifetime: the child lives as long as its client. It ignores SIGINT and SIGTERM (the parent decides when to
+stop: a writer stopping gracefully stores its last batch through the child) and ends when its request pipe
+closes: :meth:`EmbeddedClient.close`, or the parent's exit, however abrupt. A child that dies is started again
+by the next call, which raises :class:`EmbeddedEngineGone` meanwhile (the writers retry it like any insert that
+failed). A directory is locked by the process that opened it; a child waits up to ``open_wait_s`` for a previous
+owner (for example the child of a process killed a moment ago) to let it go.
+
+Wire format, both ways: an 8-byte little-endian length, then a pickle. A request is ``(method, args, kwargs)``;
+a reply is ``(True, result)`` or ``(False, exception)``. Both ends are this project's code on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+_ROOT = Path(__file__).resolve().parents[2]
+_HEADER = struct.Struct("<Q")
+#: What a parent may ask the child to run: the client methods this project uses.
+METHODS = frozenset({"command", "query", "insert", "raw_insert"})
+#: Seconds a child waits for a data directory locked by another process.
+OPEN_WAIT_S = 15.0
+#: Seconds :meth:`EmbeddedClient.close` waits for the child to close the directory before killing it.
+CLOSE_WAIT_S = 30.0
+_LOCKED = "Cannot lock file"
+
+
+class EmbeddedEngineGone(ConnectionError):
+    """The child process running the embedded engine ended or could not start."""
+
+
+class EmbeddedError(Exception):
+    """An error the child could not send as it was (its type and message are in the text)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRows:
+    """What the child returns for ``query``: the part of clickhouse-connect's ``QueryResult`` used here."""
+
+    column_names: tuple[str, ...]
+    result_rows: list[tuple[Any, ...]]
+
+
+def _send(stream: IO[bytes], message: Any) -> None:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(payload)))
+    stream.write(payload)
+    stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> Any:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError
+    (size,) = _HEADER.unpack(header)
+    payload = stream.read(size)
+    if len(payload) < size:
+        raise EOFError
+    return pickle.loads(payload)  # noqa: S301 - a private pipe between this process and its own child
+
+
+class EmbeddedClient:
+    """A clickhouse-connect chDB client living in a child process (see the module's docstring).
+
+    Safe to share between threads: calls are serialised, as the engine runs one at a time anyway.
+    """
+
+    def __init__(self, dsn: str, *, open_wait_s: float = OPEN_WAIT_S) -> None:
+        if not dsn.startswith("chdb:"):
+            raise ValueError(f"an embedded client needs a chdb: DSN, got {dsn!r}")
+        self.dsn = dsn
+        self._open_wait_s = open_wait_s
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._requests: IO[bytes] | None = None
+        self._replies: IO[bytes] | None = None
+        self._closed = False
+        with self._lock:
+            self._start()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    def _start(self) -> None:
+        request_read, request_write = os.pipe()
+        reply_read, reply_write = os.pipe()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(_ROOT), env.get("PYTHONPATH"))))
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(request_read), str(reply_write), self.dsn,
+                 str(self._open_wait_s)],
+                pass_fds=(request_read, reply_write),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )  # fmt: skip
+        finally:
+            os.close(request_read)
+            os.close(reply_write)
+        self._requests = os.fdopen(request_write, "wb")
+        self._replies = os.fdopen(reply_read, "rb")
+        try:
+            self._exchange(None)  # the child's greeting: the directory is open, or why it is not
+        except BaseException:
+            self._stop(kill=True)
+            raise
+
+    def _exchange(self, request: tuple[str, tuple[Any, ...], dict[str, Any]] | None) -> Any:
+        assert self._requests is not None and self._replies is not None
+        try:
+            if request is not None:
+                _send(self._requests, request)
+            ok, value = _receive(self._replies)
+        except (EOFError, OSError) as exc:
+            process = self._process
+            self._stop(kill=True)
+            code = process.returncode if process is not None else None
+            raise EmbeddedEngineGone(
+                f"the embedded ClickHouse process for {self.dsn} ended (exit code {code})"
+            ) from exc
+        if not ok:
+            raise value
+        return value
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            if self._closed:
+                raise EmbeddedEngineGone(f"the embedded client for {self.dsn} is closed")
+            if self._process is None:
+                self._start()
+            return self._exchange((method, args, kwargs))
+
+    def command(self, cmd: str, *args: Any, **kwargs: Any) -> Any:
+        return self._call("command", cmd, *args, **kwargs)
+
+    def query(self, query: str, *args: Any, **kwargs: Any) -> QueryRows:
+        result: QueryRows = self._call("query", query, *args, **kwargs)
+        return result
+
+    def insert(self, table: str, data: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._call("insert", table, data, *args, **kwargs)
+
+    def raw_insert(self, table: str, *args: Any, **kwargs: Any) -> Any:
+        return self._call("raw_insert", table, *args, **kwargs)
+
+    def close(self) -> None:
+        """Let the child close the directory and end; wait for it (killed after ``CLOSE_WAIT_S``)."""
+        with self._lock:
+            self._closed = True
+            self._stop(kill=False)
+
+    def _stop(self, *, kill: bool) -> None:
+        for stream in (self._requests, self._replies):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        self._requests = self._replies = None
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if kill and process.poll() is None:
+            try:
+                process.wait(1.0)  # it is ending already (its pipe closed); else it is stuck
+            except subprocess.TimeoutExpired:
+                process.kill()
+        try:
+            process.wait(CLOSE_WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- the child ----------------------------------------------------------------------------------------------
+
+
+def _portable(value: Any) -> Any:
+    """A query's result as :class:`QueryRows`; anything else as it is when it pickles, else its text."""
+    if hasattr(value, "result_rows") and hasattr(value, "column_names"):
+        return QueryRows(tuple(value.column_names), [tuple(row) for row in value.result_rows])
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return repr(value)
+    return value
+
+
+def _portable_error(exc: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(exc))  # noqa: S301 - our own bytes: can the parent rebuild it?
+    except Exception:
+        return EmbeddedError(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
+    return exc
+
+
+def _open(dsn: str, wait_s: float) -> Any:
+    import clickhouse_connect
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return clickhouse_connect.get_client(dsn=dsn)
+        except Exception as exc:
+            # Locked by a process that is letting it go (a previous owner just ended): wait for it a little.
+            if _LOCKED not in str(exc.__cause__ or exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
+def serve(requests: IO[bytes], replies: IO[bytes], dsn: str, open_wait_s: float) -> None:
+    """The child's loop: open ``dsn``, then run each request until the request pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        client = _open(dsn, open_wait_s)
+        # clickhouse-connect imports pandas on its first insert (to test for a DataFrame); pay it now, not
+        # during the first batch a writer stores.
+        from clickhouse_connect.driver import options
+
+        getattr(options, "pd", None)
+    except Exception as exc:
+        _send(replies, (False, _portable_error(exc)))
+        return
+    _send(replies, (True, None))
+    calls = {name: getattr(client, name) for name in METHODS}
+    try:
+        while True:
+            try:
+                method, args, kwargs = _receive(requests)
+            except EOFError:
+                return
+            try:
+                if method not in calls:
+                    raise ValueError(f"the embedded engine runs {', '.join(sorted(calls))}, not {method!r}")
+                reply = (True, _portable(calls[method](*args, **kwargs)))
+            except Exception as exc:
+                reply = (False, _portable_error(exc))
+            _send(replies, reply)
+    finally:
+        client.close()
+
+
+def main(argv: list[str]) -> None:
+    request_fd, reply_fd, dsn, open_wait_s = argv
+    with os.fdopen(int(request_fd), "rb") as requests, os.fdopen(int(reply_fd), "wb") as replies:
+        try:
+            serve(requests, replies, dsn, float(open_wait_s))
+        except BrokenPipeError:
+            pass  # the parent is gone
+
+
+if __name__ == "__main__":
+    # Run from the module by its name, so that what it pickles (QueryRows, EmbeddedError) is the parent's class.
+    from services.shared import embedded
+
+    embedded.main(sys.argv[1:])
