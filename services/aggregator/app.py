@@ -56,6 +56,8 @@ class BatchAgent(Protocol):
         self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]], epoch: int
     ) -> None: ...
 
+    async def read_again(self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> None: ...
+
     async def on_revoked(self, tps: set[TopicPartition], timeout_s: float = ...) -> None: ...
 
     async def on_assigned(self, tps: set[TopicPartition]) -> None: ...
@@ -83,8 +85,16 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 records, _active = await pending
                 next_fetch = None
                 if not records or self.should_stop or not self.flow_active:
-                    # Flow stopped while fetching (a rebalance began): drop the batch; the rebalance seeks
-                    # every partition (Faust: to the committed offset) and it is read again.
+                    # Flow stopped while fetching (a rebalance began): the batch is not applied. The rebalance
+                    # seeks every partition to its committed offset, but this fetch may have run after that
+                    # seek and moved past the records it returned: once the rebalance is over, the agent seeks
+                    # its partitions back to where they resume, so the records are read again.
+                    batch = {tp: recs for tp, recs in (records or {}).items() if tp.topic == topic and recs}
+                    if batch and not self.should_stop:
+                        if not self.flow_active:
+                            await self.wait(self.can_resume_flow)  # type: ignore[arg-type]  # as Faust does
+                        if not (self.should_stop or consumer_stopped()):
+                            await agent.read_again(batch)
                     await asyncio.sleep(0)
                     continue
                 next_fetch = (agent.epoch, asyncio.ensure_future(self._wait_next_records(1.0)))

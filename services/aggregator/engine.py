@@ -264,22 +264,36 @@ class Aggregator:
         from before or after the rebalance's seek, so they are not applied: each partition of the batch this
         worker owns now is sought back to its resume offset (:meth:`resume_offset`) and read again from there.
         """
+        await self._restores_of(records)
+        if epoch != self._epoch:
+            await self.read_again(records)
+            return
+        self.apply_batch(records)
+
+    async def read_again(self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> None:
+        """Do not apply ``records``: seek each partition of theirs this worker owns back to its resume offset.
+
+        For a batch fetched across a rebalance, and for one the consumer dropped because the flow stopped (a
+        rebalance began) while it was fetched. That fetch may have returned records from after the rebalance's
+        own seek, and moved the fetch position past them: without this seek they would never be read again.
+        Call it once the rebalance is over (the flow resumed).
+        """
+        await self._restores_of(records)
+        self.stats.stale_batches += 1
+        log_event(
+            log,
+            logging.INFO,
+            "a batch fetched across a rebalance is read again",
+            partitions=sorted(tp.partition for tp in records),
+            records=sum(len(batch) for batch in records.values()),
+        )
+        await self._seek_back(records)
+
+    async def _restores_of(self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> None:
         for tp in records:
             part = self.parts.get(tp.partition) if tp.topic == self.trades_topic else None
             if part is not None and part.phase is Phase.RESTORING:
                 await part.restored.wait()
-        if epoch != self._epoch:
-            self.stats.stale_batches += 1
-            log_event(
-                log,
-                logging.INFO,
-                "a batch fetched across a rebalance is read again",
-                partitions=sorted(tp.partition for tp in records),
-                records=sum(len(batch) for batch in records.values()),
-            )
-            await self._seek_back(records)
-            return
-        self.apply_batch(records)
 
     def resume_offset(self, part: PartitionState) -> int | None:
         """Where reading may resume without a gap: after the last applied record, else the restored marker.

@@ -446,6 +446,31 @@ async def test_rebalance_keeps_a_partition_given_back_and_restores_a_new_one() -
     assert_exact(broker, streams)
 
 
+async def test_a_batch_dropped_while_the_flow_was_stopped_is_read_again_from_where_it_resumes() -> None:
+    # The consumer stops the flow for a rebalance; a fetch that returns after the rebalance's own seek has
+    # moved the fetch position past its records, and the batch is not applied (the flow was stopped). The
+    # partition, given back, continues from its parked state: the records must be read again, not skipped.
+    broker, clock = Broker(), ManualClock()
+    streams = {s: make_trades(s, 30, n) for n, s in enumerate(["BTCUSDT", "ETHUSDT", "XRPUSDT", "SOLUSDT"])}
+    produce(broker, interleave(streams, 2))
+    a = Harness(broker, clock)
+    await a.assign([0, 1])
+    await a.fetch(0, 7)
+    await a.fetch(1, 4)
+    await a.engine.on_revoked({TopicPartition(TRADES, 0), TopicPartition(TRADES, 1)})
+    await a.assign([0, 1])  # both given back: the parked state continues
+    dropped = broker.records(0, a.position[0], 3)
+    assert dropped
+    a.position[0] += len(dropped)  # fetched after the seek, then dropped
+    await a.engine.read_again({TopicPartition(TRADES, 0): dropped})
+    assert a.position[0] == a.engine.resume_offset(a.engine.parts[0]) == dropped[0].offset
+    await a.drain()
+    clock.set(end_of(streams))
+    a.engine.tick()
+    await asyncio.sleep(0.01)
+    assert_exact(broker, streams)
+
+
 async def test_bad_records_go_to_the_dead_letter_topic_with_the_reason() -> None:
     broker, clock = Broker(), ManualClock()
     p = partition_of("BTCUSDT")
