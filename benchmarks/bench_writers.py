@@ -1,8 +1,9 @@
 """Throughput and latency of the two writers against the raw clients' limits, in one run (chDB).
 
 Run: ``.venv/bin/python benchmarks/bench_writers.py [--rows N] [--repeat K] [--latency-s S] [--rate R]`` with a
-broker at ``$KAFKA_BOOTSTRAP`` (default 127.0.0.1:9092). Everything runs in this process on the embedded engine
-in a temporary directory; the topics are created for the run and deleted after it.
+broker at ``$KAFKA_BOOTSTRAP`` (default 127.0.0.1:9092). The writers run in this process on the embedded engine
+in a temporary directory (the engine itself in its child process, as by default; one path runs it in this
+process for comparison); the topics are created for the run and deleted after it.
 
 Throughput (rows/s): N klines are produced to each topic first, then each writer is started from the beginning
 of its topic and timed from its partition assignment until every row is inserted and committed, with the default
@@ -16,8 +17,9 @@ of its topic and timed from its partition assignment until every row is inserted
 
 The inserts run in batches of ``finalized_buffer_size``. The paths run in ``--repeat`` interleaved rounds (the
 machine is shared); best, median and worst are printed. A split of the per-row cost (decode, row text, insert),
-next to the full path's and clickhouse-connect's, shows where a writer's time goes, and a GIL check shows whether
-an embedded insert lets the writer's main thread run meanwhile.
+next to the full path's and clickhouse-connect's, shows where a writer's time goes, and a GIL check shows how fast
+the writer's main thread runs while an insert runs in another thread, with the engine in its child process and
+in this process.
 
 Latency: klines are produced at ``--rate`` per second (the close of each kline is the moment it is produced) while
 the finalized writer runs with the default configuration; a poller in the same process (an embedded directory
