@@ -266,7 +266,7 @@ class Aggregator:
         """
         await self._restores_of(records)
         if epoch != self._epoch:
-            await self.read_again(records)
+            await self._read_again_now(records)
             return
         self.apply_batch(records)
 
@@ -279,6 +279,10 @@ class Aggregator:
         Call it once the rebalance is over (the flow resumed).
         """
         await self._restores_of(records)
+        await self._read_again_now(records)
+
+    async def _read_again_now(self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> None:
+        """:meth:`read_again` once the restores of the records' partitions are over."""
         self.stats.stale_batches += 1
         log_event(
             log,

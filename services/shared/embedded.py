@@ -66,7 +66,10 @@ class QueryRows:
 
 
 def _send(stream: IO[bytes], message: Any) -> None:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    _write(stream, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _write(stream: IO[bytes], payload: bytes) -> None:
     stream.write(_HEADER.pack(len(payload)))
     stream.write(payload)
     stream.flush()
@@ -202,14 +205,19 @@ class EmbeddedClient:
 
 
 def _portable(value: Any) -> Any:
-    """A query's result as :class:`QueryRows`; anything else as it is when it pickles, else its text."""
+    """A query's result as :class:`QueryRows`; anything else as it is (:func:`_send_result` pickles it)."""
     if hasattr(value, "result_rows") and hasattr(value, "column_names"):
         return QueryRows(tuple(value.column_names), [tuple(row) for row in value.result_rows])
-    try:
-        pickle.dumps(value)
-    except Exception:
-        return repr(value)
     return value
+
+
+def _send_result(stream: IO[bytes], value: Any) -> None:
+    """Reply with ``value``, or with its text when it does not pickle (pickled once either way)."""
+    try:
+        payload = pickle.dumps((True, value), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        payload = pickle.dumps((True, repr(value)), protocol=pickle.HIGHEST_PROTOCOL)
+    _write(stream, payload)
 
 
 def _portable_error(exc: BaseException) -> BaseException:
@@ -259,10 +267,11 @@ def serve(requests: IO[bytes], replies: IO[bytes], dsn: str, open_wait_s: float)
             try:
                 if method not in calls:
                     raise ValueError(f"the embedded engine runs {', '.join(sorted(calls))}, not {method!r}")
-                reply = (True, _portable(calls[method](*args, **kwargs)))
+                result = _portable(calls[method](*args, **kwargs))
             except Exception as exc:
-                reply = (False, _portable_error(exc))
-            _send(replies, reply)
+                _send(replies, (False, _portable_error(exc)))
+                continue
+            _send_result(replies, result)
     finally:
         client.close()
 
