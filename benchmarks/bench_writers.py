@@ -16,7 +16,9 @@ of its topic and timed from its partition assignment until every row is inserted
   now: ClickHouse parses every value); the raw client limit of the write path.
 
 The inserts run in batches of ``finalized_buffer_size``. The paths run in ``--repeat`` interleaved rounds (the
-machine is shared); best, median and worst are printed. A split of the per-row cost (decode, row text, insert),
+machine is shared); best, median and worst are printed. For each writer path, the CPU time per row of the writer's
+process and of the embedded engine's child (Linux ``/proc``) shows which one bounds the rate: one Python process
+cannot store more rows per second than one core gives it. A split of the per-row cost (decode, row text, insert),
 next to the full path's and clickhouse-connect's, shows where a writer's time goes, and a GIL check shows how fast
 the writer's main thread runs while an insert runs in another thread, with the engine in its child process and
 in this process.
@@ -38,6 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -224,9 +227,29 @@ def cost_split(
     return {**split, "total (now)": sum(split.values()), **{f"before: {k}": v for k, v in before.items()}}
 
 
-async def run_writers(settings: Settings, kinds: list[str], expected: int) -> float:
+@dataclass(frozen=True)
+class WriterRun:
+    """One timed writer run: rows/s, and the CPU each process spent per row meanwhile (microseconds)."""
+
+    rate: float
+    writer_cpu_us: float
+    engine_cpu_us: float | None  # the embedded engine's child process; None when it runs in the writer's
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) that process ``pid`` has used so far, from ``/proc``; None where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_writers(settings: Settings, kinds: list[str], expected: int) -> WriterRun:
     """Start ``kinds`` from the beginning of their topics; rows/s from the first assignment to the last row."""
-    clickhouse.apply_schema(clickhouse.connect(settings.clickhouse), settings.clickhouse)
+    client = clickhouse.connect(settings.clickhouse)
+    clickhouse.apply_schema(client, settings.clickhouse)
+    engine_pid = getattr(client, "pid", None)  # an EmbeddedClient's child
     shutdown = Shutdown(30)
     holder: list[list[WriterEngine]] = []
     task = asyncio.create_task(serve(settings, kinds, shutdown, started=lambda e, _h: holder.append(e)))
@@ -235,17 +258,21 @@ async def run_writers(settings: Settings, kinds: list[str], expected: int) -> fl
     engines = holder[0]
     while not all(e.counters.get("assignments") for e in engines):
         await asyncio.sleep(0.005)
-    started = time.perf_counter()
+    started, writer_cpu = time.perf_counter(), time.process_time()
+    engine_cpu = None if engine_pid is None else process_cpu_s(engine_pid)
     while sum(e.counters.get("rows_inserted") for e in engines) < expected or any(e.uncommitted for e in engines):
         if task.done():
             task.result()
             raise RuntimeError("writers stopped early")
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - started
+    writer_cpu = time.process_time() - writer_cpu
+    engine_after = None if engine_pid is None else process_cpu_s(engine_pid)
     shutdown.request("benchmark done")
     if await task != 0:
         raise RuntimeError("writers did not stop cleanly")
-    return expected / elapsed
+    engine_us = None if engine_cpu is None or engine_after is None else (engine_after - engine_cpu) / expected * 1e6
+    return WriterRun(expected / elapsed, writer_cpu / expected * 1e6, engine_us)
 
 
 # --- latency ------------------------------------------------------------------------------------------------
@@ -353,6 +380,7 @@ async def main() -> None:
         bodies = tsv_batches(klines, batch)
         # Interleaved repeats (the machine is shared): each path runs once per round, in fresh tables and groups.
         rates: dict[str, list[float]] = {}
+        cpu: dict[str, list[WriterRun]] = {}
         paths: dict[str, Any] = {
             "bare aiokafka consumer (getmany only)": "consumer",
             "bare clickhouse-connect client.insert loop (prebuilt rows, Decimal columns)": "client.insert",
@@ -374,7 +402,9 @@ async def main() -> None:
                 elif run == "raw_insert":
                     rate = raw_text_insert_loop(settings, bodies, args.rows)
                 else:
-                    rate = await run_writers(settings, run[0], run[1])
+                    result = await run_writers(settings, run[0], run[1])
+                    rate = result.rate
+                    cpu.setdefault(label, []).append(result)
                 rates.setdefault(label, []).append(rate)
         results = [
             (label, f"{max(r):,.0f}", f"{statistics.median(r):,.0f}", f"{min(r):,.0f}") for label, r in rates.items()
@@ -384,6 +414,19 @@ async def main() -> None:
             "(2 cores shared, chDB)\n"
         )
         print_table(["path", "best rows/s", "median", "worst"], results)
+
+        print("\nCPU per row during the writer runs (the round with the median rate). With the engine in its child,")
+        print("the writer's process runs Python on one core: X us per row caps it at 1,000,000 / X rows/s. With the")
+        print("engine in the writer's process, that process also runs the engine's threads, so no such cap follows.\n")
+        usage = []
+        for label, runs in cpu.items():
+            run = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
+            if run.engine_cpu_us is None:
+                usage.append((label, f"{run.writer_cpu_us:.1f}", "-", "(in the writer's process)"))
+            else:
+                ceiling = f"{1e6 / run.writer_cpu_us:,.0f}"
+                usage.append((label, f"{run.writer_cpu_us:.1f}", ceiling, f"{run.engine_cpu_us:.1f}"))
+        print_table(["path", "writer process us/row", "one-core cap rows/s", "engine child us/row"], usage)
 
         sample = min(20_000, args.rows)
         consumer_rate = statistics.median(rates["bare aiokafka consumer (getmany only)"])

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from decimal import Decimal
 from typing import Any
@@ -66,6 +68,7 @@ def main() -> None:
     topic, partitions, target, seconds, intervals = sys.argv[1:6]
     names = intervals.split(",")
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    datadir = tempfile.mkdtemp(prefix="bench-peer-")  # Faust's table directory, removed at exit (not the cwd)
     app = faust.App(
         f"bench-peer-{topic}",
         broker=f"kafka://{bootstrap}",
@@ -78,6 +81,7 @@ def main() -> None:
         broker_session_timeout=10.0,
         stream_recovery_delay=0.0,
         autodiscover=False,
+        datadir=datadir,
     )
     source = app.topic(topic, key_serializer="raw", value_serializer="raw")
     tables = [
@@ -117,6 +121,7 @@ def main() -> None:
             cpu = time.process_time() - state["cpu"]
             result = {"messages": state["messages"], "trades": state["trades"], "seconds": elapsed, "cpu": cpu}
             print(json.dumps(result), flush=True)
+            shutil.rmtree(datadir, ignore_errors=True)
             os._exit(0)  # the measurement is taken; do not wait for Faust to wind down its tables
 
     if os.environ.get("PEER_DEBUG"):
