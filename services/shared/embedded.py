@@ -1,12 +1,12 @@
 """The embedded ClickHouse engine (chDB) in a child process that owns the data directory.
 
-chDB runs every query while holding the interpreter's GIL: in the process that opened it, an insert stops all
-other Python threads until it returns (measured: a pure-Python loop on the main thread runs at 14-27% of its
-speed while another thread inserts). A writer would then decode its next batch and insert the current one in
-turns instead of at once, on a machine with cores to spare. So by default :func:`services.shared.clickhouse.connect`
-opens an embedded directory through an :class:`EmbeddedClient`: a child process (``python -m
-services.shared.embedded``) opens it with clickhouse-connect's chDB backend and runs the calls it is sent,
-one at a time, while the parent only waits on a pipe, without the GIL.
+chDB holds the interpreter's GIL for parts of a query: in the process that opened it, an insert slows the other
+Python threads (``benchmarks/bench_writers.py`` checks it: a pure-Python loop on the main thread ran at 67-94% of
+its speed while another thread inserted, against 77-96% with the engine in a child process). So by default
+:func:`services.shared.clickhouse.connect` opens an embedded directory through an :class:`EmbeddedClient`: a child
+process (``python -m services.shared.embedded``) opens it with clickhouse-connect's chDB backend and runs the
+calls it is sent, one at a time, while the parent only waits on a pipe, without the GIL. A crash of the engine
+then ends the child, not the writer, and its memory is not the writer's.
 
 It stands in for the clickhouse-connect client the rest of the code uses: ``command``, ``query`` (a
 :class:`QueryRows` with ``result_rows`` and ``column_names``), ``insert``, ``raw_insert`` and ``close``, with

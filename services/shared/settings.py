@@ -77,7 +77,8 @@ class ClickHouseSettings(_Section):
     snapshots_table: str = "klines_snapshots"
     dedup_window: int = Field(default=10_000, ge=1)
     # chDB only: run the engine inside this process instead of in a child process that owns the directory.
-    # In process, every query holds the GIL, so inserting and decoding take turns (services/shared/embedded.py).
+    # In process, a query holds the GIL for parts of its run and a crash of the engine ends the process
+    # (services/shared/embedded.py).
     embedded_in_process: bool = False
 
     @field_validator("dsn")
