@@ -228,12 +228,22 @@ def cost_split(
 
 
 @dataclass(frozen=True)
+class WriterPath:
+    """A throughput path that runs the real writers: which ones, how many rows they store in all, and where the
+    embedded engine runs."""
+
+    kinds: list[str]
+    rows: int
+    in_process: bool = False
+
+
+@dataclass(frozen=True)
 class WriterRun:
     """One timed writer run: rows/s, and the CPU each process spent per row meanwhile (microseconds)."""
 
     rate: float
     writer_cpu_us: float
-    engine_cpu_us: float | None  # the embedded engine's child process; None when it runs in the writer's
+    engine_cpu_us: float | None  # the embedded engine's child process; None when not measured
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -385,14 +395,14 @@ async def main() -> None:
             "bare aiokafka consumer (getmany only)": "consumer",
             "bare clickhouse-connect client.insert loop (prebuilt rows, Decimal columns)": "client.insert",
             "bare raw_insert loop (prebuilt TabSeparated): raw client limit": "raw_insert",
-            "finalized_writer (Kafka -> decode -> insert -> commit)": (["finalized"], args.rows),
-            "finalized_writer, chDB in the writer's process": (["finalized"], args.rows, True),
-            "snapshot_writer": (["snapshot"], args.rows),
-            "both writers in one process (sum)": (["finalized", "snapshot"], 2 * args.rows),
+            "finalized_writer (Kafka -> decode -> insert -> commit)": WriterPath(["finalized"], args.rows),
+            "finalized_writer, chDB in the writer's process": WriterPath(["finalized"], args.rows, in_process=True),
+            "snapshot_writer": WriterPath(["snapshot"], args.rows),
+            "both writers in one process (sum)": WriterPath(["finalized", "snapshot"], 2 * args.rows),
         }
         for round_ in range(args.repeat):
             for n, (label, run) in enumerate(paths.items()):
-                in_process = isinstance(run, tuple) and len(run) > 2
+                in_process = isinstance(run, WriterPath) and run.in_process
                 settings = bench_settings(f"bench_r{round_}_p{n}", topics, chdb_dir, in_process=in_process)
                 clickhouse.close(settings.clickhouse)  # the directory's engine opens as this path wants it
                 if run == "consumer":
@@ -402,7 +412,7 @@ async def main() -> None:
                 elif run == "raw_insert":
                     rate = raw_text_insert_loop(settings, bodies, args.rows)
                 else:
-                    result = await run_writers(settings, run[0], run[1])
+                    result = await run_writers(settings, run.kinds, run.rows)
                     rate = result.rate
                     cpu.setdefault(label, []).append(result)
                 rates.setdefault(label, []).append(rate)
@@ -421,11 +431,11 @@ async def main() -> None:
         usage = []
         for label, runs in cpu.items():
             run = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
-            if run.engine_cpu_us is None:
+            engine = "-" if run.engine_cpu_us is None else f"{run.engine_cpu_us:.1f}"
+            if paths[label].in_process:
                 usage.append((label, f"{run.writer_cpu_us:.1f}", "-", "(in the writer's process)"))
             else:
-                ceiling = f"{1e6 / run.writer_cpu_us:,.0f}"
-                usage.append((label, f"{run.writer_cpu_us:.1f}", ceiling, f"{run.engine_cpu_us:.1f}"))
+                usage.append((label, f"{run.writer_cpu_us:.1f}", f"{1e6 / run.writer_cpu_us:,.0f}", engine))
         print_table(["path", "writer process us/row", "one-core cap rows/s", "engine child us/row"], usage)
 
         sample = min(20_000, args.rows)
