@@ -3,8 +3,9 @@
 Run: ``KAFKA_BOOTSTRAP=127.0.0.1:9092 .venv/bin/python benchmarks/bench_aggregator.py [--trades N] [--quick]``
 (``KAFKA_BOOTSTRAP`` defaults to the local broker ``deploy/kafka/kafka.sh start`` runs). Prints a table.
 
-For each scenario one ``trades`` topic (6 partitions) is filled once, then read by three contenders, each in
-its own process pinned to the same CPU:
+For each scenario one ``trades`` topic (6 partitions, no time-based retention: its records carry the synthetic
+market's trade times as their Kafka timestamps) is filled once, then read by three contenders, each in its own
+process pinned to the same CPU; a contender that reads nothing stops the run with a message saying so:
 
 * **limit** — a bare aiokafka consumer reading every record of the topic (no decoding): what the client can do;
 * **aggregator** — the real worker (:class:`~services.aggregator.worker.AggregatorWorker`: Faust app, batch
@@ -57,6 +58,10 @@ STALL_S = 30.0
 
 class Stalled(RuntimeError):
     """A contender's consumer stopped receiving records before it read them all."""
+
+
+class ReadNothing(RuntimeError):
+    """A contender finished without reading a record, so it has no rate to report."""
 
 
 PARTITIONS = 6
@@ -144,6 +149,10 @@ def bench_settings(name: str) -> Settings:
             "topics": topics,
             "trades_partitions": PARTITIONS,
             "klines_partitions": PARTITIONS,
+            # The records carry the synthetic market's 2025 trade times as their Kafka timestamps (the peer's
+            # windows are relative to them), so a time-based retention would let the broker delete them at
+            # its next retention check, before the last contender has read them.
+            "trades_retention_ms": -1,
         },
         market={"intervals": list(INTERVALS)},
         service={"state_dir": str(REPO / ".state" / "bench" / name), "log_format": "text", "log_level": "WARNING"},
@@ -282,6 +291,7 @@ async def scenario(title: str, batches: list[tuple[str, list[AggTrade]]], args: 
             ("aggregator (Faust app, batch agent)", ours),
             ("peer: Faust agent + windowed tables", peer),
         ):
+            check_read(label, result, settings.kafka.topics.trades)
             msgs = result["messages"] / result["seconds"]
             trades_done = result.get("trades", result["messages"] * per_message)
             tps = trades_done / result["seconds"]
@@ -298,6 +308,17 @@ async def scenario(title: str, batches: list[tuple[str, list[AggTrade]]], args: 
                 *(f"{peer_group}-kl-{i}-changelog" for i in INTERVALS),
             ],
         )
+
+
+def check_read(label: str, result: dict[str, Any], topic: str) -> None:
+    """Raise :class:`ReadNothing` if a contender measured no record or no time (its rate would be 0 or 0/0)."""
+    if result["messages"] > 0 and result["seconds"] > 0 and result["cpu"] > 0:
+        return
+    raise ReadNothing(
+        f"{label} read {result['messages']:,} messages of {topic} in {result['seconds']:.3f}s "
+        f"({result['cpu']:.3f} CPU-s): no rate to compare. Check that the topic still holds its records "
+        f"(retention) and that the contender was assigned its partitions."
+    )
 
 
 def print_table(results: list[list[Any]]) -> None:
@@ -351,4 +372,7 @@ if __name__ == "__main__":
     else:
         if cli.quick:
             cli.trades, cli.single_trades, cli.peer_seconds = 200_000, 100_000, 10.0
-        asyncio.run(main(cli))
+        try:
+            asyncio.run(main(cli))
+        except ReadNothing as exc:
+            sys.exit(f"bench_aggregator: {exc}")
