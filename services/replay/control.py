@@ -23,15 +23,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from services.replay.exchange import ReplayExchange
     from services.replay.faults import Faults
 
 Action = Callable[[dict[str, Any]], Any]
+
+
+class FeedStatus(Protocol):
+    """What the status endpoints need of the exchange (:class:`~services.replay.exchange.ReplayExchange` is one).
+
+    A protocol rather than the exchange class itself: the exchange registers these routes, so importing it
+    here would make the two modules import each other.
+    """
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def wait_exhausted(self, timeout: float | None = None) -> None: ...  # noqa: ASYNC109 - mirrors the exchange
 
 
 def _arg(body: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
@@ -47,7 +58,7 @@ def _arg(body: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any
     return value
 
 
-def add_control_routes(app: web.Application, exchange: ReplayExchange, faults: Faults) -> None:
+def add_control_routes(app: web.Application, exchange: FeedStatus, faults: Faults) -> None:
     """Register ``/_control/...`` for ``exchange`` (whose fault API is ``faults``)."""
 
     actions: dict[str, Action] = {

@@ -26,12 +26,13 @@ call the same methods. What each fault does:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
+
+from services.replay.batch import Batch
 
 if TYPE_CHECKING:
-    from services.replay.publisher import Publisher
     from services.replay.rest import WeightLimiter
     from services.replay.streams import StreamHub
     from services.replay.tape import MarketTape
@@ -40,15 +41,12 @@ MalformedKind = Literal["bad_json", "missing_field", "wrong_type", "negative_pri
 MALFORMED_KINDS: tuple[str, ...] = get_args(MalformedKind)
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Trade frames on their way out, in order: ``payloads[i]`` belongs to symbol index ``symbols[i]``."""
+class FeedSwitch(Protocol):
+    """What the faults need of the publisher: stopping and restarting market time."""
 
-    symbols: Sequence[int]
-    payloads: list[str]
+    def pause(self) -> None: ...
 
-    def __len__(self) -> int:
-        return len(self.payloads)
+    def resume(self) -> None: ...
 
 
 @dataclass
@@ -138,7 +136,7 @@ class Faults:
         tape: MarketTape,
         state: FaultState,
         hub: StreamHub,
-        publisher: Publisher,
+        publisher: FeedSwitch,
         limiter: WeightLimiter,
         market_time_ms: Callable[[], int],
     ) -> None:

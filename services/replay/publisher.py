@@ -18,8 +18,9 @@ import asyncio
 from bisect import bisect_right
 from collections import Counter
 
+from services.replay.batch import Batch
 from services.replay.clock import PlaybackClock
-from services.replay.faults import Batch, FaultState
+from services.replay.faults import FaultState
 from services.replay.streams import StreamHub
 from services.replay.tape import MarketTape
 

@@ -39,8 +39,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from services.replay.batch import Batch
 from services.replay.config import ReplayConfig
-from services.replay.faults import Batch
 from services.replay.tape import MarketTape
 
 _STREAM_NAME = re.compile(r"^[a-z0-9_.\-]+@[A-Za-z0-9_@]+$")

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from services.core.models import InvalidInput, parse_agg_trade
-from services.replay.faults import MALFORMED_KINDS, Batch, FaultState, malformed_payload
+from services.replay.batch import Batch
+from services.replay.faults import MALFORMED_KINDS, FaultState, malformed_payload
 from services.replay.streams import encode_text_frames
 
 pytestmark = pytest.mark.unit
