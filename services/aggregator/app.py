@@ -56,6 +56,10 @@ class BatchAgent(Protocol):
         self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]], epoch: int
     ) -> None: ...
 
+    def has_room(self) -> bool: ...
+
+    async def wait_for_room(self) -> None: ...
+
     async def read_again(self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> None: ...
 
     async def on_revoked(self, tps: set[TopicPartition], timeout_s: float = ...) -> None: ...
@@ -76,10 +80,15 @@ class BatchConsumer(faust_aiokafka.Consumer):
         # round trips overlap the agent's work. Each fetch carries the epoch at which it started: a rebalance
         # (or a seek back) while it is in flight changes the epoch, and the agent then re-reads instead of
         # applying records that may predate the rebalance's seek.
+        #
+        # Flow control (recovery protocol step 3): a fetch starts only while the agent's output has room. When a
+        # batch closed more klines than the producers took at once, the next fetch waits until they drained;
+        # so a burst slows the input, and no output is dropped.
         next_fetch: tuple[int, asyncio.Future[Any]] | None = None
         try:
             while not (consumer_stopped() or fetcher_stopped()):
                 if next_fetch is None:
+                    await agent.wait_for_room()
                     next_fetch = (agent.epoch, asyncio.ensure_future(self._wait_next_records(1.0)))
                 epoch, pending = next_fetch
                 records, _active = await pending
@@ -97,7 +106,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
                             await agent.read_again(batch)
                     await asyncio.sleep(0)
                     continue
-                next_fetch = (agent.epoch, asyncio.ensure_future(self._wait_next_records(1.0)))
+                if agent.has_room():
+                    next_fetch = (agent.epoch, asyncio.ensure_future(self._wait_next_records(1.0)))
                 batch = {tp: recs for tp, recs in records.items() if tp.topic == topic}
                 if batch:
                     await agent.handle_batch(batch, epoch)

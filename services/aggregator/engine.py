@@ -4,7 +4,8 @@
 per assigned ``trades`` partition. It is driven by three callers, all on one event loop:
 
 * the batch consumer (:mod:`services.aggregator.app`) calls :meth:`Aggregator.handle_batch` with every batch of
-  records Faust's consumer fetched — the hot path, synchronous and never awaiting I/O;
+  records Faust's consumer fetched — the hot path, synchronous and never awaiting I/O — and
+  :meth:`Aggregator.wait_for_room` before each fetch (flow control, step 3);
 * the clock task (:meth:`Aggregator.tick`, every ``snapshot_interval_ms``) closes quiet klines, publishes
   snapshots and writes checkpoints;
 * Faust's rebalance signals (:meth:`Aggregator.on_revoked`, :meth:`Aggregator.on_assigned`) and the graceful
@@ -22,14 +23,24 @@ Per ``trades`` partition ``p``. ``next[S]`` is the offset after the last applied
 2. **Apply exactly once per symbol.** A record at offset ``o`` for symbol ``S`` is applied iff
    ``o >= next[S]``; then ``next[S] = o + 1`` and ``S`` is dirty. A fetched batch is applied in one synchronous
    call, so a cancellation (rebalance, stop) can only fall between batches, never inside one.
-3. **Finalize without waiting.** A kline that closes is handed to the producer of ``klines.finalized`` with
-   :func:`~services.aggregator.sending.try_send`; its delivery future is not awaited. Until the future resolves
-   the kline stays in ``unconfirmed[S]``. A full buffer (or a failed delivery) is one ERROR log with
-   ``log_type=DATA_LOSS`` and a counter — no retry queue.
-4. **Checkpoint the dirty symbols** (each tick; at most one checkpoint in flight per partition). Synchronously
-   export each dirty symbol's book, ``next[S]`` and ``unconfirmed[S]``, and note ``N = position``. A background
-   task sends the symbol records and awaits every acknowledgement. If one fails, those symbols are dirty again
-   and the checkpoint ends here: no marker, no commit.
+3. **Finalize without waiting; never drop.** A kline that closes joins ``unconfirmed[S]`` and is put into the
+   finalized :class:`~services.aggregator.outbox.Outbox`, which hands it to the producer at once when the
+   producer takes it without waiting, and queues it otherwise; nothing here awaits a send. The kline stays in
+   ``unconfirmed[S]`` until the broker acknowledged it; a delivery that failed (timed out, connection lost)
+   is put again. The ``trades`` topic is a durable log, so a full producer is never a reason to drop a
+   kline: **flow control on the input** instead — the consumer starts a fetch only while the output in flight
+   (finalized klines queued or unacknowledged, snapshots and dead letters waiting; :meth:`Aggregator.in_flight`)
+   is at most ``persistence.max_in_flight``, and resumes as it drains. A burst of closed klines (a quiet
+   stretch closing, a catch-up after downtime) therefore slows the input and loses nothing. ``DATA_LOSS``
+   (an ERROR log with symbol, interval and open time, and a counter) is left for a kline the producer can
+   never take (the outbox's step 4); a kline unconfirmed at a crash is in the checkpoint and sent again (7).
+4. **Checkpoint the dirty symbols** (each tick; at most one checkpoint in flight per partition;
+   :class:`~services.aggregator.checkpointer.Checkpointer`). Synchronously export each dirty symbol's book,
+   ``next[S]`` and ``unconfirmed[S]``, and note ``N = position``. A record that would exceed the checkpoint's
+   record size (a burst not yet confirmed) defers the partition's checkpoint to a later tick: the commit then
+   stays at the previous marker, which is always safe. A background task sends the symbol records and awaits
+   every acknowledgement. If one fails, those symbols are dirty again and the checkpoint ends here: no marker,
+   no commit.
 5. **Then the marker**: ``{next_offset: N, seq_limit: L}`` (``L`` = snapshot seq + a lease), sent only after
    step 4 was fully acknowledged, and awaited. So a marker ``N`` on the topic means: every symbol with a
    record below ``N`` has its state, current through that record, on the topic.
@@ -68,122 +79,55 @@ now belongs to another worker. Fencing it would need a transactional producer pe
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from itertools import chain
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from services.aggregator.checkpoint import (
-    MARKER_KEY,
-    PartitionCheckpoint,
-    encode_marker,
-    encode_symbol,
+from services.aggregator.checkpointer import (
+    SEQ_LEASE,
+    Checkpointer,
+    CheckpointSource,
+    GroupConsumer,
+    wait_quietly,
 )
 from services.aggregator.clock import Clock, TradeTimeClock
 from services.aggregator.decode import Trade, TradesDecoder
+from services.aggregator.outbox import Outbox
 from services.aggregator.sending import NotEnqueued, try_send
+from services.aggregator.state import KlineIdent, PartitionState, Phase, Stats
 from services.core.book import KlineBook, KlineBooks, TradeColumns
 from services.core.models import AggTrade, InvalidInput, Kline
 from services.shared.logs import log_event
 from services.shared.messages import Gap, TradeBatch, dead_letter_value, encode_kline, encode_trade_batch, kline_key
 
+__all__ = ["SEQ_LEASE", "Aggregator", "CheckpointSource", "GroupConsumer", "PartitionState", "Phase", "Stats"]
+
 log = logging.getLogger("services.aggregator")
 
 SERVICE: Final = "aggregator"
-#: Snapshot sequence numbers a partition may use beyond the newest confirmed marker (renewed every checkpoint).
-SEQ_LEASE: Final = 1 << 24
-#: At most this many klines wait for a snapshot per partition (the oldest closed ones go first).
-SNAPSHOT_BACKLOG_LIMIT: Final = 200_000
+#: Default of ``persistence.max_in_flight``: output records (finalized klines queued or awaiting their
+#: acknowledgement, snapshots waiting, dead letters queued) above which the engine stops fetching trades.
+MAX_IN_FLIGHT: Final = 20_000
+#: How often a paused input looks whether the output drained (and pushes waiting snapshots meanwhile).
+FLOW_POLL_S: Final = 0.01
+
+#: A finalized kline on its way: the partition whose unconfirmed set holds it, and the kline.
+Finalized = tuple[PartitionState, Kline]
 
 
-class GroupConsumer(Protocol):
-    """What the engine needs from the consumer group member (Faust's consumer in production)."""
-
-    async def commit(self, offsets: Mapping[TopicPartition, int]) -> bool: ...
-
-    def highwater(self, tp: TopicPartition) -> int | None: ...
-
-    async def seek(self, tp: TopicPartition, offset: int | None) -> None:
-        """Read ``tp`` next from ``offset`` (``None``: from the start of the log)."""
+def _encode_finalized(item: Finalized) -> tuple[bytes | None, bytes]:
+    kline = item[1]
+    return kline_key(kline.s, kline.i), encode_kline(kline)
 
 
-class CheckpointSource(Protocol):
-    """Where a restore reads checkpoints from (:class:`~services.aggregator.checkpoint.CheckpointReader`)."""
-
-    async def read(self, partitions: Iterable[int], timeout_s: float) -> dict[int, PartitionCheckpoint]: ...
-
-
-class Phase(enum.Enum):
-    RESTORING = "restoring"
-    READY = "ready"
-    REVOKED = "revoked"
-
-
-@dataclass(eq=False)
-class PartitionState:
-    """One trades partition's books and the bookkeeping of the recovery protocol."""
-
-    tp: TopicPartition
-    books: KlineBooks
-    phase: Phase = Phase.RESTORING
-    restored: asyncio.Event = field(default_factory=asyncio.Event)
-    next_offsets: dict[str, int] = field(default_factory=dict)
-    position: int | None = None
-    restored_from: int | None = None
-    dirty: set[str] = field(default_factory=set)
-    unconfirmed: dict[str, dict[tuple[str, int, int], Kline]] = field(default_factory=dict)
-    snapshot_backlog: dict[tuple[str, str, int], Kline] = field(default_factory=dict)
-    seq: int = 0
-    seq_limit: int = 0
-    flight: asyncio.Task[bool] | None = None
-    checkpointed: int | None = None
-    committed: int | None = None
-    guard_checked: bool = False
-
-    @property
-    def partition(self) -> int:
-        return int(self.tp.partition)
-
-    def read_position(self) -> int:
-        if self.position is not None:
-            return self.position
-        return self.restored_from if self.restored_from is not None else 0
-
-
-@dataclass
-class Stats:
-    """Counters of the hot path (plain ints: the hot path must not pay for a metrics library)."""
-
-    records: int = 0
-    batches: int = 0
-    trades_applied: int = 0
-    records_replayed: int = 0
-    gaps: int = 0
-    dead_letters: int = 0
-    dead_letters_dropped: int = 0
-    klines_finalized: int = 0
-    finalized_confirmed: int = 0
-    data_loss: int = 0
-    snapshots_sent: int = 0
-    snapshots_deferred: int = 0
-    snapshots_dropped: int = 0
-    checkpoints: int = 0
-    checkpoint_failures: int = 0
-    commits: int = 0
-    restores: int = 0
-    restored_symbols: int = 0
-    reused_partitions: int = 0
-    resent_finalized: int = 0
-    ticks: int = 0
-    offset_guard_errors: int = 0
-    stale_batches: int = 0
+def _encode_dead_letter(item: tuple[bytes | None, bytes]) -> tuple[bytes | None, bytes]:
+    return item
 
 
 class Aggregator:
@@ -207,6 +151,7 @@ class Aggregator:
         checkpoint_every_ticks: int = 1,
         flush_timeout_s: float = 5.0,
         restore_timeout_s: float = 60.0,
+        max_in_flight: int = MAX_IN_FLIGHT,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.trades_topic = trades_topic
@@ -218,21 +163,33 @@ class Aggregator:
         self.grace_ms = grace_ms
         self.clock = clock
         self._observe = clock.observe if isinstance(clock, TradeTimeClock) else None
-        self._finalized = finalized
         self._snapshots = snapshots
-        self._checkpoints = checkpoints
-        self._reader = reader
         self._group: GroupConsumer | None = None
         self._checkpoint_every = max(1, checkpoint_every_ticks)
         self._flush_timeout = flush_timeout_s
-        self._restore_timeout = restore_timeout_s
+        self._max_in_flight = max_in_flight
         self._monotonic = monotonic
         self._decoder = TradesDecoder()
+        self.stats = Stats()
+        self._checkpointer = Checkpointer(
+            producer=checkpoints,
+            topic=checkpoint_topic,
+            reader=reader,
+            intervals=self.intervals,
+            grace_ms=grace_ms,
+            stats=self.stats,
+            restore_timeout_s=restore_timeout_s,
+            monotonic=monotonic,
+        )
+        self._finalized: Outbox[Finalized] = Outbox(finalized, finalized_topic, _encode_finalized, name="finalized")
+        self._dead_letters: Outbox[tuple[bytes | None, bytes]] = Outbox(
+            snapshots, dead_letter_topic, _encode_dead_letter, name="dead-letter"
+        )
         self.parts: dict[int, PartitionState] = {}
         self._parked: dict[int, PartitionState] = {}
         self._accepting = True
+        self._output_closed = False
         self._assigned_once = False
-        self.stats = Stats()
         self._epoch = 0
 
     # ------------------------------------------------------------------------------------------ wiring
@@ -240,6 +197,7 @@ class Aggregator:
     def attach(self, group: GroupConsumer) -> None:
         """Connect the consumer group member whose offsets step 6 commits."""
         self._group = group
+        self._checkpointer.attach(group)
 
     @property
     def ready(self) -> bool:
@@ -262,13 +220,48 @@ class Aggregator:
 
         If the assignment changed since (a rebalance ran while the fetch was waiting), the records may come
         from before or after the rebalance's seek, so they are not applied: each partition of the batch this
-        worker owns now is sought back to its resume offset (:meth:`resume_offset`) and read again from there.
+        worker owns now is sought back to its resume offset (:meth:`PartitionState.resume_offset`) and read again.
         """
         await self._restores_of(records)
         if epoch != self._epoch:
             await self._read_again_now(records)
             return
+        started = self._monotonic()
         self.apply_batch(records)
+        self.stats.longest_apply_s = max(self.stats.longest_apply_s, self._monotonic() - started)
+
+    # ------------------------------------------------------------------------------------------ flow control
+
+    def in_flight(self) -> int:
+        """Output not yet with the broker: finalized klines queued or unacknowledged, snapshots and dead
+        letters waiting. Flow control (protocol step 3) keeps it near ``max_in_flight``."""
+        return (
+            self._finalized.pending
+            + self._dead_letters.queued
+            + sum(len(part.snapshot_backlog) for part in self.parts.values())
+        )
+
+    def has_room(self) -> bool:
+        """True while the consumer may fetch more trades (the output is below ``max_in_flight``)."""
+        return self.in_flight() <= self._max_in_flight
+
+    async def wait_for_room(self) -> None:
+        """Return once the output drained below ``max_in_flight`` (or the engine stops applying).
+
+        The consumer calls this before each fetch: while it waits, no trades are read, so a burst of closed
+        klines (a quiet stretch closing, a catch-up) slows the input instead of overflowing the producers.
+        Waiting snapshots are pushed meanwhile, as fast as the snapshot producer takes them.
+        """
+        if self.has_room():
+            return
+        self.stats.flow_pauses += 1
+        started = self._monotonic()
+        while self._accepting and not self.has_room():
+            for part in list(self.parts.values()):
+                if part.phase is Phase.READY:
+                    self._publish_snapshots(part)
+            await asyncio.sleep(FLOW_POLL_S)
+        self.stats.flow_paused_s += self._monotonic() - started
 
     async def read_again(self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> None:
         """Do not apply ``records``: seek each partition of theirs this worker owns back to its resume offset.
@@ -299,13 +292,6 @@ class Aggregator:
             if part is not None and part.phase is Phase.RESTORING:
                 await part.restored.wait()
 
-    def resume_offset(self, part: PartitionState) -> int | None:
-        """Where reading may resume without a gap: after the last applied record, else the restored marker.
-
-        ``None`` means "from the start of the log" (no marker: nothing of this partition was ever committed).
-        """
-        return part.position if part.position is not None else part.restored_from
-
     async def _seek_back(self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> None:
         if self._group is None:
             return
@@ -314,7 +300,7 @@ class Aggregator:
             part = self.parts.get(tp.partition) if tp.topic == self.trades_topic else None
             if part is not None and part.phase is Phase.READY:
                 try:
-                    await self._group.seek(part.tp, self.resume_offset(part))
+                    await self._group.seek(part.tp, part.resume_offset())
                 except Exception as exc:  # e.g. revoked again meanwhile: the next assignment seeks anyway
                     log_event(log, logging.WARNING, "seek back failed", partition=part.partition, error=repr(exc))
 
@@ -485,43 +471,58 @@ class Aggregator:
     # ------------------------------------------------------------------------------------------ output
 
     def _finalize(self, part: PartitionState, symbol: str, closed: Iterable[Kline]) -> None:
-        """Protocol step 3: hand each closed kline to the finalized producer, never waiting."""
+        """Protocol step 3: each closed kline joins the unconfirmed set and goes to the finalized outbox."""
         pending = part.unconfirmed.setdefault(symbol, {})
         backlog = part.snapshot_backlog
+        put = self._finalized.put
+        done = self._finalized_done
+        count = 0
         for kline in closed:
             backlog[(symbol, kline.i, kline.t)] = kline
-            self._send_finalized(part, pending, kline)
+            pending[(kline.i, kline.t, kline.version)] = kline
+            put((part, kline), done)
+            count += 1
+        self.stats.klines_finalized += count
         part.dirty.add(symbol)
 
-    def _send_finalized(self, part: PartitionState, pending: dict[tuple[str, int, int], Kline], kline: Kline) -> None:
-        try:
-            future = try_send(
-                self._finalized,
-                self.finalized_topic,
-                encode_kline(kline),
-                key=kline_key(kline.s, kline.i),
-            )
-        except NotEnqueued as exc:
-            self._data_loss(kline, exc.reason)
-            return
-        self.stats.klines_finalized += 1
-        ident = (kline.i, kline.t, kline.version)
-        pending[ident] = kline
-        future.add_done_callback(partial(self._finalized_done, part, kline, ident))
+    def _resend(self, part: PartitionState, klines: Iterable[Kline]) -> None:
+        """Unconfirmed klines restored from a checkpoint (step 7), sent again."""
+        for kline in klines:
+            part.unconfirmed.setdefault(kline.s, {})[(kline.i, kline.t, kline.version)] = kline
+            self._finalized.put((part, kline), self._finalized_done)
+            self.stats.resent_finalized += 1
 
-    def _finalized_done(
-        self, part: PartitionState, kline: Kline, ident: tuple[str, int, int], future: asyncio.Future[Any]
-    ) -> None:
+    def _finalized_done(self, item: Finalized, future: asyncio.Future[Any]) -> None:
+        """A finalized kline's delivery resolved: confirmed, sent again, or (never sendable) DATA_LOSS."""
+        part, kline = item
+        if not part.owned or self._output_closed:
+            return  # the partition's checkpoint carries it (or a replay from the older one closes it again)
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or (error is not None and not isinstance(error, NotEnqueued)):
+            # The broker did not acknowledge it (timed out, connection lost): it stays unconfirmed, sent again.
+            self.stats.finalized_resent += 1
+            if self.stats.finalized_resent == 1 or self.stats.finalized_resent % 1000 == 0:
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "finalized kline delivery failed; it is sent again",
+                    symbol=kline.s,
+                    interval=kline.i,
+                    open_time=kline.t,
+                    resent=self.stats.finalized_resent,
+                    error="cancelled" if error is None else repr(error),
+                )
+            self._finalized.put(item, self._finalized_done)
+            return
+        ident: KlineIdent = (kline.i, kline.t, kline.version)
         pending = part.unconfirmed.get(kline.s)
         if pending is not None:
             pending.pop(ident, None)
             if not pending:
                 del part.unconfirmed[kline.s]
         part.dirty.add(kline.s)
-        if future.cancelled():
-            self._data_loss(kline, "delivery cancelled")
-        elif future.exception() is not None:
-            self._data_loss(kline, f"delivery failed: {future.exception()!r}")
+        if error is not None:  # the producer can never take it (step 4 of the outbox): really lost
+            self._data_loss(kline, str(error))
         else:
             self.stats.finalized_confirmed += 1
 
@@ -530,7 +531,7 @@ class Aggregator:
         log_event(
             log,
             logging.ERROR,
-            "a finalized kline was dropped: the finalized producer's buffer is full or delivery failed",
+            "a finalized kline could not be delivered and is lost",
             log_type="DATA_LOSS",
             symbol=kline.s,
             interval=kline.i,
@@ -549,20 +550,23 @@ class Aggregator:
             partition=record.partition,
             offset=record.offset,
         )
-        try:
-            try_send(self._snapshots, self.dead_letter_topic, payload, key=record.key)
-        except NotEnqueued as exc:
-            self.stats.dead_letters_dropped += 1
-            log_event(
-                log,
-                logging.ERROR,
-                "a rejected trades record could not be dead-lettered",
-                log_type="DEAD_LETTER_DROPPED",
-                partition=record.partition,
-                offset=record.offset,
-                reason=reason,
-                send_error=exc.reason,
-            )
+        self._dead_letters.put((record.key, payload), partial(self._dead_letter_done, record, reason))
+
+    def _dead_letter_done(self, record: ConsumerRecord[Any, Any], reason: str, _item: Any, future: Any) -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is None and not future.cancelled():
+            return
+        self.stats.dead_letters_dropped += 1
+        log_event(
+            log,
+            logging.ERROR,
+            "a rejected trades record could not be dead-lettered",
+            log_type="DEAD_LETTER_DROPPED",
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+            send_error="cancelled" if error is None else repr(error),
+        )
 
     # ------------------------------------------------------------------------------------------ clock
 
@@ -595,7 +599,7 @@ class Aggregator:
                     self._finalize(part, book_symbol, closed)
             self._publish_snapshots(part)
             if checkpoint:
-                self._start_checkpoint(part)
+                self._checkpointer.start(part)
 
     @staticmethod
     def _drain_all_closed(books: KlineBooks) -> list[tuple[str, list[Kline]]]:
@@ -645,102 +649,16 @@ class Aggregator:
         for ident in sent:
             del backlog[ident]
         self.stats.snapshots_sent += len(sent)
-        overflow = len(backlog) - SNAPSHOT_BACKLOG_LIMIT
-        if overflow > 0:
-            for ident in list(backlog)[:overflow]:
-                del backlog[ident]
-            self.stats.snapshots_dropped += overflow
 
-    # ------------------------------------------------------------------------------------------ checkpoints
-
-    def _start_checkpoint(self, part: PartitionState, *, force: bool = False) -> asyncio.Task[bool] | None:
-        """Protocol step 4: export the dirty symbols now, send them (and then the marker) in the background."""
-        if part.flight is not None and not part.flight.done():
-            return None
-        position = part.position if part.position is not None else part.restored_from
-        renew = part.seq_limit - part.seq < SEQ_LEASE // 2
-        if not part.dirty and not force and not renew and position == part.checkpointed:
-            return None
-        symbols = part.dirty
-        part.dirty = set()
-        records = []
-        for symbol in symbols:
-            unconfirmed = part.unconfirmed.get(symbol, {})
-            state = part.books.book(symbol).export_state()
-            value = encode_symbol(symbol, part.next_offsets.get(symbol, 0), state, unconfirmed.values())
-            records.append((symbol.encode(), value))
-        lease = part.seq + SEQ_LEASE
-        marker = encode_marker(part.partition, position, lease, len(part.next_offsets))
-        part.flight = asyncio.create_task(self._fly(part, symbols, records, marker, position, lease))
-        return part.flight
-
-    async def _fly(
-        self,
-        part: PartitionState,
-        symbols: set[str],
-        records: list[tuple[bytes, bytes]],
-        marker: bytes,
-        position: int | None,
-        lease: int,
-    ) -> bool:
-        """Protocol steps 4-6 for one checkpoint: symbol records, acknowledged; marker, acknowledged; commit."""
-        producer = self._checkpoints
-        topic = self.checkpoint_topic
-        try:
-            futures = [await producer.send(topic, value, key=key, partition=part.partition) for key, value in records]
-            await asyncio.gather(*futures)
-            await (await producer.send(topic, marker, key=MARKER_KEY, partition=part.partition))
-        except Exception as exc:
-            part.dirty |= symbols
-            self.stats.checkpoint_failures += 1
+    async def _flush_finalized(self, timeout_s: float) -> None:
+        """Wait until every finalized kline put so far is acknowledged, up to ``timeout_s``."""
+        if not await self._finalized.flush(max(0.1, timeout_s)):
             log_event(
                 log,
                 logging.WARNING,
-                "checkpoint not written; its symbols will be written again",
-                partition=part.partition,
-                symbols=len(symbols),
-                error=repr(exc),
+                "finalized klines still unconfirmed after the flush timeout; the checkpoint carries them",
+                pending=self._finalized.pending,
             )
-            return False
-        self.stats.checkpoints += 1
-        part.seq_limit = max(part.seq_limit, lease)
-        part.checkpointed = position
-        if position is not None and self._group is not None and (part.committed is None or position > part.committed):
-            try:
-                if await self._group.commit({part.tp: position}):
-                    part.committed = position
-                    self.stats.commits += 1
-            except Exception as exc:
-                log_event(log, logging.WARNING, "commit failed", partition=part.partition, error=repr(exc))
-        return True
-
-    async def _checkpoint_now(self, parts: Iterable[PartitionState], timeout_s: float) -> set[int]:
-        """Await any flight in progress, then one final checkpoint per partition; the partitions that made it."""
-        deadline = self._monotonic() + timeout_s
-        parts = list(parts)
-        done: set[int] = set()
-        for part in parts:
-            if part.flight is not None and not part.flight.done():
-                await _wait_quietly(part.flight, deadline - self._monotonic())
-        flights: dict[int, asyncio.Task[bool]] = {}
-        for part in parts:
-            if part.flight is not None and not part.flight.done():
-                continue  # still stuck after the wait: this partition's final checkpoint is lost
-            flight = self._start_checkpoint(part, force=True)
-            if flight is not None:
-                flights[part.partition] = flight
-            elif part.checkpointed is not None or part.position is None:
-                done.add(part.partition)
-        for partition, flight in flights.items():
-            if await _wait_quietly(flight, deadline - self._monotonic()):
-                done.add(partition)
-        return done
-
-    async def _flush_finalized(self, timeout_s: float) -> None:
-        try:
-            await asyncio.wait_for(self._finalized.flush(), max(0.1, timeout_s))
-        except Exception as exc:
-            log_event(log, logging.WARNING, "finalized producer did not flush in time", error=repr(exc))
 
     # ------------------------------------------------------------------------------------------ rebalance
 
@@ -758,8 +676,9 @@ class Aggregator:
             part.restored.set()  # wake a batch waiting for this restore: it is not applied (epoch changed)
         deadline = self._monotonic() + timeout_s
         await self._flush_finalized(min(self._flush_timeout, timeout_s / 2))
-        done = await self._checkpoint_now(ready, deadline - self._monotonic())
+        done = await self._checkpointer.final(ready, deadline - self._monotonic())
         self._parked = {part.partition: part for part in ready if part.partition in done}
+        self._disown(part for part in revoked if part.partition not in self._parked)
         log_event(
             log,
             logging.INFO,
@@ -786,6 +705,7 @@ class Aggregator:
             part = PartitionState(tp, KlineBooks(self.intervals, self.grace_ms))
             self.parts[tp.partition] = part
             restoring.append(part)
+        self._disown(parked.values())
         self._assigned_once = True
         if restoring:
             await self._restore(restoring)
@@ -800,28 +720,22 @@ class Aggregator:
     async def _restore(self, parts: list[PartitionState]) -> None:
         """Protocol step 7."""
         started = self._monotonic()
-        checkpoints = await self._reader.read([part.partition for part in parts], self._restore_timeout)
+        checkpoints = await self._checkpointer.read(parts)
         for part in parts:
             if self.parts.get(part.partition) is not part:
                 continue  # revoked again meanwhile
-            self._install(part, checkpoints[part.partition])
+            self._checkpointer.install(part, checkpoints[part.partition])
         for part in parts:
             if self.parts.get(part.partition) is part:
                 # Claim a fresh snapshot lease before any snapshot; a failure only delays snapshots.
-                flight = self._start_checkpoint(part, force=True)
+                flight = self._checkpointer.start(part, force=True)
                 if flight is not None:
-                    await _wait_quietly(flight, self._flush_timeout)
+                    await wait_quietly(flight, self._flush_timeout)
         for part in parts:
             if self.parts.get(part.partition) is not part:
                 continue
-            for symbol, pending in list(part.unconfirmed.items()):
-                resend = list(pending.values())
-                pending.clear()
-                for kline in resend:
-                    self.stats.resent_finalized += 1
-                    self._send_finalized(part, pending, kline)
-                if not pending:
-                    part.unconfirmed.pop(symbol, None)
+            restored = [kline for pending in part.unconfirmed.values() for kline in pending.values()]
+            self._resend(part, restored)
             part.phase = Phase.READY
             part.restored.set()
             self.stats.restores += 1
@@ -835,47 +749,13 @@ class Aggregator:
             seconds=round(self._monotonic() - started, 3),
         )
 
-    def _install(self, part: PartitionState, checkpoint: PartitionCheckpoint) -> None:
-        books: dict[str, Any] = {}
-        other_grace = 0
-        for symbol, saved in checkpoint.symbols.items():
-            intervals = tuple(saved.book.get("intervals", ()))
-            if set(intervals) != set(self.intervals):
-                raise RuntimeError(
-                    f"the checkpoint of {symbol} in {self.checkpoint_topic}[{part.partition}] has the intervals "
-                    f"{list(intervals)} but the config (market.intervals) has {list(self.intervals)}: restore the "
-                    "old setting, or delete the checkpoint topic and the group's offsets to rebuild every book "
-                    "from the trades topic"
-                )
-            if saved.book.get("grace_ms") != self.grace_ms:
-                other_grace += 1
-            books[symbol] = saved.book
-            part.next_offsets[symbol] = saved.next_offset
-            if saved.unconfirmed:
-                part.unconfirmed[symbol] = {(k.i, k.t, k.version): k for k in saved.unconfirmed}
-        if books:
-            part.books = KlineBooks.restore(
-                {
-                    "format": 1,
-                    "intervals": list(self.intervals),
-                    "grace_ms": self.grace_ms,
-                    "repair_horizon_ms": next(iter(books.values())).get("repair_horizon_ms"),
-                    "books": books,
-                }
-            )
-        if other_grace:
-            log_event(
-                log,
-                logging.WARNING,
-                "restored books keep the grace_ms they were checkpointed with; new symbols use the configured one",
-                partition=part.partition,
-                symbols=other_grace,
-                grace_ms=self.grace_ms,
-            )
-        part.restored_from = checkpoint.next_offset
-        part.checkpointed = checkpoint.next_offset
-        part.seq = part.seq_limit = checkpoint.seq_limit
-        self.stats.restored_symbols += len(books)
+    def _disown(self, parts: Iterable[PartitionState]) -> None:
+        """Partitions this worker no longer owns: their queued output is dropped (the checkpoint has it)."""
+        gone = [part for part in parts if part.owned]
+        for part in gone:
+            part.owned = False
+        if gone:
+            self._finalized.drop(lambda item: item[0].owned)
 
     # ------------------------------------------------------------------------------------------ stop
 
@@ -884,14 +764,12 @@ class Aggregator:
         deadline = self._monotonic() + timeout_s
         self._accepting = False
         parts = [part for part in self.parts.values() if part.phase is Phase.READY]
-        for part in parts:
-            self._publish_snapshots(part)
         await self._flush_finalized(min(self._flush_timeout, (deadline - self._monotonic()) / 2))
-        done = await self._checkpoint_now(parts, deadline - self._monotonic())
-        try:
-            await asyncio.wait_for(self._snapshots.flush(), max(0.1, deadline - self._monotonic()))
-        except Exception as exc:
-            log_event(log, logging.WARNING, "snapshot producer did not flush in time", error=repr(exc))
+        done = await self._checkpointer.final(parts, deadline - self._monotonic())
+        await self._flush_snapshots(parts, deadline)
+        self._output_closed = True
+        await self._finalized.close()
+        await self._dead_letters.close()
         missing = sorted({part.partition for part in parts} - done)
         log_event(
             log,
@@ -900,6 +778,19 @@ class Aggregator:
             partitions=sorted(part.partition for part in parts),
             not_checkpointed=missing,
         )
+
+    async def _flush_snapshots(self, parts: list[PartitionState], deadline: float) -> None:
+        """The last snapshots and dead letters, pushed until sent or the deadline passes."""
+        while self._monotonic() < deadline:
+            for part in parts:
+                self._publish_snapshots(part)
+            if not any(part.snapshot_backlog for part in parts) and not self._dead_letters.queued:
+                break
+            await asyncio.sleep(FLOW_POLL_S)
+        try:
+            await asyncio.wait_for(self._snapshots.flush(), max(0.1, deadline - self._monotonic()))
+        except Exception as exc:
+            log_event(log, logging.WARNING, "snapshot producer did not flush in time", error=repr(exc))
 
     # ------------------------------------------------------------------------------------------ views
 
@@ -941,14 +832,11 @@ class Aggregator:
             "partitions": sorted(self.parts),
             "partitions_restoring": sorted(p for p, part in self.parts.items() if part.phase is Phase.RESTORING),
             "unconfirmed_finalized": sum(len(v) for part in self.parts.values() for v in part.unconfirmed.values()),
+            "finalized_queued": self._finalized.queued,
+            "finalized_longest_send_wait_s": round(self._finalized.longest_wait_s, 3),
+            "in_flight": self.in_flight(),
+            "max_in_flight": self._max_in_flight,
             "snapshot_backlog": sum(len(part.snapshot_backlog) for part in self.parts.values()),
+            "dead_letters_queued": self._dead_letters.queued,
             "ready": self.ready,
         }
-
-
-async def _wait_quietly(task: Awaitable[bool], timeout_s: float) -> bool:
-    """Wait for a checkpoint flight up to ``timeout_s``; True if it completed successfully."""
-    try:
-        return bool(await asyncio.wait_for(asyncio.shield(task), max(0.0, timeout_s)))
-    except TimeoutError:
-        return False

@@ -32,6 +32,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from services.aggregator.app import AggregatorApp, FaustGroup, checkpoint_topic, make_app
 from services.aggregator.checkpoint import CheckpointReader
+from services.aggregator.checkpointer import MAX_RECORD_BYTES
 from services.aggregator.clock import Clock, ManualClock
 from services.aggregator.engine import Aggregator
 from services.aggregator.sending import warm_metadata
@@ -42,10 +43,13 @@ from services.shared.settings import Settings
 
 log = logging.getLogger("services.aggregator")
 
-#: The finalized producer's per-partition buffer. aiokafka keeps one open batch per partition and nothing
-#: else, so this bounds how many klines may close at once per partition (~3,000 at ~350 bytes) before the
-#: DATA_LOSS path is taken; it must stay below the broker's message.max.bytes (1 MiB by default).
+#: The producers' per-partition batch. aiokafka keeps one open batch per partition and nothing else; what does
+#: not fit waits in the engine's outbox (:mod:`services.aggregator.outbox`), and flow control stops the input
+#: meanwhile. It must stay below the broker's message.max.bytes (1 MiB by default).
 FINALIZED_BATCH_BYTES = 1_000_000
+#: The checkpoint producer's request limit and the checkpoint topic's max.message.bytes: above the largest
+#: record the checkpointer writes (a larger one defers the checkpoint instead, see its module).
+CHECKPOINT_REQUEST_BYTES = MAX_RECORD_BYTES + 64 * 1024
 
 
 class AggregatorWorker:
@@ -97,7 +101,12 @@ class AggregatorWorker:
                 TopicSpec(
                     ckpt_topic,
                     partitions,
-                    {"cleanup.policy": "compact", "segment.ms": "60000", "min.cleanable.dirty.ratio": "0.1"},
+                    {
+                        "cleanup.policy": "compact",
+                        "segment.ms": "60000",
+                        "min.cleanable.dirty.ratio": "0.1",
+                        "max.message.bytes": str(CHECKPOINT_REQUEST_BYTES),
+                    },
                 )
             ],
         )
@@ -112,7 +121,11 @@ class AggregatorWorker:
         finalized = make_producer(kafka, client_suffix="aggregator-finalized", **self._finalized_options)
         snapshots = make_producer(kafka, client_suffix="aggregator-snapshots", max_batch_size=FINALIZED_BATCH_BYTES)
         checkpoints = make_producer(
-            kafka, client_suffix="aggregator-checkpoints", compression_type="gzip", max_batch_size=FINALIZED_BATCH_BYTES
+            kafka,
+            client_suffix="aggregator-checkpoints",
+            compression_type="gzip",
+            max_batch_size=FINALIZED_BATCH_BYTES,
+            max_request_size=CHECKPOINT_REQUEST_BYTES,
         )
         for producer in (finalized, snapshots, checkpoints):
             await producer.start()
@@ -137,6 +150,7 @@ class AggregatorWorker:
             reader=self._reader,
             checkpoint_every_ticks=self._checkpoint_every,
             flush_timeout_s=min(5.0, settings.service.shutdown_grace_s / 2),
+            max_in_flight=settings.persistence.max_in_flight,
         )
         self.app = make_app(settings, engine, instance_id=self._instance_id)
         engine.attach(FaustGroup(self.app))

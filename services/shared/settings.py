@@ -104,6 +104,9 @@ class PersistenceSettings(_Section):
     snapshot_buffer_size: int = Field(default=20_000, gt=0)
     snapshot_flush_interval_ms: int = Field(default=1000, gt=0)
     insert_retry_max_s: float = Field(default=5.0, gt=0)
+    # aggregator: output records (finalized klines queued or unacknowledged, snapshots and dead letters waiting)
+    # above which it stops fetching trades until they drained: flow control on the input, never loss on output.
+    max_in_flight: int = Field(default=20_000, gt=0)
 
 
 class MarketSettings(_Section):

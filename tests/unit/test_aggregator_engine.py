@@ -65,12 +65,14 @@ class FakeProducer:
         self.capacity = capacity
         self.pending: list[tuple[tuple[str, int], bytes | None, bytes | None, asyncio.Future[Any]]] = []
         self.dead = False
+        self.room = asyncio.Event()
 
     async def send(
         self, topic: str, value: bytes | None = None, key: bytes | None = None, partition: int | None = None
     ) -> asyncio.Future[Any]:
-        if self.capacity is not None and len(self.pending) >= self.capacity:
-            await asyncio.get_running_loop().create_future()
+        while self.capacity is not None and len(self.pending) >= self.capacity:
+            self.room.clear()
+            await self.room.wait()  # aiokafka: until the partition's batch is drained
         if partition is None:
             partition = zlib.crc32(key or b"") % PARTITIONS
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -88,12 +90,14 @@ class FakeProducer:
         for where, key, value, future in ready:
             self.broker.logs[where].append((key, value))
             future.set_result(None)
+        self.room.set()
 
     def fail(self, count: int) -> None:
         """The next ``count`` in-flight records fail (not written); the ones behind them may still succeed."""
         failed, self.pending = self.pending[:count], self.pending[count:]
         for _where, _key, _value, future in failed:
             future.set_exception(RuntimeError("delivery failed"))
+        self.room.set()
 
     async def flush(self) -> None:
         self.deliver()
@@ -145,6 +149,7 @@ class Harness:
         checkpoints_auto: bool = True,
         intervals: tuple[str, ...] = INTERVALS,
         grace_ms: int = 0,
+        max_in_flight: int = 20_000,
     ) -> None:
         self.broker = broker
         self.finalized = FakeProducer(broker, auto=finalized_auto, capacity=capacity)
@@ -165,6 +170,7 @@ class Harness:
             checkpoints=self.checkpoints,
             reader=self.reader,
             flush_timeout_s=0.2,
+            max_in_flight=max_in_flight,
         )
         self.group = FakeGroup(broker)
         self.engine.attach(self.group)
@@ -379,25 +385,50 @@ async def _crash_scenario(scenario: dict[str, Any]) -> None:
     assert h.engine.metrics()["duplicate_trades"] == 0
 
 
-async def test_a_full_finalized_buffer_is_one_data_loss_log_per_kline_and_no_retry(
+async def test_a_full_finalized_buffer_queues_the_klines_and_stops_the_input_until_they_are_delivered(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     broker, clock = Broker(), ManualClock()
     trades = [AggTrade("BTCUSDT", 1 + k, "10", "1", 1 + k, 1 + k, T0 + k * 60_000, False) for k in range(4)]
     produce(broker, [("BTCUSDT", trades)])
-    h = Harness(broker, clock, finalized_auto=False, capacity=1)
+    h = Harness(broker, clock, finalized_auto=False, capacity=1, max_in_flight=2)
     await h.assign()
     with caplog.at_level(logging.ERROR, logger="services.aggregator"):
-        await h.drain()  # closes three 1m klines at once; the buffer holds one
-    losses = [r for r in caplog.records if getattr(r, "log_type", None) == "DATA_LOSS"]
-    assert len(losses) == 2 and h.engine.stats.data_loss == 2
-    assert {(r.symbol, r.interval, r.open_time) for r in losses} == {  # type: ignore[attr-defined]
-        ("BTCUSDT", "1m", T0 + 60_000),
-        ("BTCUSDT", "1m", T0 + 120_000),
-    }
+        await h.drain()  # closes three 1m klines at once; the producer's buffer holds one
+        assert len(h.finalized.pending) == 1 and h.engine.metrics()["finalized_queued"] == 2
+        assert not h.engine.has_room()
+        room = asyncio.create_task(h.engine.wait_for_room())
+        await asyncio.sleep(0.05)
+        assert not room.done()  # the input waits: the consumer fetches nothing meanwhile
+        for _ in range(3):
+            h.finalized.deliver()
+            await asyncio.sleep(0.01)  # the outbox hands over the next kline once the buffer drained
+        await asyncio.wait_for(room, 1.0)
+    assert h.engine.stats.data_loss == 0 and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    got = finalized(broker)
+    assert sorted(t for (_s, i, t), copies in got.items() if i == "1m" and len(copies) == 1) == [
+        T0,
+        T0 + 60_000,
+        T0 + 120_000,
+    ]
+    assert h.engine.metrics()["unconfirmed_finalized"] == 0
+
+
+async def test_a_failed_delivery_is_sent_again_and_never_lost() -> None:
+    broker, clock = Broker(), ManualClock()
+    trades = [AggTrade("BTCUSDT", 1 + k, "10", "1", 1 + k, 1 + k, T0 + k * 60_000, False) for k in range(3)]
+    produce(broker, [("BTCUSDT", trades)])
+    h = Harness(broker, clock, finalized_auto=False)
+    await h.assign()
+    await h.drain()
+    assert len(h.finalized.pending) == 2
+    h.finalized.fail(2)  # the broker did not acknowledge them (request timed out, connection lost)
+    await asyncio.sleep(0.01)
+    assert h.engine.stats.finalized_resent == 2 and h.engine.metrics()["unconfirmed_finalized"] == 2
     h.finalized.deliver()
-    assert len(finalized(broker)) == 1  # nothing was queued behind the producer's back
-    await h.fetch(partition_of("BTCUSDT"), 1)  # and the engine keeps running
+    await asyncio.sleep(0.01)  # delivery callbacks run on the loop
+    assert sorted(t for (_s, i, t) in finalized(broker) if i == "1m") == [T0, T0 + 60_000]
+    assert h.engine.stats.data_loss == 0 and h.engine.metrics()["unconfirmed_finalized"] == 0
 
 
 async def test_unconfirmed_finalized_klines_are_sent_again_after_a_restore() -> None:
@@ -436,7 +467,7 @@ async def test_rebalance_keeps_a_partition_given_back_and_restores_a_new_one() -
     a.position[0] += len(stale)  # as if the consumer had fetched past them
     await a.engine.handle_batch({TopicPartition(TRADES, 0): stale}, epoch)
     assert a.engine.stats.stale_batches == 1  # fetched across the rebalance: not applied, and read again
-    assert a.position[0] == a.engine.resume_offset(a.engine.parts[0])
+    assert a.position[0] == a.engine.parts[0].resume_offset()
     await a.drain()
     await b.drain()
     clock.set(end_of(streams))
@@ -463,7 +494,7 @@ async def test_a_batch_dropped_while_the_flow_was_stopped_is_read_again_from_whe
     assert dropped
     a.position[0] += len(dropped)  # fetched after the seek, then dropped
     await a.engine.read_again({TopicPartition(TRADES, 0): dropped})
-    assert a.position[0] == a.engine.resume_offset(a.engine.parts[0]) == dropped[0].offset
+    assert a.position[0] == a.engine.parts[0].resume_offset() == dropped[0].offset
     await a.drain()
     clock.set(end_of(streams))
     a.engine.tick()
