@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from services.ingest.rest import Banned, ExchangeRest, RateLimited, RestError
@@ -81,6 +81,11 @@ class Backfiller:
         if self.sequencer.begin_catch_up(symbol):
             self.catch_ups += 1
             self._spawn(symbol, catch_up=True)
+
+    def running(self, symbols: Iterable[str]) -> list[asyncio.Task[None]]:
+        """The backfill tasks still running for ``symbols``."""
+        tasks = (self._tasks.get(symbol) for symbol in symbols)
+        return [task for task in tasks if task is not None and not task.done()]
 
     def cancel(self, symbol: str) -> None:
         task = self._tasks.pop(symbol, None)

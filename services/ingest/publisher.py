@@ -106,40 +106,57 @@ class TradePublisher:
             return
 
     async def send_round(self) -> None:
-        """Hand everything waiting to the producer (raises :class:`PublishFailed`)."""
+        """Hand everything waiting to the producer (raises :class:`PublishFailed`).
+
+        A round interrupted before it handed everything over (cancelled, or failed) puts what it had not handed
+        to the producer back at the front of the outbox: a stop that cancels a round strands nothing, and the
+        counts of what is left stay true.
+        """
         async with self._round_lock:
             items = self.outbox.take()
             dead, self._dead_letters = self._dead_letters, []
+            handed: dict[str, int] = {}  # per symbol, how many leading entries the producer holds
+            dead_handed = 0
             try:
                 async with asyncio.timeout(self.send_timeout_s):
                     for symbol, entries in items.items():
-                        await self._send_symbol(symbol, entries)
+                        await self._send_symbol(symbol, entries, handed)
                     for key, value in dead:
                         await self._send(self.dead_letter_topic, key, value, 0)
+                        dead_handed += 1
                         self.dead_letters_published += 1
-            except TimeoutError:
-                self._fail(f"the producer did not accept records within send_timeout_s={self.send_timeout_s:g}")
-            except KafkaError as exc:
-                self._fail(f"the producer rejected a record: {type(exc).__name__}: {exc}")
+            except BaseException as exc:
+                self.outbox.put_back({s: entries[handed.get(s, 0) :] for s, entries in items.items()})
+                self._dead_letters[:0] = dead[dead_handed:]
+                if isinstance(exc, TimeoutError):
+                    self._fail(f"the producer did not accept records within send_timeout_s={self.send_timeout_s:g}")
+                if isinstance(exc, KafkaError):
+                    self._fail(f"the producer rejected a record: {type(exc).__name__}: {exc}")
+                raise
 
-    async def _send_symbol(self, symbol: str, entries: list[OutboxItem]) -> None:
+    async def _send_symbol(self, symbol: str, entries: list[OutboxItem], handed: dict[str, int]) -> None:
+        """Send one symbol's entries in order; ``handed[symbol]`` follows how many the producer holds."""
         key = symbol.encode()
         run: list[AggTrade] = []
         limit = self.max_batch_trades
-        for entry in entries:
+        for index, entry in enumerate(entries):
             if isinstance(entry, Gap):
                 if run:
                     await self._send_trades(symbol, key, run)
                     run = []
+                    handed[symbol] = index
                 await self._send(self.trades_topic, key, encode_gap(entry), 0)
                 self.gaps_published += 1
+                handed[symbol] = index + 1
                 continue
             run.append(entry)
             if len(run) >= limit:
                 await self._send_trades(symbol, key, run)
                 run = []
+                handed[symbol] = index + 1
         if run:
             await self._send_trades(symbol, key, run)
+        handed[symbol] = len(entries)
 
     async def _send_trades(self, symbol: str, key: bytes, trades: list[AggTrade]) -> None:
         await self._send(self.trades_topic, key, encode_trade_batch(symbol, trades), len(trades))

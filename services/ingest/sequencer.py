@@ -12,7 +12,10 @@ trade fetched by REST backfill; the sequencer decides, per symbol:
 4. backfilled trades go through the same rules (:meth:`Sequencer.offer_backfill`), so live frames and REST
    pages may overlap freely;
 5. a hole that backfill cannot fill becomes an explicit :class:`~services.shared.messages.Gap` in the outbox
-   (:meth:`Sequencer.declare_gap`), and ``last`` moves past it: those ids will never be published.
+   (:meth:`Sequencer.declare_gap`), and ``last`` moves past it: those ids will never be published;
+6. at a graceful stop no live frame can fill a hole any more: ``due(now, final=True)`` ends every reorder
+   window at once, and :meth:`Sequencer.close` hands whatever backfill could not repair in time to the outbox
+   behind explicit gaps, so nothing accepted stays held.
 
 A symbol whose history is unknown (never published, nothing recovered from the topic) starts at the lowest id
 seen within its first reorder window, so a first pair of swapped frames loses nothing.
@@ -63,6 +66,14 @@ class Outbox:
         """Everything waiting, per symbol, and an empty outbox."""
         items, self._items, self.trades = self._items, {}, 0
         return items
+
+    def put_back(self, items: dict[str, list[OutboxItem]]) -> None:
+        """Return items taken and not sent, ahead of anything added since (they come first in ``a``)."""
+        for symbol, entries in items.items():
+            if not entries:
+                continue
+            self._items[symbol] = entries + self._items.get(symbol, [])
+            self.trades += sum(1 for entry in entries if type(entry) is AggTrade)
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -165,22 +176,30 @@ class Sequencer:
             self._holding[trade.s] = state
         return Verdict.HELD
 
-    def due(self, now: float) -> list[str]:
+    @property
+    def holding(self) -> list[str]:
+        """Symbols with held trades."""
+        return list(self._holding)
+
+    def due(self, now: float, *, final: bool = False) -> list[str]:
         """Symbols whose hole outlived the reorder window: mark them as backfilling and return them.
 
-        A fresh symbol (no known history) is not backfilled: it starts at the lowest id held.
+        A fresh symbol (no known history) is not backfilled: it starts at the lowest id held. ``final``: no live
+        frame will come any more (the service is stopping), so every window is over now; a fresh symbol whose
+        held trades still have a hole after its start is then backfilled like any other.
         """
         out: list[str] = []
         window = self.reorder_window_s
         for symbol, state in list(self._holding.items()):
             if state.backfilling or state.held_since is None:
                 continue
-            if now - state.held_since < window and len(state.held) < self.max_held_per_symbol:
+            if not final and now - state.held_since < window and len(state.held) < self.max_held_per_symbol:
                 continue
             if state.last is None:
                 state.last = min(state.held) - 1
                 self._release(symbol, state, now)
-                continue
+                if not final or not state.held:
+                    continue
             state.backfilling = True
             self.stats.gaps_detected += 1
             out.append(symbol)
@@ -256,6 +275,26 @@ class Sequencer:
         if state.held:
             self._release(symbol, state, now)
         return gap
+
+    def close(self, reason: str, now: float) -> list[Gap]:
+        """Hand every held trade to the outbox, each hole before it as an explicit gap; returns the gaps.
+
+        For the end of a graceful stop, once backfill had its chance: no trade the sequencer accepted is left
+        behind, and what could not be repaired is marked (``last`` moves past it, as with :meth:`declare_gap`).
+        A fresh symbol starts at its lowest held id, as when its first window ends.
+        """
+        gaps: list[Gap] = []
+        for symbol, state in list(self._holding.items()):
+            state.backfilling = False
+            if state.last is None:
+                state.last = min(state.held) - 1
+                self._release(symbol, state, now)
+            while state.held:
+                gap = self.declare_gap(symbol, reason, now)
+                # Held ids are always above last + 1 (contiguous ones are released at once): a hole precedes them.
+                assert gap is not None, f"{symbol}: held trades without a hole before them"
+                gaps.append(gap)
+        return gaps
 
     # ------------------------------------------------------------------ internals
     def _release(self, symbol: str, state: _SymbolState, now: float) -> None:

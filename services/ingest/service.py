@@ -16,13 +16,24 @@ reason, counted), sequenced (duplicate / accepted / held), and, if the bounded q
 unacknowledged trades) reached ``persistence.queue_size``, the reader pauses until the queue is half empty:
 backpressure reaches the exchange through TCP, nothing is dropped.
 
-Graceful stop (SIGTERM/SIGINT), bounded by ``service.shutdown_grace_s``:
+Graceful stop (SIGTERM/SIGINT), bounded by ``service.shutdown_grace_s`` (one deadline for every step).
+Every trade accepted is published exactly once per ``a``, or sits behind an explicit gap record: nothing
+accepted stays in memory. (Leaving held trades for the next start is not enough: a symbol that has nothing in
+the topic yet, held during its first reorder window, restarts fresh from the live stream and would lose them.)
 
-1. close every WebSocket: no more frames are accepted;
-2. stop backfill and the tick loop; trades held behind an unrepaired hole are not published (the next start
-   recovers from the topic and backfills them);
-3. send everything accepted and wait for every acknowledgement;
-4. stop the producer, the REST client and the health server; exit 0 (1 if step 3 did not finish in time).
+1. close every WebSocket: no more frames are accepted, so no live frame can fill a hole any more;
+2. stop the tick loop and discovery; ``/symbols`` changes are refused from here on;
+3. **repair what is held** while the publisher keeps sending: every reorder window ends now
+   (``Sequencer.due(final=True)``: a fresh symbol starts at its lowest held id, every other hole gets a REST
+   backfill, and a backfill already in flight goes on), until nothing is held or half the remaining time is
+   spent;
+4. cancel the remaining backfills (an open-ended catch-up with nothing held is simply cut short: the next
+   start catches up from the topic again) and ``Sequencer.close``: what is still held goes to the outbox in
+   ``a`` order, each hole before it as a ``{"type":"gap"}`` record, logged with ``log_type=DATA_LOSS``;
+5. end the publisher loop after its round in progress (a round cut short puts what it had not handed to the
+   producer back in the outbox); send the outbox and the dead letters and wait for every acknowledgement;
+   log ``flushed`` with the real counts (``dropped_held``, what is still held, is 0 after step 4);
+6. stop the producer, the REST client and the health server; exit 0 (1 if step 5 did not finish in time).
 
 A fatal producer state (a send failed or timed out: the broker may or may not have stored it) exits 1 at once
 without sending anything more: the next start continues from what the topic holds, exactly once.
@@ -260,6 +271,8 @@ class IngestService:
         """Make sequencer and connections follow ``selection.wanted``; returns the wanted set."""
         async with self._symbols_lock:
             wanted = self.selection.wanted
+            if self.stopped:
+                return wanted  # connections are closed and held trades are being drained: change nothing
             current = self.sequencer.symbols
             now = self._clock()
             for symbol in sorted(current - wanted):
@@ -495,50 +508,64 @@ class IngestService:
                 self._room.set()
 
     async def _stop(self, producer: Any, code: int) -> int:
-        """The graceful stop of the module docstring (steps 1-4)."""
+        """The graceful stop of the module docstring (steps 1-6)."""
         if self.stopped:
             return code
         self.stopped = True
         self.shutdown.request("stopping")
         self._room.set()
+        held_at_stop = self.sequencer.held_total
         # 1. No more frames.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.pool.stop(), max(0.5, self.shutdown.remaining() / 4))
-        # 2. No more backfill, ticks, discovery.
-        await self.backfiller.stop()
+        # 2. No more ticks, discovery (the publisher, the first task, keeps running).
         publisher_task = self._tasks[0] if self._tasks else None
         for task in self._tasks[1:]:
             task.cancel()
         await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        # 3-4. Nothing accepted stays held (not after a fatal error: nothing more may be sent).
+        stop_gaps: list[Gap] = []
+        if self.fatal is None and publisher_task is not None:
+            await self._repair_held(max(0.0, self.shutdown.remaining() / 2))
+            await self.backfiller.stop()
+            stop_gaps = self.sequencer.close("ingest stopped before backfill repaired the hole", self._clock())
+            for gap in stop_gaps:
+                self._on_gap(gap)
+        else:
+            await self.backfiller.stop()
+        # 5. Everything accepted, acknowledged (not after a fatal error: sending more could duplicate).
         if publisher_task is not None and self.publisher is not None:
-            self.publisher.stop_loop()  # finish the round in progress rather than strand it
+            self.publisher.stop_loop()  # finish the round in progress rather than cut it short
             try:
                 await asyncio.wait_for(asyncio.shield(publisher_task), max(0.1, self.shutdown.remaining() / 2))
             except TimeoutError:
-                publisher_task.cancel()
+                publisher_task.cancel()  # the round puts back what it had not handed over
             await asyncio.gather(publisher_task, return_exceptions=True)
-        # 3. Everything accepted, acknowledged (not after a fatal error: sending more could duplicate).
         publisher = self.publisher
         if publisher is not None and self.fatal is None:
             flushed = await publisher.flush(max(0.1, self.shutdown.remaining() - 0.5))
+            counts: dict[str, Any] = {
+                "trades_received": self.trades_received,
+                "trades_published": publisher.trades_published,
+                "gaps_published": publisher.gaps_published,
+                "held_at_stop": held_at_stop,
+                "gaps_at_stop": len(stop_gaps),
+                "ids_gap_marked_at_stop": sum(g.to_a - g.from_a + 1 for g in stop_gaps),
+                "dropped_held": self.sequencer.held_total,
+                "unacknowledged": publisher.inflight_trades + self.outbox.trades,
+            }
             if flushed:
-                log_event(
-                    log,
-                    logging.INFO,
-                    "flushed",
-                    trades_published=publisher.trades_published,
-                    dropped_held=self.sequencer.held_total,
-                )
+                log_event(log, logging.INFO, "flushed", **counts)
             else:
                 code = 1
                 log_event(
                     log,
                     logging.ERROR,
                     "not everything was acknowledged before the deadline; the next start recovers from the topic",
-                    unacknowledged=publisher.inflight_trades + self.outbox.trades,
                     reason=publisher.failure,
+                    **counts,
                 )
-        # 4. Release the clients.
+        # 6. Release the clients.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(producer.stop(), max(0.5, self.shutdown.remaining()))
         await self.rest.close()
@@ -548,3 +575,28 @@ class IngestService:
             code = 1
         log_event(log, logging.INFO, "ingest stopped", exit_code=code, reason=self.shutdown.reason)
         return code
+
+    async def _repair_held(self, budget_s: float) -> None:
+        """Stop step 3: backfill every hole in front of held trades, for at most ``budget_s``.
+
+        Waits on the backfill tasks themselves, waking every ``tick_s`` to start the repair of a further hole
+        a finished task left behind (the tick loop that would do it is stopped).
+        """
+        seq = self.sequencer
+        deadline = self._clock() + budget_s
+        while seq.held_total and self.fatal is None:
+            for symbol in seq.due(self._clock(), final=True):
+                log_event(
+                    log,
+                    logging.INFO,
+                    "stopping: backfilling a hole before held trades",
+                    symbol=symbol,
+                    missing=seq.backfill_range(symbol),
+                    held=seq.held(symbol),
+                )
+                self.backfiller.repair(symbol)
+            running = self.backfiller.running(seq.holding)
+            remaining = deadline - self._clock()
+            if not running or remaining <= 0:
+                return
+            await asyncio.wait(running, timeout=min(remaining, self.tuning.tick_s), return_when=asyncio.FIRST_COMPLETED)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -395,6 +396,122 @@ async def test_ban_418_publishes_an_explicit_gap(settings: Settings) -> None:
     assert ids_of(records["BTCUSDT"][:position])[-1] == skipped[0] - 1
     assert ids_of(records["BTCUSDT"][position:])[0] == skipped[1] + 1
     assert ids_of(records["ETHUSDT"]) == [t.a for t in ex.trades("ETHUSDT")]
+
+
+# --------------------------------------------------------------------------------------------------- graceful stop
+
+
+def _stop_log(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "services.ingest" and r.getMessage() == message]
+
+
+async def _all_frames_read(service: IngestService, ex: ReplayExchange, skipped: int, timeout: float = 20) -> int:
+    """The burst is over and ingest has read every frame the exchange sent; returns how many trades that is."""
+    await ex.wait_exhausted(timeout)
+    sent = sum(len(ex.trades(s)) for s in ex.symbols) - skipped
+    await until(lambda: service.trades_received == sent, timeout, "ingest to read every frame")
+    return sent
+
+
+async def test_graceful_stop_publishes_every_held_trade_after_repairing_their_holes(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stop comes while every accepted trade is held: both symbols are fresh (nothing in the topic) and
+    still in their first reorder window, BTC with a hole that only REST can fill. The stop ends the windows,
+    backfills the hole and publishes everything, exactly once per ``a``, with no gap. (Before: all dropped,
+    and a restart would have started the fresh symbols from the live stream, losing them for good.)"""
+    caplog.set_level(logging.INFO, logger="services.ingest")
+    settings = settings.model_copy(
+        update={"persistence": settings.persistence.model_copy(update={"queue_size": 1_000_000})}
+    )
+    tuning = replace(FAST, reorder_window_s=3600.0, max_held_per_symbol=1_000_000)
+    async with ReplayExchange(exchange_config(minutes=2, speed=0)) as ex:
+        btc = ex.trades("BTCUSDT")
+        ex.faults.skip_trades("BTCUSDT", btc[300].a, btc[1500].a)  # two REST pages and a bit
+        s = for_exchange(settings, ex)
+        service = IngestService(s, tuning)
+        task = asyncio.create_task(service.run())
+        try:
+            await until(lambda: service.ready() or task.done(), 20, "ingest ready")
+            ex.start_feed()
+            accepted = await _all_frames_read(service, ex, skipped=1201)
+            assert service.sequencer.held_total == accepted, "every accepted trade is held when the stop comes"
+            assert service.publisher is not None and service.publisher.trades_published == 0
+            service.shutdown.request("SIGTERM")
+            code = await asyncio.wait_for(task, 15)
+        finally:
+            if not task.done():
+                task.cancel()
+        assert code == 0
+        await assert_exactly_once(s, ex)  # every id of the feed once, in order, no gap record
+    total = len(btc) + len(ex.trades("ETHUSDT"))
+    [flushed] = _stop_log(caplog, "flushed")
+    assert flushed.dropped_held == 0  # type: ignore[attr-defined]
+    assert flushed.held_at_stop == accepted  # type: ignore[attr-defined]
+    assert flushed.trades_published == total  # type: ignore[attr-defined]
+    assert flushed.gaps_at_stop == 0 and flushed.unacknowledged == 0  # type: ignore[attr-defined]
+    assert service.metrics()["trades_backfilled"] >= 1201, "the hole came from REST"
+
+
+async def test_graceful_stop_cuts_a_hanging_backfill_and_marks_its_hole_as_a_gap(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backfill is in flight when the stop comes and REST never answers: at half the remaining grace the
+    stop gives up, publishes the hole as a gap record in its place and every held trade after it."""
+    caplog.set_level(logging.INFO, logger="services.ingest")
+    release = asyncio.Event()
+    requests: list[str] = []
+
+    async def hanging(request: web.Request) -> web.Response:
+        requests.append(str(request.rel_url))
+        await release.wait()
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/api/v3/aggTrades", hanging)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with ReplayExchange(exchange_config(minutes=2, speed=0)) as ex:
+            btc = ex.trades("BTCUSDT")
+            skipped = (btc[200].a, btc[260].a)
+            ex.faults.skip_trades("BTCUSDT", *skipped)
+            s = for_exchange(settings, ex, rest_url=f"http://127.0.0.1:{port}")
+            service = IngestService(s, FAST)
+            task = asyncio.create_task(service.run())
+            try:
+                await until(lambda: service.ready() or task.done(), 20, "ingest ready")
+                ex.start_feed()
+                await _all_frames_read(service, ex, skipped=61)
+                await until(lambda: len(requests) == 1, 10, "the backfill request")
+                held = service.sequencer.held("BTCUSDT")
+                assert held == len(btc) - 261, "everything after the hole is held"
+                assert service.backfiller.active == 1
+                service.shutdown.request("SIGTERM")
+                code = await asyncio.wait_for(task, 15)
+            finally:
+                release.set()
+                if not task.done():
+                    task.cancel()
+            assert code == 0
+            records = await published_by_symbol(s)
+    finally:
+        await runner.cleanup()
+    assert [(g.from_a, g.to_a) for g in gaps_of(records["BTCUSDT"])] == [skipped]
+    assert "stopped" in gaps_of(records["BTCUSDT"])[0].reason
+    expected = [t.a for t in btc if not skipped[0] <= t.a <= skipped[1]]
+    assert ids_of(records["BTCUSDT"]) == expected, "every accepted id once, in order"
+    position = next(i for i, r in enumerate(records["BTCUSDT"]) if isinstance(r, Gap))
+    assert ids_of(records["BTCUSDT"][:position])[-1] == skipped[0] - 1
+    assert ids_of(records["BTCUSDT"][position:])[0] == skipped[1] + 1
+    assert ids_of(records["ETHUSDT"]) == [t.a for t in ex.trades("ETHUSDT")]
+    [flushed] = _stop_log(caplog, "flushed")
+    assert flushed.dropped_held == 0 and flushed.held_at_stop == held  # type: ignore[attr-defined]
+    assert flushed.gaps_at_stop == 1 and flushed.ids_gap_marked_at_stop == 61  # type: ignore[attr-defined]
+    assert [r.levelno for r in _stop_log(caplog, "unrepairable gap published")] == [logging.ERROR]
 
 
 # --------------------------------------------------------------------------------------------------- symbols

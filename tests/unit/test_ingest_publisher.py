@@ -119,3 +119,55 @@ async def test_a_failed_delivery_is_fatal_and_flush_says_so() -> None:
     pub = publisher(StubProducer(error=RuntimeError("broker said no")), outbox, fatal)
     assert not await pub.flush(1.0)
     assert len(fatal) == 1 and "broker said no" in fatal[0]
+
+
+class BlockingProducer(StubProducer):
+    """Accepts ``accept_first`` records, then blocks every further send until cancelled."""
+
+    def __init__(self, accept_first: int) -> None:
+        super().__init__()
+        self.accept_first = accept_first
+        self.blocked = asyncio.Event()
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future[Any]:
+        if len(self.sent) >= self.accept_first:
+            self.blocked.set()
+            await asyncio.Event().wait()
+        return await super().send(topic, value, key)
+
+
+async def test_a_cancelled_round_puts_back_what_it_had_not_handed_over() -> None:
+    """A stop that cancels the round in progress strands nothing: the flush that follows sends the rest, once."""
+    outbox = Outbox()
+    for a in range(1, 8):
+        outbox.add_trade(trade(a))
+    outbox.add_gap(Gap("BTCUSDT", 8, 9, "x"))
+    outbox.add_trade(trade(10))
+    outbox.add_trade(trade(4, "ETHUSDT"))
+    producer = BlockingProducer(accept_first=1)  # BTC [1, 2, 3] is handed over, [4, 5, 6] blocks
+    fatal: list[str] = []
+    pub = publisher(producer, outbox, fatal, send_timeout_s=5.0)
+    pub.dead_letter(None, b'{"reason":"x"}')
+    round_ = asyncio.create_task(pub.send_round())
+    await asyncio.wait_for(producer.blocked.wait(), 1)
+    outbox.add_trade(trade(11))  # accepted while the round was running
+    round_.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await round_
+    assert outbox.trades == 7, "BTC 4..7 and 10 put back ahead of 11, and ETH's 4"
+    assert pub.inflight_trades == 0 and pub.trades_published == 3
+    producer.accept_first = 1_000_000
+    assert await pub.flush(1.0)
+    assert fatal == []
+    trades = [(key, decode_trades_value(value, key)) for topic, key, value in producer.sent if topic == "trades"]
+    got = [(key, [t.a for t in r.trades] if isinstance(r, TradeBatch) else (r.from_a, r.to_a)) for key, r in trades]
+    assert got == [
+        (b"BTCUSDT", [1, 2, 3]),
+        (b"BTCUSDT", [4, 5, 6]),
+        (b"BTCUSDT", [7]),
+        (b"BTCUSDT", (8, 9)),
+        (b"BTCUSDT", [10, 11]),
+        (b"ETHUSDT", [4]),
+    ]
+    assert [topic for topic, _, _ in producer.sent].count("dlq") == 1
+    assert pub.trades_published == 10 and outbox.trades == 0 and not outbox

@@ -138,6 +138,55 @@ def test_catch_up_range_is_open_ended_and_untrack_drops_held() -> None:
     assert not seq.begin_catch_up("ETHUSDT"), "no known history"
 
 
+def shape(items: list[OutboxItem]) -> list[int | tuple[int, int]]:
+    return [i.a if isinstance(i, AggTrade) else (i.from_a, i.to_a) for i in items]
+
+
+def test_a_stop_ends_every_reorder_window_at_once() -> None:
+    """No live frame can fill a hole once the connections are closed: a fresh symbol starts at its lowest held
+    id and every other hole goes to backfill now, however young its window."""
+    seq = make(window=60)
+    seq.track("BTCUSDT", 9)
+    seq.track("ETHUSDT")  # fresh: everything held during its first window
+    seq.track("SOLUSDT")  # fresh, with a hole after its start
+    seq.offer(trade(12), 0)
+    for a in (101, 100, 102):
+        seq.offer(trade(a, "ETHUSDT"), 0)
+    for a in (7, 9):
+        seq.offer(trade(a, "SOLUSDT"), 0)
+    assert seq.due(1) == [], "the windows are young"
+    assert sorted(seq.due(1, final=True)) == ["BTCUSDT", "SOLUSDT"]
+    out = seq.outbox.take()
+    assert ids(out["ETHUSDT"]) == [100, 101, 102] and ids(out["SOLUSDT"]) == [7] and "BTCUSDT" not in out
+    assert seq.backfill_range("BTCUSDT") == (10, 11)
+    assert seq.backfill_range("SOLUSDT") == (8, 8)
+    assert seq.due(2, final=True) == [], "already backfilling"
+
+
+def test_close_publishes_every_held_trade_behind_explicit_gaps() -> None:
+    seq = make(window=60)
+    seq.track("BTCUSDT", 9)
+    seq.track("ETHUSDT")
+    for a in (10, 13, 14, 20):
+        seq.offer(trade(a), 0)
+    for a in (51, 50, 55):
+        seq.offer(trade(a, "ETHUSDT"), 0)
+    assert seq.held_total == 6
+    gaps = seq.close("stopped", 1)
+    assert seq.held_total == 0 and seq.holding == []
+    assert gaps == [
+        Gap("BTCUSDT", 11, 12, "stopped"),
+        Gap("BTCUSDT", 15, 19, "stopped"),
+        Gap("ETHUSDT", 52, 54, "stopped"),
+    ]
+    out = seq.outbox.take()
+    assert shape(out["BTCUSDT"]) == [10, (11, 12), 13, 14, (15, 19), 20]
+    assert shape(out["ETHUSDT"]) == [50, 51, (52, 54), 55]
+    assert seq.last("BTCUSDT") == 20 and seq.last("ETHUSDT") == 55
+    assert seq.stats.gaps_unrepaired == 3 and seq.stats.ids_unrepaired == 2 + 5 + 3
+    assert seq.close("stopped", 2) == [], "nothing left"
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     n=st.integers(min_value=1, max_value=60),
