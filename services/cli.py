@@ -211,7 +211,7 @@ def _load_plugins() -> dict[str, tuple[Configure, str]]:
     """
     import importlib
 
-    for module in ("services.runner", "services.verify", "services.rebuild"):
+    for module in ("services.runner", "services.verify", "services.rebuild", "services.tapes"):
         importlib.import_module(module)
     registry: dict[str, tuple[Configure, str]] = importlib.import_module("services.cli")._COMMANDS
     return registry

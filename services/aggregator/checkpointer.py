@@ -8,7 +8,8 @@ format is :mod:`services.aggregator.checkpoint`.
 A checkpoint is all or nothing per partition, and it is never larger than one record may be: a symbol whose
 record would exceed ``max_record_bytes`` (a burst of closed klines not yet confirmed, which the checkpoint must
 carry) defers the whole partition's checkpoint to a later tick, when the burst is confirmed and its unconfirmed
-set is small again. Deferring is always safe: the committed offset stays at the previous marker, so a crash
+set is small again (a symbol with more than :data:`MAX_UNCONFIRMED_PER_RECORD` unconfirmed klines defers it
+without being encoded). Deferring is always safe: the committed offset stays at the previous marker, so a crash
 meanwhile replays from there and the klines close again.
 """
 
@@ -34,9 +35,10 @@ SEQ_LEASE: Final = 1 << 24
 #: The largest checkpoint record (bytes before compression). The checkpoint producer's ``max_request_size``
 #: and the checkpoint topic's ``max.message.bytes`` are set above it by the worker.
 MAX_RECORD_BYTES: Final = 4 * 1024 * 1024
-#: A symbol with more unconfirmed klines than this defers the checkpoint without encoding it (about 300 bytes
-#: each: such a record would not fit anyway, and encoding it every tick would waste the hot loop's time).
-MAX_UNCONFIRMED_PER_RECORD: Final = MAX_RECORD_BYTES // 300
+#: A symbol with more unconfirmed klines than this defers the checkpoint without encoding it: that only happens
+#: during a burst (a live symbol has a handful), and encoding thousands of klines every tick while the burst is
+#: delivered would take the event loop's time from the delivery itself (about 330 bytes and 20 µs a kline).
+MAX_UNCONFIRMED_PER_RECORD: Final = 2_000
 
 
 class GroupConsumer(Protocol):

@@ -83,7 +83,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from itertools import chain
+from itertools import chain, islice
 from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -99,7 +99,7 @@ from services.aggregator.checkpointer import (
 from services.aggregator.clock import Clock, TradeTimeClock
 from services.aggregator.decode import Trade, TradesDecoder
 from services.aggregator.outbox import Outbox
-from services.aggregator.sending import NotEnqueued, try_send
+from services.aggregator.sending import NotEnqueued
 from services.aggregator.state import KlineIdent, PartitionState, Phase, Stats
 from services.core.book import KlineBook, KlineBooks, TradeColumns
 from services.core.models import AggTrade, InvalidInput, Kline
@@ -124,6 +124,11 @@ Finalized = tuple[PartitionState, Kline]
 def _encode_finalized(item: Finalized) -> tuple[bytes | None, bytes]:
     kline = item[1]
     return kline_key(kline.s, kline.i), encode_kline(kline)
+
+
+def _encode_snapshot(item: tuple[Kline, int]) -> tuple[bytes | None, bytes]:
+    kline, seq = item
+    return kline_key(kline.s, kline.i), encode_kline(kline, seq)
 
 
 def _encode_dead_letter(item: tuple[bytes | None, bytes]) -> tuple[bytes | None, bytes]:
@@ -163,7 +168,6 @@ class Aggregator:
         self.grace_ms = grace_ms
         self.clock = clock
         self._observe = clock.observe if isinstance(clock, TradeTimeClock) else None
-        self._snapshots = snapshots
         self._group: GroupConsumer | None = None
         self._checkpoint_every = max(1, checkpoint_every_ticks)
         self._flush_timeout = flush_timeout_s
@@ -182,6 +186,9 @@ class Aggregator:
             monotonic=monotonic,
         )
         self._finalized: Outbox[Finalized] = Outbox(finalized, finalized_topic, _encode_finalized, name="finalized")
+        self._snapshot_out: Outbox[tuple[Kline, int]] = Outbox(
+            snapshots, snapshots_topic, _encode_snapshot, name="snapshots"
+        )
         self._dead_letters: Outbox[tuple[bytes | None, bytes]] = Outbox(
             snapshots, dead_letter_topic, _encode_dead_letter, name="dead-letter"
         )
@@ -237,6 +244,7 @@ class Aggregator:
         letters waiting. Flow control (protocol step 3) keeps it near ``max_in_flight``."""
         return (
             self._finalized.pending
+            + self._snapshot_out.queued
             + self._dead_letters.queued
             + sum(len(part.snapshot_backlog) for part in self.parts.values())
         )
@@ -624,31 +632,35 @@ class Aggregator:
             return None
 
     def _publish_snapshots(self, part: PartitionState) -> None:
+        """Changed and closed klines (coalesced per kline in the backlog) to the snapshot outbox, each with the
+        partition's next sequence number; only within the lease (a restore continues above it)."""
         backlog = part.snapshot_backlog
         for kline in part.books.drain_changed():
             backlog[(kline.s, kline.i, kline.t)] = kline
         if not backlog:
             return
-        sent: list[tuple[str, str, int]] = []
-        for ident, kline in backlog.items():
-            if part.seq >= part.seq_limit:
-                self.stats.snapshots_deferred += 1
-                break
-            try:
-                try_send(
-                    self._snapshots,
-                    self.snapshots_topic,
-                    encode_kline(kline, part.seq),
-                    key=kline_key(kline.s, kline.i),
-                )
-            except NotEnqueued:
-                self.stats.snapshots_deferred += 1
-                break
-            part.seq += 1
-            sent.append(ident)
-        for ident in sent:
-            del backlog[ident]
-        self.stats.snapshots_sent += len(sent)
+        room = part.seq_limit - part.seq
+        if room <= 0:
+            self.stats.snapshots_deferred += 1
+            return
+        if len(backlog) <= room:
+            publish, part.snapshot_backlog = backlog, {}
+        else:
+            publish = dict(islice(backlog.items(), room))
+            part.snapshot_backlog = dict(islice(backlog.items(), room, None))
+            self.stats.snapshots_deferred += 1
+        put = self._snapshot_out.put
+        done = self._snapshot_done
+        seq = part.seq
+        for kline in publish.values():
+            put((kline, seq), done)
+            seq += 1
+        self.stats.snapshots_sent += seq - part.seq
+        part.seq = seq
+
+    def _snapshot_done(self, item: tuple[Kline, int], future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self.stats.snapshots_failed += 1  # a later snapshot of the same kline (higher seq) replaces it
 
     async def _flush_finalized(self, timeout_s: float) -> None:
         """Wait until every finalized kline put so far is acknowledged, up to ``timeout_s``."""
@@ -768,8 +780,8 @@ class Aggregator:
         done = await self._checkpointer.final(parts, deadline - self._monotonic())
         await self._flush_snapshots(parts, deadline)
         self._output_closed = True
-        await self._finalized.close()
-        await self._dead_letters.close()
+        for outbox in (self._finalized, self._snapshot_out, self._dead_letters):
+            await outbox.close()
         missing = sorted({part.partition for part in parts} - done)
         log_event(
             log,
@@ -780,17 +792,12 @@ class Aggregator:
         )
 
     async def _flush_snapshots(self, parts: list[PartitionState], deadline: float) -> None:
-        """The last snapshots and dead letters, pushed until sent or the deadline passes."""
-        while self._monotonic() < deadline:
-            for part in parts:
-                self._publish_snapshots(part)
-            if not any(part.snapshot_backlog for part in parts) and not self._dead_letters.queued:
-                break
-            await asyncio.sleep(FLOW_POLL_S)
-        try:
-            await asyncio.wait_for(self._snapshots.flush(), max(0.1, deadline - self._monotonic()))
-        except Exception as exc:
-            log_event(log, logging.WARNING, "snapshot producer did not flush in time", error=repr(exc))
+        """The last snapshots and the dead letters, delivered or the deadline passed."""
+        for part in parts:
+            self._publish_snapshots(part)
+        for outbox in (self._snapshot_out, self._dead_letters):
+            if not await outbox.flush(deadline - self._monotonic()):
+                log_event(log, logging.WARNING, "output not delivered in time", outbox=outbox.name)
 
     # ------------------------------------------------------------------------------------------ views
 
@@ -837,6 +844,7 @@ class Aggregator:
             "in_flight": self.in_flight(),
             "max_in_flight": self._max_in_flight,
             "snapshot_backlog": sum(len(part.snapshot_backlog) for part in self.parts.values()),
+            "snapshots_queued": self._snapshot_out.queued,
             "dead_letters_queued": self._dead_letters.queued,
             "ready": self.ready,
         }

@@ -74,7 +74,7 @@ class Outbox(Generic[T]):
         self._producer = producer
         self._topic = topic
         self._encode = encode
-        self._name = name
+        self.name = name
         self._backoff = retry_backoff_s
         self._queue: deque[tuple[T, Done[T] | None]] = deque()
         self._awaiting = 0
@@ -112,7 +112,7 @@ class Outbox(Generic[T]):
         self._queue.append((item, done))
         self.queued_total += 1
         if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.get_running_loop().create_task(self._drain(), name=f"outbox-{self._name}")
+            self._drainer = asyncio.get_running_loop().create_task(self._drain(), name=f"outbox-{self.name}")
 
     def _hand_over(self, item: T, done: Done[T] | None) -> bool:
         """Step 1/2: try_send; True once the producer holds the record (or it failed for good, step 4)."""
@@ -167,7 +167,7 @@ class Outbox(Generic[T]):
                         log,
                         logging.WARNING,
                         "the producer does not take records; they stay queued and input waits",
-                        outbox=self._name,
+                        outbox=self.name,
                         queued=len(queue),
                         error=repr(exc),
                     )
@@ -182,7 +182,7 @@ class Outbox(Generic[T]):
                     log,
                     logging.INFO,
                     "the producer takes records again",
-                    outbox=self._name,
+                    outbox=self.name,
                     seconds=round(time.monotonic() - outage_since, 3),
                 )
                 outage_since = None

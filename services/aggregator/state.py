@@ -83,6 +83,7 @@ class Stats:
     data_loss: int = 0
     snapshots_sent: int = 0
     snapshots_deferred: int = 0
+    snapshots_failed: int = 0
     checkpoints: int = 0
     checkpoint_failures: int = 0
     checkpoints_deferred: int = 0

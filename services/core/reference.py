@@ -126,6 +126,30 @@ def read_aggtrades_csv(path: str | Path, symbol: str) -> list[AggTrade]:
     return trades
 
 
+AGGTRADES_HEADER = (
+    "agg_trade_id",
+    "price",
+    "quantity",
+    "first_trade_id",
+    "last_trade_id",
+    "transact_time",
+    "is_buyer_maker",
+)
+
+
+def write_aggtrades_csv(path: str | Path, trades: Iterable[AggTrade]) -> int:
+    """Write ``trades`` in the data.binance.vision aggTrades layout (header row, ms times) that
+    :func:`read_aggtrades_csv` reads back exactly; the number of rows written."""
+    rows = 0
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(AGGTRADES_HEADER)
+        for t in trades:
+            writer.writerow((t.a, t.p, t.q, t.f, t.l, t.T, "true" if t.m else "false"))
+            rows += 1
+    return rows
+
+
 def _csv_int(text: str, column: str) -> int:
     try:
         return int(text.strip())

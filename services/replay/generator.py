@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from services.core.models import AggTrade
@@ -117,55 +118,63 @@ _REGIMES = (  # (cumulative probability, rate multiplier)
 )
 
 
-def generate_trades(symbol: str, *, seed: int, start_ms: int, end_ms: int, venue: str = "spot") -> list[AggTrade]:
-    """All aggTrades of ``symbol`` with ``start_ms <= T < end_ms``, ordered by ``a`` (and so by ``T``)."""
-    if end_ms <= start_ms:
-        return []
-    profile = profile_for(symbol)
-    rng = random.Random(f"{seed}:{symbol}")
-    tick_places, lot_places = _decimals(profile.tick), _decimals(profile.lot)
-    price_fmt = _formatter(tick_places, 8 if venue == "spot" else tick_places)
-    qty_fmt = _formatter(lot_places, 8 if venue == "spot" else lot_places)
-    tick_units_per_price = 10**tick_places
-    price_ticks = int(profile.price * tick_units_per_price * Decimal(rng.uniform(0.97, 1.03)))
-    price_ticks = max(price_ticks, 1)
-    typical_lots = max(1, int(profile.typical_qty * 10**lot_places))
-    agg_id = rng.randrange(10**8, 4 * 10**9)
-    trade_id = rng.randrange(10**8, 6 * 10**9)
-    forced_quiet = rng.randrange(10)  # one whole quiet minute in every ten, at a per-symbol position
-    trades: list[AggTrade] = []
+class _TradeMaker:
+    """Builds one symbol's aggTrades: a price random walk on its tick grid, log-normal sizes on its lot grid,
+    contiguous ``a`` and ``f``/``l``; both generators below drive it with their own order times."""
 
-    def fill(t_ms: int, ticks: int, lots: int, buyer_maker: bool) -> None:
-        nonlocal agg_id, trade_id
+    def __init__(self, symbol: str, rng: random.Random, venue: str) -> None:
+        profile = self.profile = profile_for(symbol)
+        self.symbol = symbol
+        self.rng = rng
+        tick_places, lot_places = _decimals(profile.tick), _decimals(profile.lot)
+        self.price_fmt = _formatter(tick_places, 8 if venue == "spot" else tick_places)
+        self.qty_fmt = _formatter(lot_places, 8 if venue == "spot" else lot_places)
+        self.price_ticks = max(1, int(profile.price * 10**tick_places * Decimal(rng.uniform(0.97, 1.03))))
+        self.typical_lots = max(1, int(profile.typical_qty * 10**lot_places))
+        self.agg_id = rng.randrange(10**8, 4 * 10**9)
+        self.trade_id = rng.randrange(10**8, 6 * 10**9)
+        self.trades: list[AggTrade] = []
+
+    def fill(self, t_ms: int, ticks: int, lots: int, buyer_maker: bool) -> None:
         raw = 1
-        while raw < 20 and rng.random() < 0.35:
+        while raw < 20 and self.rng.random() < 0.35:
             raw += 1
-        trades.append(
+        self.trades.append(
             AggTrade(
-                symbol,
-                agg_id,
-                _fmt(ticks, *price_fmt),
-                _fmt(lots, *qty_fmt),
-                trade_id,
-                trade_id + raw - 1,
+                self.symbol,
+                self.agg_id,
+                _fmt(ticks, *self.price_fmt),
+                _fmt(lots, *self.qty_fmt),
+                self.trade_id,
+                self.trade_id + raw - 1,
                 t_ms,
                 buyer_maker,
             )
         )
-        agg_id += 1
-        trade_id += raw
+        self.agg_id += 1
+        self.trade_id += raw
 
-    def order(t_ms: int, sigma: float) -> None:
-        nonlocal price_ticks
-        price_ticks = max(1, price_ticks + round(rng.gauss(0.0, sigma)))
+    def order(self, t_ms: int, sigma: float) -> None:
+        """One taker order at ``t_ms``: one aggTrade, or a sweep of 2-5 price levels with the same ``T``."""
+        rng = self.rng
+        self.price_ticks = max(1, self.price_ticks + round(rng.gauss(0.0, sigma)))
         taker_sells = rng.random() < 0.5
         levels = 1 if rng.random() < 0.85 else rng.randint(2, 5)
         for level in range(levels):
             if level:  # a sweep takes the next price level in the taker's direction
-                price_ticks = max(1, price_ticks - 1 if taker_sells else price_ticks + 1)
-            lots = max(1, int(typical_lots * math.exp(rng.gauss(0.0, 1.0))))  # log-normal sizes
-            fill(t_ms, price_ticks, lots, taker_sells)
+                self.price_ticks = max(1, self.price_ticks - 1 if taker_sells else self.price_ticks + 1)
+            lots = max(1, int(self.typical_lots * math.exp(rng.gauss(0.0, 1.0))))  # log-normal sizes
+            self.fill(t_ms, self.price_ticks, lots, taker_sells)
 
+
+def generate_trades(symbol: str, *, seed: int, start_ms: int, end_ms: int, venue: str = "spot") -> list[AggTrade]:
+    """All aggTrades of ``symbol`` with ``start_ms <= T < end_ms``, ordered by ``a`` (and so by ``T``)."""
+    if end_ms <= start_ms:
+        return []
+    rng = random.Random(f"{seed}:{symbol}")
+    maker = _TradeMaker(symbol, rng, venue)
+    profile = maker.profile
+    forced_quiet = rng.randrange(10)  # one whole quiet minute in every ten, at a per-symbol position
     minute = start_ms - start_ms % MINUTE_MS
     while minute < end_ms:
         window_start, window_end = max(minute, start_ms), min(minute + MINUTE_MS, end_ms)
@@ -180,7 +189,7 @@ def generate_trades(symbol: str, *, seed: int, start_ms: int, end_ms: int, venue
         rate_per_ms = profile.orders_per_s * multiplier / 1000.0
         expected_orders = max(1.0, rate_per_ms * MINUTE_MS)
         # ~0.04% price move per minute whatever the activity: spread it over the expected orders.
-        sigma = max(0.3, price_ticks * 0.0004 / math.sqrt(expected_orders))
+        sigma = max(0.3, maker.price_ticks * 0.0004 / math.sqrt(expected_orders))
         events: list[int] = []
         t = float(window_start)
         while True:
@@ -194,8 +203,69 @@ def generate_trades(symbol: str, *, seed: int, start_ms: int, end_ms: int, venue
                 events.extend(min(window_end - 1, base + rng.randint(0, span)) for _ in range(rng.randint(5, 60)))
         events.sort()
         for t_ms in events:
-            order(t_ms, sigma)
-    return trades
+            maker.order(t_ms, sigma)
+    return maker.trades
+
+
+DAY_MS = 86_400_000
+
+
+def _boundaries(start_ms: int, end_ms: int) -> list[tuple[int, str]]:
+    """Every UTC day start in ``(start_ms, end_ms)``, tagged ``month``, ``week`` (a Monday) or ``day``."""
+    out = []
+    day = start_ms - start_ms % DAY_MS + DAY_MS
+    while day < end_ms:
+        when = datetime.fromtimestamp(day / 1000, tz=UTC)
+        out.append((day, "month" if when.day == 1 else "week" if when.weekday() == 0 else "day"))
+        day += DAY_MS
+    return out
+
+
+def generate_sparse_trades(
+    symbol: str, *, seed: int, start_ms: int, end_ms: int, venue: str = "spot"
+) -> list[AggTrade]:
+    """A sparse market for ``symbol`` over weeks: what stresses the closing of klines, not the trade rate.
+
+    Short active stretches (1-12 minutes of slow trading) alternate with quiet stretches of minutes, hours
+    (at least one longer than an hour in every few stretches) and up to a day and a half, so closing one
+    trade can close thousands of empty klines at once. Around every week start (Monday 00:00 UTC) and month
+    start, and around about half of the other midnights, a dense burst: dozens of orders in the last and first
+    few milliseconds, with millisecond ties exactly at ``boundary - 1`` and ``boundary``, so the ordering by
+    ``(T, a)`` and the kline a trade belongs to are tested where 1d, 1w and 1M klines meet. Deterministic per
+    ``(seed, symbol)``, like :func:`generate_trades`.
+    """
+    if end_ms <= start_ms:
+        return []
+    rng = random.Random(f"sparse:{seed}:{symbol}")
+    maker = _TradeMaker(symbol, rng, venue)
+    sigma = max(0.3, maker.price_ticks * 0.0005)
+    events: list[int] = []
+    t = start_ms + rng.randrange(MINUTE_MS)
+    stretch = 0
+    while t < end_ms:
+        active_end = min(end_ms, t + rng.randint(1, 12) * MINUTE_MS)
+        while t < active_end:
+            events.append(t)
+            t += int(rng.expovariate(1 / 8_000)) + 1  # an order every ~8 s
+        stretch += 1
+        draw = rng.random()
+        if stretch % 4 == 0 or draw < 0.25:
+            quiet = rng.randint(61, 360) * MINUTE_MS  # more than an hour
+        elif draw < 0.3:
+            quiet = rng.randint(6, 36) * 60 * MINUTE_MS
+        else:
+            quiet = rng.randint(2, 45) * MINUTE_MS
+        t = active_end + quiet
+    for boundary, kind in _boundaries(start_ms, end_ms):
+        if kind == "day" and rng.random() < 0.5:
+            continue
+        for _ in range(rng.randint(20, 60)):
+            events.append(boundary + rng.randint(-40, 40))
+        events.extend([boundary - 1] * rng.randint(2, 6) + [boundary] * rng.randint(2, 6))
+    events = sorted(e for e in events if start_ms <= e < end_ms)
+    for t_ms in events:
+        maker.order(t_ms, sigma)
+    return maker.trades
 
 
 def generate_market(
