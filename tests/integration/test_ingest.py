@@ -239,21 +239,49 @@ async def test_connection_drops_are_repaired(settings: Settings) -> None:
     assert metrics["gaps_unrepaired"] == 0
 
 
-async def test_stalled_connection_is_replaced_by_the_watchdog(settings: Settings) -> None:
-    missed: list[int] = []
+@pytest.mark.parametrize(
+    ("catch_up_after_reconnect", "per_symbol"),
+    [(True, "catch_ups"), (False, "gaps_repaired")],
+    ids=["catch-up-after-reconnect", "repair-at-next-frame"],
+)
+async def test_stalled_connection_is_replaced_by_the_watchdog(
+    settings: Settings, catch_up_after_reconnect: bool, per_symbol: str
+) -> None:
+    """A connection that receives nothing for ``stale_after_s`` is replaced, and what it held back comes from REST.
+
+    Made exact: the exchange pings every 0.3 s, so only the stall can silence a connection; market time runs
+    during the stall until every symbol has published trades the stalled connection holds, then stops until
+    the replacement is open, so those trades reach ingest by REST only. They come by the catch-up that follows
+    a reconnect (default), or, without it, as a hole the symbol's next frame reveals and a repair fills.
+    """
+    stall_s = 8.0  # longer than the watchdog needs: the stalled connection never delivers what it holds
+    tuning = replace(FAST, catch_up_after_reconnect=catch_up_after_reconnect)
+    missed: dict[str, int] = {}
 
     async def during(ex: ReplayExchange, service: IngestService) -> None:
         await until(lambda: published(ex, "BTCUSDT") > 300, 10, "trades")
-        before = sum(published(ex, symbol) for symbol in SYMBOLS)
-        ex.faults.stall(4.0)
-        await until(lambda: service.pool.stats.stale >= 1, 6, "the watchdog to notice the stall")
-        # Trades published while the stalled connection held them back: the replacement subscribed after them.
-        missed.append(sum(published(ex, symbol) for symbol in SYMBOLS) - before)
+        ex.faults.pause_feed()
+        before = {symbol: published(ex, symbol) for symbol in SYMBOLS}
+        stalled_at = time.monotonic()
+        assert ex.faults.stall(stall_s) >= 1
+        ex.faults.resume_feed()
+        await until(lambda: all(published(ex, s) >= before[s] + 50 for s in SYMBOLS), 5, "trades during the stall")
+        ex.faults.pause_feed()
+        missed.update({symbol: published(ex, symbol) - before[symbol] for symbol in SYMBOLS})
+        await until(
+            lambda: service.pool.stats.stale >= 1 and service.pool.stats.opened >= 2,
+            stall_s - (time.monotonic() - stalled_at),
+            "the watchdog to replace the stalled connection before the stall ends",
+        )
+        ex.faults.resume_feed()
 
-    metrics, _ = await run_scenario(settings, during=during)  # every trade exactly once
+    config = exchange_config(ping_interval_s=0.3)
+    metrics, _ = await run_scenario(settings, config=config, tuning=tuning, during=during)  # every trade exactly once
     assert metrics["stale_connections"] >= 1
-    if missed[0]:  # the market can be quiet for the whole stall (the feed has quiet stretches)
-        assert metrics["gaps_repaired"] >= 1, "trades published during the stall come from REST"
+    assert metrics["trades_backfilled"] >= sum(missed.values()), "trades published during the stall come from REST"
+    # catch_ups: the replacement checked every symbol by REST; gaps_repaired: each symbol's next frame revealed
+    # a hole, and REST filled it.
+    assert metrics[per_symbol] >= len(SYMBOLS), f"{per_symbol} per symbol"
 
 
 async def test_skipped_ids_are_backfilled_from_rest(settings: Settings) -> None:
