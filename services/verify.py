@@ -9,6 +9,8 @@ For every symbol × interval stored in the finalized table, the reference is ``G
 * **extras**: a stored kline the reference does not have (only the exchange's in-progress kline may be absent).
 
 The exchange's last kline is still open, so the comparison stops at the last kline the exchange has closed.
+The venue (hence the REST paths) is ``market.venue``. An exchange that cannot be reached or answers with an
+error is a :class:`VerifyError`: one line naming the URL and what went wrong, exit status 1.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -55,15 +58,27 @@ class VerifyReport:
         )
 
 
+class VerifyError(Exception):
+    """The reference could not be read (exchange unreachable, an HTTP error, not JSON); one line."""
+
+
 def http_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (the configured exchange URL)
-        return json.loads(response.read())
+    """GET ``url`` as JSON; any failure is a :class:`VerifyError` naming the URL."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (the configured exchange URL)
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise VerifyError(f"the exchange answered HTTP {exc.code} {exc.reason} to GET {url}") from None
+    except urllib.error.URLError as exc:
+        raise VerifyError(f"the exchange is not reachable at {url}: {exc.reason}") from None
+    except (OSError, ValueError) as exc:
+        raise VerifyError(f"GET {url} failed: {exc}") from None
 
 
 def exchange_klines(
     rest_url: str, venue: str, symbol: str, interval: str, start: int, end: int, fetch: Fetch = http_json
 ) -> list[list[Any]]:
-    """All REST klines with ``start <= t <= end``, paging by 1000."""
+    """All REST klines with ``start <= t <= end``, paging by 1000 (:class:`VerifyError` on a malformed page)."""
     path = "/fapi/v1/klines" if venue == "usdm" else "/api/v3/klines"
     rows: list[list[Any]] = []
     cursor = start
@@ -71,9 +86,12 @@ def exchange_klines(
         query = urllib.parse.urlencode(
             {"symbol": symbol, "interval": interval, "startTime": cursor, "endTime": end, "limit": 1000}
         )
-        page = fetch(f"{rest_url.rstrip('/')}{path}?{query}")
+        url = f"{rest_url.rstrip('/')}{path}?{query}"
+        page = fetch(url)
         if not page:
             break
+        if not isinstance(page, list) or not all(isinstance(row, list) and len(row) >= 11 for row in page):
+            raise VerifyError(f"GET {url} did not answer a list of klines: {str(page)[:200]}")
         rows.extend(page)
         cursor = int(page[-1][0]) + 1
         if len(page) < 1000:
@@ -120,7 +138,13 @@ def verify(settings: Settings, rest_url: str, fetch: Fetch = http_json) -> Verif
 
 def _server_time(rest_url: str, venue: str, fetch: Fetch) -> int:
     path = "/fapi/v1/time" if venue == "usdm" else "/api/v3/time"
-    return int(fetch(f"{rest_url.rstrip('/')}{path}")["serverTime"])
+    answer = fetch(f"{rest_url.rstrip('/')}{path}")
+    try:
+        return int(answer["serverTime"])
+    except (TypeError, KeyError, ValueError):
+        raise VerifyError(
+            f"GET {rest_url.rstrip('/')}{path} did not answer a serverTime: {str(answer)[:200]}"
+        ) from None
 
 
 def print_report(report: VerifyReport, limit: int = 20, out: Any = None) -> None:
@@ -136,11 +160,22 @@ def print_report(report: VerifyReport, limit: int = 20, out: Any = None) -> None
 @command("verify", "compare stored finalized klines with the exchange's REST klines, field by field")
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rest-url", help="exchange REST base (default: market.rest_url)")
+    p.add_argument("--venue", choices=["spot", "usdm"], help="REST paths of this venue (default: market.venue)")
+    p.add_argument("--database", help="ClickHouse database (default: clickhouse.database; a fresh run's own)")
     p.add_argument("--show", type=int, default=20, help="how many problems of each kind to list")
     p.set_defaults(handler=_verify)
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
-    report = verify(settings, args.rest_url or settings.market.rest_url)
+    if args.venue:
+        settings = settings.model_copy(update={"market": settings.market.model_copy(update={"venue": args.venue})})
+    if args.database:
+        ch = settings.clickhouse.model_copy(update={"database": args.database})
+        settings = settings.model_copy(update={"clickhouse": ch})
+    try:
+        report = verify(settings, args.rest_url or settings.market.rest_url)
+    except VerifyError as exc:
+        print(f"verify FAILED: {exc}", file=sys.stderr)
+        return 1
     print_report(report, args.show)
     return 0 if report.ok else 1

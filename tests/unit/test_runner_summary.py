@@ -1,0 +1,152 @@
+"""``klines run``'s end summary and exit status, and the namespace of a fresh run (no processes started)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from services.runner import LocalPipeline, RunOptions, RunSummary, Service, apply_env, fresh_namespace
+from services.shared.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+
+def clean() -> RunSummary:
+    return RunSummary(
+        trades_sent=9999,
+        trades_published=9999,
+        trades_applied=9999,
+        klines_finalized=16,
+        klines_stored=16,
+        exits={"ingest": 0, "aggregator": 0, "writers": 0, "gateway": 0},
+        verify="OK: 16 klines checked",
+        verify_ok=True,
+    )
+
+
+def test_a_clean_run_exits_0_and_says_nothing_was_lost() -> None:
+    summary = clean()
+    assert summary.problems() == []
+    assert summary.exit_code == 0
+    text = "\n".join(summary.lines())
+    assert "DATA_LOSS: 0" in text
+    assert "trades: sent 9999 (exchange), published 9999 (ingest), applied 9999 (aggregator)" in text
+    assert "klines: finalized 16 (aggregator), stored 16 (ClickHouse, FINAL)" in text
+    assert text.endswith("result: OK, nothing lost")
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"data_loss": 1}, "1 DATA_LOSS"),
+        ({"held_dropped": 5291}, "5291 trades dropped by ingest (5291 held at its stop)"),
+        ({"dropped_other": 2}, "2 trades dropped by ingest (0 held at its stop)"),
+        ({"trades_published": 9000}, "999 trades the exchange sent were never published"),
+        ({"exits": {"ingest": 0, "aggregator": 1}}, "aggregator exit 1"),
+        ({"exits": {"ingest": 0, "writers": -9}}, "writers exit -9 (killed)"),
+        ({"exits": {"gateway": None}}, "gateway did not stop"),
+        ({"drain_problems": ["writers did not drain (lag 3)"]}, "writers did not drain (lag 3)"),
+        ({"verify_ok": False}, "verify failed"),
+    ],
+)
+def test_anything_lost_or_unclean_makes_the_exit_status_non_zero(change: dict[str, object], named: str) -> None:
+    summary = clean()
+    for key, value in change.items():
+        setattr(summary, key, value)
+    assert summary.exit_code == 1
+    assert named in summary.problems()
+    assert summary.lines()[-1].startswith("result: FAILED: ") and named in summary.lines()[-1]
+
+
+def test_dead_letters_are_reported_but_are_not_a_loss() -> None:
+    summary = clean()
+    summary.dead_letters = 3
+    assert "  dead letters: 3" in summary.lines()
+    assert summary.exit_code == 0
+
+
+def test_the_summary_reads_the_services_last_figures_and_their_logs(tmp_path: Path) -> None:
+    """Ingest's "flushed" line gives the final published and dropped counts; DATA_LOSS lines of any service
+    count, a loss both counted and logged counts once."""
+    pipeline = LocalPipeline(Settings(), RunOptions(), out=None)
+    pipeline.mode = "replay"
+    pipeline.exchange_sent = 9999
+    logs: dict[str, list[dict[str, object]]] = {
+        "ingest": [
+            {"message": "ingest running"},
+            {"message": "flushed", "trades_published": 4708, "dropped_held": 5291},
+        ],
+        "aggregator": [{"message": "finalized kline lost", "log_type": "DATA_LOSS"}],
+        "writers": [{"message": "lost", "log_type": "DATA_LOSS"}, {"message": "lost", "log_type": "DATA_LOSS"}],
+    }
+    for name, records in logs.items():
+        service = Service(name, [], None, tmp_path / f"{name}.log")
+        previous_run = json.dumps({"message": "flushed", "dropped_held": 7, "log_type": "DATA_LOSS"})
+        service.log_path.write_text(previous_run + "\n")
+        service.log_start = service.log_path.stat().st_size  # the previous run's lines are not this run's
+        with service.log_path.open("a") as log:
+            log.write("not json\n" + "".join(json.dumps(r) + "\n" for r in records))
+        pipeline.services.append(service)
+    pipeline.metrics = {
+        "ingest": {"trades_published": 4000, "queue_held": 5291, "dead_letters": 1},
+        "aggregator": {"trades_applied": 4708, "klines_finalized": 7, "data_loss": 1, "dead_letters": 2, "lag": None},
+        "writers": {"rows_inserted": 9, "dead_letters": 0},
+    }
+    pipeline.exits = {"ingest": 0, "aggregator": 0, "writers": 0}
+    summary = pipeline.summary()
+    assert (summary.trades_sent, summary.trades_published, summary.trades_applied) == (9999, 4708, 4708)
+    assert summary.held_dropped == 5291
+    assert summary.data_loss == 1 + 2
+    assert summary.dead_letters == 3
+    assert summary.exit_code == 1
+
+
+def test_a_fresh_run_has_its_own_topics_groups_and_database() -> None:
+    settings = Settings()
+    env = fresh_namespace(settings, "run-20260301-120000-ab12")
+    fresh = apply_env(settings, env)
+    topics = fresh.kafka.topics
+    assert topics.trades == f"run-20260301-120000-ab12.{settings.kafka.topics.trades}"
+    assert topics.finalized == f"run-20260301-120000-ab12.{settings.kafka.topics.finalized}"
+    assert topics.snapshots == f"run-20260301-120000-ab12.{settings.kafka.topics.snapshots}"
+    assert topics.dead_letter == f"run-20260301-120000-ab12.{settings.kafka.topics.dead_letter}"
+    # The client id names the consumer groups and the aggregator's checkpoint topic.
+    assert fresh.kafka.client_id == f"{settings.kafka.client_id}-run-20260301-120000-ab12"
+    assert fresh.clickhouse.database == f"{settings.clickhouse.database}_run_20260301_120000_ab12"
+    assert fresh.clickhouse.dsn == settings.clickhouse.dsn
+    other = apply_env(settings, fresh_namespace(settings, "run-20260301-120000-cd34"))
+    assert {other.kafka.topics.trades, other.clickhouse.database}.isdisjoint({topics.trades, fresh.clickhouse.database})
+
+
+def test_the_services_settings_reach_the_run_s_own_reads() -> None:
+    """``--verify`` must read the venue the services use (usdm: /fapi/v1/klines) and the run's database."""
+    env = {
+        "KLINES_MARKET__VENUE": "usdm",
+        "KLINES_MARKET__INTERVALS": '["1m"]',
+        "KLINES_MARKET__SYMBOLS": '["TRXUSDT"]',
+    }
+    settings = apply_env(Settings(), env)
+    assert settings.market.venue == "usdm"
+    assert settings.market.intervals == ("1m",)
+    assert settings.market.symbols == ("TRXUSDT",)
+
+
+def test_verify_asks_the_futures_paths_for_usdm_and_fails_in_one_line() -> None:
+    from services.verify import VerifyError, exchange_klines, http_json
+
+    asked: list[str] = []
+
+    def fetch(url: str) -> list[list[object]]:
+        asked.append(url)
+        return []
+
+    exchange_klines("http://127.0.0.1:1", "usdm", "TRXUSDT", "1m", 0, 60_000, fetch)
+    exchange_klines("http://127.0.0.1:1", "spot", "BTCUSDT", "1m", 0, 60_000, fetch)
+    assert asked[0].startswith("http://127.0.0.1:1/fapi/v1/klines?symbol=TRXUSDT&interval=1m")
+    assert asked[1].startswith("http://127.0.0.1:1/api/v3/klines?symbol=BTCUSDT")
+    with pytest.raises(VerifyError, match=r"not reachable at http://127\.0\.0\.1:1/fapi/v1/time"):
+        http_json("http://127.0.0.1:1/fapi/v1/time")
+    with pytest.raises(VerifyError, match="did not answer a list of klines"):
+        exchange_klines("http://x", "usdm", "TRXUSDT", "1m", 0, 1, lambda _url: {"code": -1121, "msg": "Invalid"})
