@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 RUN_ARGS ?= --offline --duration 90
 
-.PHONY: setup run test lint typecheck unit integration e2e bench broker-start broker-stop clean
+.PHONY: setup run test test-long lint typecheck unit integration e2e bench broker-start broker-stop clean
 
 setup:
 	@bash deploy/local/setup.sh
@@ -29,6 +29,11 @@ integration: setup
 
 e2e: setup
 	$(PY) -m pytest -q -m e2e
+
+# Whole-pipeline cases that take minutes (pipeline equals replay on a five-week tape, at real-time speed, with
+# the aggregator stopped mid-tape); CI runs them after `make test`.
+test-long: setup
+	$(PY) -m pytest -q -m long
 
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
