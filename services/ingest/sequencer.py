@@ -8,14 +8,19 @@ trade fetched by REST backfill; the sequencer decides, per symbol:
 2. ``a == last + 1``: **accepted** into the outbox, followed by any held trades that are now contiguous;
 3. ``a > last + 1``: **held** (a duplicate if already held). The hole is either a reordering that the next
    frames fill within ``reorder_window_s``, or a real gap: once the window passes (or too many trades are held)
-   :meth:`Sequencer.due` names the symbol for REST backfill of ``last + 1 .. min(held) - 1``;
+   :meth:`Sequencer.due` names the symbol for REST backfill of ``last + 1 .. min(held) - 1``, once per hole;
 4. backfilled trades go through the same rules (:meth:`Sequencer.offer_backfill`), so live frames and REST
-   pages may overlap freely;
+   pages may overlap freely (a held trade that a page also carries is published once, from the page);
 5. a hole that backfill cannot fill becomes an explicit :class:`~services.shared.messages.Gap` in the outbox
    (:meth:`Sequencer.declare_gap`), and ``last`` moves past it: those ids will never be published;
 6. at a graceful stop no live frame can fill a hole any more: ``due(now, final=True)`` ends every reorder
    window at once, and :meth:`Sequencer.close` hands whatever backfill could not repair in time to the outbox
    behind explicit gaps, so nothing accepted stays held.
+
+A symbol is *holding* exactly while it has held trades: its reorder window starts with the first trade held,
+and whatever empties its held trades (live frames, a REST page that carries every held id, a declared gap, a
+fresh symbol's start) ends it, so :meth:`Sequencer.due` names the symbol no more. A later hole gets a window
+of its own.
 
 A symbol whose history is unknown (never published, nothing recovered from the topic) starts at the lowest id
 seen within its first reorder window, so a first pair of swapped frames loses nothing.
@@ -89,14 +94,23 @@ class _SymbolState:
 
 @dataclass(slots=True)
 class SequencerStats:
-    duplicates: int = 0
+    """Counters since start, served as is by the ingest ``/metrics`` (``gaps_detected``, ``gaps_repaired``, ...).
+
+    A hole is counted by what happened to it, not by how many requests or ticks it took: one hole that outlives
+    its reorder window is one ``gaps_detected``, then one ``gaps_repaired`` (its backfill ended with nothing
+    missing) or one ``gaps_unrepaired`` (published as a gap: backfill gave up, or :meth:`Sequencer.close` at a
+    stop), or neither if its symbol was removed meanwhile. A catch-up after a (re)start or a reconnect is not a
+    detected gap and never counts as repaired; a gap it publishes counts as unrepaired.
+    """
+
+    duplicates: int = 0  # trades dropped: id already published, or already held
     held: int = 0  # trades that arrived ahead of a hole (reordered, or beyond a gap)
-    gaps_detected: int = 0
-    gaps_repaired: int = 0
-    gaps_unrepaired: int = 0
-    ids_unrepaired: int = 0
+    gaps_detected: int = 0  # holes named by due() for REST backfill (each hole once)
+    gaps_repaired: int = 0  # detected holes whose backfill ended with nothing missing
+    gaps_unrepaired: int = 0  # holes published as explicit gaps (given up by backfill, or at close)
+    ids_unrepaired: int = 0  # ids inside those gaps
     backfilled: int = 0  # trades accepted from REST
-    dropped_on_untrack: int = 0
+    dropped_on_untrack: int = 0  # held trades dropped when their symbol was removed
 
 
 class Sequencer:
@@ -243,8 +257,9 @@ class Sequencer:
                 continue
             break  # REST skipped ids: the rest of the page cannot be published before the hole is resolved
         self.stats.backfilled += accepted
-        if held:
-            self._release(symbol, state, now)
+        # Also when nothing is held any more: the page may have carried every held id, and the symbol must stop
+        # holding, or due() would keep naming it for a hole that no longer exists.
+        self._release(symbol, state, now)
         return accepted
 
     def end_backfill(self, symbol: str, *, repaired: bool, now: float) -> None:
@@ -298,7 +313,11 @@ class Sequencer:
 
     # ------------------------------------------------------------------ internals
     def _release(self, symbol: str, state: _SymbolState, now: float) -> None:
-        """Move held trades that became contiguous to the outbox."""
+        """Move held trades that became contiguous to the outbox; with nothing left held, the hole is over.
+
+        The one place that ends a symbol's holding state: every path that takes held trades away from a tracked
+        symbol calls it (:meth:`untrack` discards the whole state).
+        """
         held = state.held
         assert state.last is not None
         nxt = state.last + 1

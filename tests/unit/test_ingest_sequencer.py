@@ -80,6 +80,32 @@ def test_a_hole_outliving_the_window_is_backfilled() -> None:
     assert seq.offer(trade(17), 0.4) is Verdict.DUPLICATE
 
 
+def test_a_backfill_that_releases_every_held_trade_ends_the_hole() -> None:
+    """A REST page that fills the hole and reaches past every held trade leaves nothing held: the symbol is no
+    longer holding, so ``due`` names it no more, and one hole counts as one gap detected and one repaired."""
+    seq = make(window=0.1)
+    seq.track("BTCUSDT", 9)
+    for a in (15, 16):
+        seq.offer(trade(a), 0.0)
+    assert seq.due(0.11) == ["BTCUSDT"]
+    # The page covers the hole and the held ids: every held trade is dropped as the REST copy is published.
+    assert seq.offer_backfill("BTCUSDT", [trade(a) for a in range(10, 18)], 0.2) == 8
+    assert seq.held("BTCUSDT") == 0 and seq.held_total == 0
+    assert seq.holding == []
+    assert seq.backfill_range("BTCUSDT") == (18, None)
+    seq.end_backfill("BTCUSDT", repaired=True, now=0.2)
+    assert seq.holding == []
+    assert [seq.due(t) for t in (0.3, 1.0, 5.0)] == [[], [], []], "no hole is left"
+    assert seq.close("stopped", 6.0) == []
+    assert ids(drain(seq)) == list(range(10, 18))
+    assert seq.stats.gaps_detected == 1 and seq.stats.gaps_repaired == 1
+    # A later hole is a new gap with its own reorder window, measured from when it appears.
+    assert seq.offer(trade(20), 10.0) is Verdict.HELD
+    assert seq.due(10.05) == [], "a fresh window, not the one of the first hole"
+    assert seq.due(10.11) == ["BTCUSDT"]
+    assert seq.stats.gaps_detected == 2
+
+
 def test_too_many_held_trades_trigger_backfill_at_once() -> None:
     seq = make(window=10, max_held=3)
     seq.track("BTCUSDT", 0)
