@@ -626,7 +626,7 @@ class LocalPipeline:
             self._wait("ingest", self._ingest_drained)
         else:
             self._stop("ingest", grace, "flushes every accepted trade to Kafka")
-        # One more clock tick: the event clock closes the last klines a tick after the last trade.
+        # One more clock tick: the last snapshots and checkpoint of what was just applied.
         self._wait(
             "aggregator", self._aggregator_drained, settle_s=self.settings.aggregator.snapshot_interval_ms / 1000
         )
@@ -719,13 +719,27 @@ class LocalPipeline:
         lag = m.get("lag")
         accounted = sum(_num(m, k) for k in ("trades_applied", "late_trades", "duplicate_trades", "rejected_trades"))
         unconfirmed, queued = _num(m, "unconfirmed_finalized"), _num(m, "finalized_queued")
-        done = lag == 0 and unconfirmed == 0 and queued == 0 and accounted >= published
+        # Read to the end of every trades partition (offsets survive a restart of the aggregator; its counters
+        # count only what this incarnation applied after restoring its checkpoint).
+        ends = self._trades_end_offsets()
+        read = {int(p): int(o) for p, o in (m.get("read_offsets") or {}).items()}
+        at_end = bool(ends) and all(read.get(p, -1) >= end for p, end in ends.items())
+        done = lag == 0 and unconfirmed == 0 and queued == 0 and at_end
         text = (
-            f"lag {'?' if lag is None else lag}, {accounted} of {published} trades read, "
+            f"lag {'?' if lag is None else lag}, {sum(read.values())} of {sum(ends.values())} trades records read "
+            f"({accounted} of {published} trades applied since its start), "
             f"{_num(m, 'klines_finalized')} klines finalized, {unconfirmed} unconfirmed ({queued} queued)"
         )
         figures = (lag, accounted, unconfirmed, queued, _num(m, "klines_finalized"), _num(m, "finalized_confirmed"))
         return done, figures, text
+
+    def _trades_end_offsets(self) -> dict[int, int]:
+        from services.shared.kafka import end_offsets
+
+        try:
+            return asyncio.run(end_offsets(self.settings.kafka, self.settings.kafka.topics.trades))
+        except Exception:  # the broker did not answer: not drained yet
+            return {}
 
     def _writers_drained(self) -> tuple[bool, Any, str]:
         finalized = _num(self.metrics.get("aggregator"), "klines_finalized")

@@ -7,8 +7,8 @@ Nothing in the aggregator reads the system time directly; the worker is given on
   ``time_s`` function;
 * :class:`ManualClock` (tests, and ``--clock manual``): market time set by hand, or over HTTP
   (``POST /clock?now_ms=...``), so a test decides exactly when a quiet kline may close;
-* :class:`TradeTimeClock` (``aggregator.clock = "event"``, for replays faster or slower than real time): the
-  newest trade time the worker has applied, so klines close as the recorded market moves, whatever the speed.
+* :class:`EventClock` (``aggregator.clock = "event"``, for replays at any speed): no time at all, so a kline
+  closes only when a later trade of its own symbol arrives, exactly as ``klines replay`` folds a file.
 
 The aggregator only advances a partition's books by the clock once it has read that partition up to its end
 (see :mod:`services.aggregator.engine`), so a clock ahead of a backlog never closes a kline early.
@@ -57,27 +57,27 @@ class ManualClock:
         self._now = (self._now or 0) + delta_ms
 
 
-class TradeTimeClock:
-    """The newest trade time observed (event time); ``lead_ms`` is added once a trade was seen."""
+class EventClock:
+    """No time at all (``aggregator.clock = "event"``, for replays): klines close only by trades.
 
-    def __init__(self, lead_ms: int = 0) -> None:
-        self._newest: int | None = None
-        self._lead = lead_ms
+    A kline closes when a later trade of its own symbol arrives, exactly as ``klines replay`` folds a file, and
+    never by a clock. Replays run at any speed, and symbols do not reach the aggregator in market-time order
+    (ingest publishes each symbol at its own pace, a partition may be read ahead of another): another symbol's
+    newer trade says nothing about whether this symbol's feed has caught up, so closing this symbol's quiet
+    klines by it would emit empty klines for minutes whose trades are still on their way (and then reject
+    those trades as late). So, like a replay, the last kline of each symbol stays open until its next trade.
+    """
 
-    def observe(self, trade_time_ms: int) -> None:
-        if self._newest is None or trade_time_ms > self._newest:
-            self._newest = trade_time_ms
-
-    def now_ms(self) -> int | None:
-        return None if self._newest is None else self._newest + self._lead
+    def now_ms(self) -> None:
+        return None
 
 
-def make_clock(kind: str) -> WallClock | ManualClock | TradeTimeClock:
+def make_clock(kind: str) -> WallClock | ManualClock | EventClock:
     """The clock named by ``aggregator.clock`` or ``--clock``: ``wall``, ``event`` or ``manual``."""
     if kind == "wall":
         return WallClock()
     if kind == "event":
-        return TradeTimeClock()
+        return EventClock()
     if kind == "manual":
         return ManualClock()
     raise ValueError(f"unknown clock {kind!r}: expected wall, event or manual")

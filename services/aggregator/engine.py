@@ -96,7 +96,7 @@ from services.aggregator.checkpointer import (
     GroupConsumer,
     wait_quietly,
 )
-from services.aggregator.clock import Clock, TradeTimeClock
+from services.aggregator.clock import Clock
 from services.aggregator.decode import Trade, TradesDecoder
 from services.aggregator.outbox import Outbox
 from services.aggregator.sending import NotEnqueued
@@ -167,7 +167,6 @@ class Aggregator:
         self.intervals = tuple(intervals)
         self.grace_ms = grace_ms
         self.clock = clock
-        self._observe = clock.observe if isinstance(clock, TradeTimeClock) else None
         self._group: GroupConsumer | None = None
         self._checkpoint_every = max(1, checkpoint_every_ticks)
         self._flush_timeout = flush_timeout_s
@@ -407,8 +406,6 @@ class Aggregator:
                 return
             if folded:
                 self.stats.trades_applied += len(columns[0])
-                if self._observe is not None:
-                    self._observe(columns[1][-1])
                 return
         for record, items in zip(records, parts, strict=True):
             one = checked(items)
@@ -438,10 +435,10 @@ class Aggregator:
         try:
             if isinstance(trades, list):
                 book.apply(trades)
-                count, last_time = len(trades), trades[-1].T
+                count = len(trades)
             else:
                 book.apply_columns(trades)
-                count, last_time = len(trades[0]), trades[1][-1]
+                count = len(trades[0])
         except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
             log.exception("the book of %s raised on the record at offset %s", book.symbol, record.offset)
             self._dead_letter(record, f"internal error applying the batch: {exc!r}")
@@ -450,8 +447,6 @@ class Aggregator:
         if book.rejected != rejected_before:
             for rejected in book.drain_rejected():
                 self._dead_letter(record, rejected.reason, value=encode_trade_batch(rejected.trade.s, [rejected.trade]))
-        if self._observe is not None:
-            self._observe(last_time)
 
     def _check_start_offset(self, part: PartitionState, first: int) -> None:
         """Detect (never expected) a group offset past the restored marker: trades would have been skipped."""
@@ -837,6 +832,7 @@ class Aggregator:
             "decoded_slow": self._decoder.slow,
             "lag": self.lag(),
             "partitions": sorted(self.parts),
+            "read_offsets": {p: part.read_position() for p, part in self.parts.items() if part.phase is Phase.READY},
             "partitions_restoring": sorted(p for p, part in self.parts.items() if part.phase is Phase.RESTORING),
             "unconfirmed_finalized": sum(len(v) for part in self.parts.values() for v in part.unconfirmed.values()),
             "finalized_queued": self._finalized.queued,

@@ -141,6 +141,28 @@ async def delete_topics(settings: KafkaSettings, names: list[str]) -> None:
         await admin.close()
 
 
+async def _end_offsets(consumer: AIOKafkaConsumer, topic: str) -> dict[Any, int]:
+    """The end offset of every partition of ``topic`` (empty if it has none)."""
+    from aiokafka import TopicPartition
+
+    parts = consumer.partitions_for_topic(topic) or set()
+    if not parts:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    return dict(await consumer.end_offsets(tps)) if tps else {}
+
+
+async def end_offsets(settings: KafkaSettings, topic: str) -> dict[int, int]:
+    """``{partition: end offset}`` of ``topic``: where a consumer that has read everything stands."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return {tp.partition: offset for tp, offset in (await _end_offsets(consumer, topic)).items()}
+    finally:
+        await consumer.stop()
+
+
 async def topic_overview(settings: KafkaSettings) -> list[tuple[str, int, int, str, int | None]]:
     """Per project topic: partitions, messages (sum of end offsets), and per consumer group its total lag."""
     from aiokafka import TopicPartition
@@ -154,14 +176,8 @@ async def topic_overview(settings: KafkaSettings) -> list[tuple[str, int, int, s
         existing = set(await admin.list_topics())
         ends: dict[str, dict[TopicPartition, int]] = {}
         for name in names:
-            if name not in existing:
-                continue
-            parts = consumer.partitions_for_topic(name) or set()
-            if not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(name) or set()
-            tps = [TopicPartition(name, p) for p in sorted(parts)]
-            ends[name] = dict(await consumer.end_offsets(tps)) if tps else {}
+            if name in existing:
+                ends[name] = await _end_offsets(consumer, name)
         lags: dict[str, list[tuple[str, int]]] = {}
         for group, _protocol in [(g[0], g[1]) for g in await admin.list_consumer_groups()]:
             offsets = await admin.list_consumer_group_offsets(group)

@@ -137,7 +137,7 @@ class MarketSettings(_Section):
 class AggregatorSettings(_Section):
     snapshot_interval_ms: int = Field(default=1000, gt=0)
     # "wall": the clock that closes quiet klines is the machine's UTC clock (live Binance).
-    # "event": it is the newest trade time seen (replays run faster or slower than real time).
+    # "event": no clock; a kline closes only by a later trade of its symbol, as `klines replay` (replays, any speed).
     clock: Literal["wall", "event"] = "wall"
     grace_ms: int = Field(default=500, ge=0)
     http_port: int = Field(default=8081, ge=0, lt=65536)

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.aggregator.checkpoint import PartitionCheckpoint, decode_partition
-from services.aggregator.clock import ManualClock
+from services.aggregator.clock import Clock, EventClock, ManualClock
 from services.aggregator.engine import SEQ_LEASE, Aggregator
 from services.core.intervals import close_time
 from services.core.models import AggTrade, Kline
@@ -142,7 +142,7 @@ class Harness:
     def __init__(
         self,
         broker: Broker,
-        clock: ManualClock,
+        clock: Clock,
         *,
         finalized_auto: bool = True,
         capacity: int | None = None,
@@ -305,6 +305,24 @@ async def test_quiet_symbols_close_by_the_clock_only_once_the_partition_is_read(
     closed = finalized(broker)
     expected = {(k.s, k.i, k.t) for i in INTERVALS for k in reference_klines(trades, i)}
     assert expected <= set(closed)
+
+
+async def test_with_the_event_clock_only_a_symbols_own_trades_close_its_klines() -> None:
+    # Replays: another symbol's newer trade says nothing about this one's feed (it may be behind), so a tick
+    # closes nothing; the klines are exactly those a replay of each symbol's trades closes.
+    broker = Broker()
+    eth = [AggTrade("ETHUSDT", 1, "10", "1", 1, 1, T0 + 5_000, False)]
+    btc = [AggTrade("BTCUSDT", 1 + k, "20", "1", 1 + k, 1 + k, T0 + k * 600_000, False) for k in range(3)]
+    produce(broker, [("ETHUSDT", eth), ("BTCUSDT", btc)])
+    h = Harness(broker, EventClock())
+    await h.assign()
+    await h.drain()
+    for _ in range(3):
+        h.engine.tick()
+    closed = finalized(broker)
+    assert not [key for key in closed if key[0] == "ETHUSDT"]  # its only kline is still open, as in a replay
+    expected = {("BTCUSDT", i, k.t) for i in INTERVALS for k in reference_klines(btc, i)[:-1]}
+    assert set(closed) == expected
 
 
 async def test_crash_before_any_checkpoint_replays_from_the_start() -> None:
