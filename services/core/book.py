@@ -880,19 +880,27 @@ class KlineBook:
             if track.count_between(t, target) > MAX_EMPTY_RUN:
                 self.empty_runs_skipped += 1
             else:
-                self._empty_run(track, t, target, out)
+                self._empty_run(track, t, target, out, cell)
         track.t = target
         track.nt = next_open(track.name, target)
 
-    def _empty_run(self, track: _Track, t: int, end: int, out: list[tuple[int, int, Kline]]) -> None:
-        """Record and emit the empty klines opening in [t, end): the hot loop of quiet symbols."""
+    def _empty_run(self, track: _Track, t: int, end: int, out: list[tuple[int, int, Kline]], cell: int) -> None:
+        """Record and emit the empty klines opening in [t, end): the hot loop of quiet symbols.
+
+        Only those within the repair horizon of ``cell`` (the grid cell the book moves to) are recorded for
+        corrections: a trade for an older one is rejected anyway (it is older than the horizon), so recording
+        it would only cost its eviction (a quiet stretch of weeks closes ~10^5 at once).
+        """
         price = track.last_close
         assert price is not None
         shown = self._price_decimal(price)
         closed, size, name, rank, symbol = track.closed, track.size, track.name, track.rank, self._symbol
+        horizon = self._horizon
+        keep_after = cell - horizon if horizon is not None else -_NEVER  # a kline ending after this is kept
         while t < end:
             following = t + size if size is not None else next_open(name, t)
-            closed[t] = [0, price, price, price, price, 0, 0, 0, 0, -1, -1, 0, 0, 0, 0, 0]
+            if following > keep_after:
+                closed[t] = [0, price, price, price, price, 0, 0, 0, 0, -1, -1, 0, 0, 0, 0, 0]
             kline = Kline(
                 symbol, name, t, following - 1, -1, -1, shown, shown, shown, shown, _ZERO, 0, True, _ZERO,
                 _ZERO, _ZERO, 0, "empty",
