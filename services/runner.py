@@ -180,6 +180,11 @@ class RunSummary:
     drain_problems: list[str] = field(default_factory=list)
     verify: str | None = None  # the verdict line; None when not verified
     verify_ok: bool | None = None
+    #: The aggregator's longest single batch apply (its event loop's longest stall from the hot path) and how
+    #: often flow control stopped its input while its output drained (information, not a problem).
+    longest_apply_s: float | None = None
+    flow_pauses: int = 0
+    flow_paused_s: float = 0.0
 
     @property
     def dropped(self) -> int:
@@ -218,6 +223,7 @@ class RunSummary:
 
         sent = n(self.trades_sent) if self.mode == "replay" else "- (live)"
         exits = ", ".join(f"{name} {n(code)}" for name, code in self.exits.items()) or "-"
+        longest = "?" if self.longest_apply_s is None else f"{self.longest_apply_s:.3f}"
         problems = self.problems()
         return [
             "Summary:",
@@ -230,6 +236,8 @@ class RunSummary:
             f"  ingest held/dropped: {self.held_dropped} held at stop and dropped, {self.dropped_other} dropped "
             "otherwise",
             f"  service exits: {exits}",
+            f"  aggregator: longest batch apply {longest} s, input paused {self.flow_pauses} times for "
+            f"{self.flow_paused_s:.1f} s while its output drained",
             f"  drain: {'complete' if not self.drain_problems else '; '.join(self.drain_problems)}",
             f"  verify: {self.verify or 'not run'}",
             "result: OK, nothing lost" if not problems else "result: FAILED: " + "; ".join(problems),
@@ -852,6 +860,9 @@ class LocalPipeline:
             + _num(aggregator, "dead_letters_dropped"),
             exits=dict(self.exits),
             drain_problems=list(self.drain_problems),
+            longest_apply_s=float(aggregator["longest_apply_s"]) if "longest_apply_s" in aggregator else None,
+            flow_pauses=_num(aggregator, "flow_pauses"),
+            flow_paused_s=float(aggregator.get("flow_paused_s") or 0.0),
         )
 
 
