@@ -29,7 +29,7 @@ from harness import (
     play,
 )
 
-from services.core.reference import read_klines_csv
+from services.core.reference import read_aggtrades_csv, read_klines_csv
 from services.runner import RunOptions
 from services.shared.settings import load_settings
 
@@ -95,7 +95,11 @@ def test_a_dense_tape_at_real_time_speed(kafka_bootstrap: str, tmp_path: Path) -
     state = tmp_path / "state"
     out = play(kafka_bootstrap, state, tape, speed="1")
     rows = check_equal(out, state, tape, tmp_path)
-    assert sum(1 for key in rows if key[1] == "1s") >= 2 * 110
+    for spec in tape.files:  # every second from each symbol's first trade to its last closed: none missing
+        path, symbol = spec.rsplit(":", 1)
+        times = [trade.T for trade in read_aggtrades_csv(path, symbol)]
+        seconds = {key[2] for key in rows if key[0] == symbol and key[1] == "1s"}
+        assert seconds == set(range(times[0] // 1000 * 1000, times[-1] // 1000 * 1000, 1000))
 
 
 @pytest.fixture
