@@ -54,7 +54,7 @@ class BatchAgent(Protocol):
 
     async def handle_batch(
         self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]], epoch: int
-    ) -> None: ...
+    ) -> Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]] | None: ...
 
     def has_room(self) -> bool: ...
 
@@ -99,18 +99,15 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     # seek and moved past the records it returned: once the rebalance is over, the agent seeks
                     # its partitions back to where they resume, so the records are read again.
                     batch = {tp: recs for tp, recs in (records or {}).items() if tp.topic == topic and recs}
-                    if batch and not self.should_stop:
-                        if not self.flow_active:
-                            await self.wait(self.can_resume_flow)  # type: ignore[arg-type]  # as Faust does
-                        if not (self.should_stop or consumer_stopped()):
-                            await agent.read_again(batch)
+                    await self._read_again_after_rebalance(batch)
                     await asyncio.sleep(0)
                     continue
                 if agent.has_room():
                     next_fetch = (agent.epoch, asyncio.ensure_future(self._wait_next_records(1.0)))
                 batch = {tp: recs for tp, recs in records.items() if tp.topic == topic}
                 if batch:
-                    await agent.handle_batch(batch, epoch)
+                    # A rebalance that began while the agent yielded between slices leaves the rest unapplied.
+                    await self._read_again_after_rebalance(await agent.handle_batch(batch, epoch))
                 await asyncio.sleep(0)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -123,6 +120,17 @@ class BatchConsumer(faust_aiokafka.Consumer):
         finally:
             if next_fetch is not None:
                 next_fetch[1].cancel()
+
+    async def _read_again_after_rebalance(
+        self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]] | None
+    ) -> None:
+        """Hand records that were not applied back to the agent to be read again, once the flow resumed."""
+        if not batch or self.should_stop:
+            return
+        if not self.flow_active:
+            await self.wait(self.can_resume_flow)  # type: ignore[arg-type]  # as Faust does
+        if not (self.should_stop or self._stopped.is_set()):
+            await cast(AggregatorApp, self.app).batch_agent.read_again(batch)
 
 
 class BatchTransport(faust_aiokafka.Transport):

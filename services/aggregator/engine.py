@@ -21,8 +21,13 @@ Per ``trades`` partition ``p``. ``next[S]`` is the offset after the last applied
    timer (which commits only acked offsets) and its commit on stop never move a ``trades`` offset; nothing is
    acked. Offsets are committed only in step 6.
 2. **Apply exactly once per symbol.** A record at offset ``o`` for symbol ``S`` is applied iff
-   ``o >= next[S]``; then ``next[S] = o + 1`` and ``S`` is dirty. A fetched batch is applied in one synchronous
-   call, so a cancellation (rebalance, stop) can only fall between batches, never inside one.
+   ``o >= next[S]``; then ``next[S] = o + 1`` and ``S`` is dirty. A fetched batch is applied in slices (a
+   partition's records in offset order, at most 256 KiB of values each), each in one synchronous call that
+   also moves ``position`` past it; between slices the engine yields to the event loop once the batch has run
+   for 20 ms, and if the assignment changed meanwhile (a rebalance) or a stop began, it applies no more: once
+   the rebalance is over the rest is read again from each owned partition's resume offset (as a stale batch,
+   step 8); after a stop, from the committed offset. So a cancellation (rebalance, stop) falls only between
+   slices, where ``position``, ``next[S]`` and the books agree.
 3. **Finalize without waiting; never drop.** A kline that closes joins ``unconfirmed[S]`` and is put into the
    finalized :class:`~services.aggregator.outbox.Outbox`, which hands it to the producer at once when the
    producer takes it without waiting, and queues it otherwise; nothing here awaits a send. The kline stays in
@@ -116,9 +121,43 @@ SERVICE: Final = "aggregator"
 MAX_IN_FLIGHT: Final = 20_000
 #: How often a paused input looks whether the output drained (and pushes waiting snapshots meanwhile).
 FLOW_POLL_S: Final = 0.01
+#: A fetched batch is applied in slices of at most this many bytes of values (about 2,500 trades of a REST
+#: backfill page, or 250 of ingest's live batch records) ...
+SLICE_BYTES: Final = 256 * 1024
+#: ... or this many records, whichever comes first ...
+SLICE_RECORDS: Final = 2_000
+#: ... and the engine yields to the event loop between two slices once the batch has run this long: a burst of
+#: 10^5 closed klines never keeps health checks, metrics or a rebalance waiting for seconds.
+YIELD_AFTER_S: Final = 0.02
+
+Batch = Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]
 
 #: A finalized kline on its way: the partition whose unconfirmed set holds it, and the kline.
 Finalized = tuple[PartitionState, Kline]
+
+
+def _slices(records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> list[Batch]:
+    """``records`` cut into slices of at most :data:`SLICE_BYTES` of values (or :data:`SLICE_RECORDS` records),
+    each of one partition, in offset order: the units the hot path applies synchronously (protocol step 2)."""
+    out: list[Batch] = []
+    for tp, batch in records.items():
+        start = size = 0
+        for index, record in enumerate(batch):
+            size += len(record.value or b"")
+            if size >= SLICE_BYTES or index + 1 - start >= SLICE_RECORDS:
+                out.append({tp: batch[start : index + 1]})
+                start, size = index + 1, 0
+        if start < len(batch):
+            out.append({tp: batch[start:]})
+    return out
+
+
+def _merge_slices(slices: Sequence[Batch]) -> Batch:
+    merged: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
+    for piece in slices:
+        for tp, batch in piece.items():
+            merged.setdefault(tp, []).extend(batch)
+    return merged
 
 
 def _encode_finalized(item: Finalized) -> tuple[bytes | None, bytes]:
@@ -221,20 +260,39 @@ class Aggregator:
 
     async def handle_batch(
         self, records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]], epoch: int
-    ) -> None:
+    ) -> Batch | None:
         """Apply one batch whose fetch started during ``epoch`` (after any restore of its partitions finished).
 
         If the assignment changed since (a rebalance ran while the fetch was waiting), the records may come
         from before or after the rebalance's seek, so they are not applied: each partition of the batch this
         worker owns now is sought back to its resume offset (:meth:`PartitionState.resume_offset`) and read again.
+
+        Applied in slices (protocol step 2). If a rebalance begins while it yields between two slices, the rest
+        is not applied and is returned: the caller passes it to :meth:`read_again` once the rebalance is over.
         """
         await self._restores_of(records)
         if epoch != self._epoch:
             await self._read_again_now(records)
-            return
-        started = self._monotonic()
-        self.apply_batch(records)
-        self.stats.longest_apply_s = max(self.stats.longest_apply_s, self._monotonic() - started)
+            return None
+        self.stats.batches += 1
+        stats = self.stats
+        monotonic = self._monotonic
+        turn = monotonic()
+        slices = _slices(records)
+        for index, piece in enumerate(slices):
+            started = monotonic()
+            self.apply_batch(piece)
+            now = monotonic()
+            stats.longest_apply_s = max(stats.longest_apply_s, now - started)
+            if now - turn < YIELD_AFTER_S or index == len(slices) - 1:
+                continue
+            await asyncio.sleep(0)  # serve health checks, metrics, rebalances between slices
+            turn = monotonic()
+            if not self._accepting:
+                return None  # stopping: the rest is read again after the restart, from the committed offset
+            if epoch != self._epoch:
+                return _merge_slices(slices[index + 1 :])
+        return None
 
     # ------------------------------------------------------------------------------------------ flow control
 
@@ -315,7 +373,6 @@ class Aggregator:
         """Protocol steps 2 and 3 for one batch; synchronous, so it is applied whole or not at all."""
         if not self._accepting:
             return
-        self.stats.batches += 1
         for tp, batch in records.items():
             if tp.topic != self.trades_topic or not batch:
                 continue

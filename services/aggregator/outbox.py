@@ -13,8 +13,10 @@ Protocol, for every record put:
 
 1. :meth:`Outbox.put` never awaits. While nothing is queued, it encodes the record and hands it to the producer
    at once (:func:`~services.aggregator.sending.try_send`: no task switch, so a kline is on its way the
-   instant it closes). If the producer cannot take it without waiting (the partition's batch is full), the
-   record is queued, and every later record queues behind it: one outbox keeps its records in order.
+   instant it closes), up to :data:`CHUNK` records per turn of the event loop (so the caller's own turn stays
+   short whatever it puts). If the producer cannot take it without waiting (the partition's batch is full),
+   or this turn's budget is spent, the record is queued, and every later record queues behind it: one outbox
+   keeps its records in order.
 2. One drain task sends the queue in order. It awaits aiokafka's ``send()`` for the head (which waits for the
    partition's batch to drain), then hands over every following record the producer takes at once, and yields
    to the event loop every :data:`CHUNK` records, so encoding a burst of 10^5 klines never stalls the loop
@@ -80,6 +82,7 @@ class Outbox(Generic[T]):
         self._awaiting = 0
         self._drainer: asyncio.Task[None] | None = None
         self._closed = False
+        self._inline = 0  # records handed over by put() itself during this turn of the event loop
         self._settled = asyncio.Event()
         self._settled.set()
         self.sent = 0
@@ -107,12 +110,19 @@ class Outbox(Generic[T]):
             self._fail(item, done, "the outbox is closed (the service is stopping)")
             return
         self._settled.clear()
-        if not self._queue and self._hand_over(item, done):
-            return
+        if not self._queue and self._inline < CHUNK:
+            if not self._inline:  # the budget renews on the event loop's next turn
+                asyncio.get_running_loop().call_soon(self._renew_inline)
+            self._inline += 1
+            if self._hand_over(item, done):
+                return
         self._queue.append((item, done))
         self.queued_total += 1
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.get_running_loop().create_task(self._drain(), name=f"outbox-{self.name}")
+
+    def _renew_inline(self) -> None:
+        self._inline = 0
 
     def _hand_over(self, item: T, done: Done[T] | None) -> bool:
         """Step 1/2: try_send; True once the producer holds the record (or it failed for good, step 4)."""

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from aiokafka.structs import ConsumerRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.aggregator import engine as engine_module
 from services.aggregator.checkpoint import PartitionCheckpoint, decode_partition
 from services.aggregator.clock import Clock, EventClock, ManualClock
 from services.aggregator.engine import SEQ_LEASE, Aggregator
@@ -150,6 +152,7 @@ class Harness:
         intervals: tuple[str, ...] = INTERVALS,
         grace_ms: int = 0,
         max_in_flight: int = 20_000,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker = broker
         self.finalized = FakeProducer(broker, auto=finalized_auto, capacity=capacity)
@@ -171,6 +174,7 @@ class Harness:
             reader=self.reader,
             flush_timeout_s=0.2,
             max_in_flight=max_in_flight,
+            monotonic=monotonic,
         )
         self.group = FakeGroup(broker)
         self.engine.attach(self.group)
@@ -323,6 +327,35 @@ async def test_with_the_event_clock_only_a_symbols_own_trades_close_its_klines()
     assert not [key for key in closed if key[0] == "ETHUSDT"]  # its only kline is still open, as in a replay
     expected = {("BTCUSDT", i, k.t) for i in INTERVALS for k in reference_klines(btc, i)[:-1]}
     assert set(closed) == expected
+
+
+async def test_a_long_batch_yields_between_slices_and_a_rebalance_there_reads_the_rest_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_module, "SLICE_RECORDS", 2)
+    ticks = iter(range(10**6))
+    broker, clock = Broker(), ManualClock()
+    streams = {"BTCUSDT": make_trades("BTCUSDT", 40, 3)}
+    produce(broker, interleave(streams, 5))  # 8 records
+    p = partition_of("BTCUSDT")
+    h = Harness(broker, clock, monotonic=lambda: next(ticks) * 0.05)  # every slice "takes" 50 ms
+    await h.assign()
+    records = broker.records(p, 0, 8)
+    batch = asyncio.create_task(h.engine.handle_batch({TopicPartition(TRADES, p): records}, h.engine.epoch))
+    await asyncio.sleep(0)  # the first slice is applied, then the engine yields
+    assert h.engine.parts[p].position == 2 and not batch.done()
+    h.position[p] = 8  # the consumer's fetch position is past the whole batch
+    await h.engine.on_revoked({TopicPartition(TRADES, p)})  # a rebalance while it yields ...
+    rest = await batch  # the rest is not applied: it comes back to be read again once the rebalance is over
+    assert rest is not None and [r.offset for r in rest[TopicPartition(TRADES, p)]] == list(range(2, 8))
+    await h.engine.on_assigned({TopicPartition(TRADES, p)})  # ... gives the partition back (parked state)
+    await h.engine.read_again(rest)  # what the consumer does once the flow resumes
+    assert h.position[p] == h.engine.parts[p].position == 2  # read again from after slice 1
+    await h.drain()
+    clock.set(end_of(streams))
+    h.engine.tick()
+    assert_exact(broker, streams)
+    assert h.engine.stats.records == 8  # every record applied exactly once
 
 
 async def test_crash_before_any_checkpoint_replays_from_the_start() -> None:
