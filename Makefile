@@ -31,9 +31,10 @@ e2e: setup
 	$(PY) -m pytest -q -m e2e
 
 # Whole-pipeline cases that take minutes (pipeline equals replay on a five-week tape, at real-time speed, with
-# the aggregator stopped mid-tape); CI runs them after `make test`.
+# the aggregator stopped mid-tape) and the chaos tier (every service killed, every dependency down, bad input);
+# CI runs them after `make test`.
 test-long: setup
-	$(PY) -m pytest -q -m long
+	$(PY) -m pytest -q -m "long or chaos"
 
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from services.cli import KAFKA_SH, REPO, command, print_table
-from services.shared.settings import Settings
+from services.shared.settings import KafkaSettings, Settings
 
 PY = sys.executable
 
@@ -69,10 +69,13 @@ class Service:
     proc: subprocess.Popen[bytes] | None = None
     log_file: Any = None
     log_start: int = 0  # where this run's lines begin in the (appended) log file
+    starts: int = 0  # how often it was started in this run (more than once: restarted, its counters began again)
 
     def start(self, env: dict[str, str]) -> None:
+        self.starts += 1
+        if self.starts == 1:
+            self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.log_file = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.argv, env=env, cwd=REPO, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True
@@ -323,6 +326,9 @@ class LocalPipeline:
         self.exits: dict[str, int | None] = {}
         self.drain_problems: list[str] = []
         self.exchange_sent: int | None = None
+        #: Distinct trades found in the trades topic by the drain of an ingest that was restarted during the run
+        #: (its own count began again at each start); None when ingest ran once.
+        self.published_in_topic: int | None = None
         self.abort_requested: Callable[[], bool] = lambda: False
 
     def say(self, message: str) -> None:
@@ -715,9 +721,38 @@ class LocalPipeline:
         published, held = _num(m, "trades_published"), _num(m, "queue_held")
         if m is None or sent is None:
             return False, None, "no answer from ingest or the exchange"
+        ingest = self._service("ingest")
+        if ingest is not None and ingest.starts > 1:
+            return self._ingest_drained_by_topic(status or {}, m, sent)
         done = published >= sent and _num(m, "queue_inflight") == 0
         text = f"published {published} of {sent} trades the exchange sent ({held} held)"
         return done, (published, held, _num(m, "trades_received"), sent), text
+
+    def _ingest_drained_by_topic(self, status: dict[str, Any], m: dict[str, Any], sent: int) -> tuple[bool, Any, str]:
+        """The drain of an ingest started more than once: its ``trades_published`` counts only since its last
+        start, so the trades topic itself is read. Done when nothing is held or unacknowledged, every symbol's
+        last ``a`` in the topic is the last the exchange sent, and then the topic holds as many distinct trades
+        as the exchange sent (a trade published twice, around a kill, counts once)."""
+        from services.ingest.recovery import recover_last_ids
+
+        wanted = {name: int(s["last_id"]) for name, s in (status.get("symbols") or {}).items() if s.get("published")}
+        held, inflight = _num(m, "queue_held"), _num(m, "queue_inflight")
+        try:
+            tails = asyncio.run(recover_last_ids(self.settings.kafka, wanted)).last
+        except Exception as exc:  # the broker did not answer: not drained yet
+            return False, None, f"the trades topic could not be read ({exc})"
+        behind = sorted(name for name, last in wanted.items() if tails.get(name, -1) < last)
+        figures = (held, inflight, tuple(sorted(tails.items())), sent)
+        if behind or held or inflight:
+            text = f"{held} held, {inflight} unacknowledged, behind the exchange in {', '.join(behind) or 'none'}"
+            return False, figures, text
+        try:
+            distinct = asyncio.run(_distinct_trades(self.settings.kafka))
+        except Exception as exc:
+            return False, figures, f"the trades topic could not be read ({exc})"
+        self.published_in_topic = distinct
+        text = f"{distinct} distinct trades in the topic of {sent} the exchange sent (ingest restarted)"
+        return distinct >= sent, (*figures, distinct), text
 
     def _aggregator_drained(self) -> tuple[bool, Any, str]:
         published = _num(self.metrics.get("ingest"), "trades_published")
@@ -757,9 +792,29 @@ class LocalPipeline:
         own = (m.get("writers") or {}).get("finalized_writer") or m
         handled = _num(own, "rows_inserted") + _num(own, "dead_letters")
         lag, buffered = _num(m, "lag"), _num(m, "buffered")
+        writers = self._service("writers")
+        if writers is not None and writers.starts > 1:
+            # Restarted: its counters began again, so what it stored is read from its consumer group's
+            # committed offsets (it commits after the insert) against the end of the finalized topic.
+            behind = self._finalized_uncommitted()
+            done = lag == 0 and buffered == 0 and behind == 0
+            text = (
+                f"lag {lag}, {buffered} buffered, "
+                f"{'?' if behind is None else behind} finalized records not yet stored and committed (restarted)"
+            )
+            return done, (lag, buffered, _num(m, "rows_inserted"), behind), text
         done = lag == 0 and buffered == 0 and handled >= finalized
         text = f"lag {lag}, {buffered} buffered, {handled} of {finalized} finalized klines stored"
         return done, (lag, buffered, _num(m, "rows_inserted")), text
+
+    def _finalized_uncommitted(self) -> int | None:
+        """Records of the finalized topic past the finalized writer's committed offsets; None if unknown."""
+        from services.finalized_writer import finalized_spec
+
+        try:
+            return asyncio.run(_uncommitted(self.settings.kafka, finalized_spec(self.settings).group_id))
+        except Exception:  # the broker did not answer: not drained yet
+            return None
 
     def stop_broker(self) -> None:
         if self.started_broker and not self.options.keep_broker:
@@ -845,6 +900,8 @@ class LocalPipeline:
         # A loss is both counted and logged: count each service's larger figure once.
         data_loss = sum(max(counted.get(n, 0), logged_loss.get(n, 0)) for n in {*counted, *logged_loss})
         published = _num(flushed, "trades_published") if flushed else _num(ingest, "trades_published")
+        if self.published_in_topic is not None:  # ingest was restarted: what its topic holds
+            published = self.published_in_topic
         held = _num(flushed, "dropped_held") if flushed else _num(ingest, "queue_held")
         return RunSummary(
             mode=self.mode,
@@ -864,6 +921,55 @@ class LocalPipeline:
             flow_pauses=_num(aggregator, "flow_pauses"),
             flow_paused_s=float(aggregator.get("flow_paused_s") or 0.0),
         )
+
+
+async def _uncommitted(settings: KafkaSettings, group_id: str) -> int:
+    """Records of the finalized topic beyond ``group_id``'s committed offsets (all of a partition without one)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from services.shared.kafka import end_offsets
+
+    topic = settings.topics.finalized
+    ends = await end_offsets(settings, topic)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=settings.request_timeout_ms)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group_id)
+    finally:
+        await admin.close()
+    done = {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic}
+    return sum(max(0, end - max(0, done.get(partition, 0))) for partition, end in ends.items())
+
+
+async def _distinct_trades(settings: KafkaSettings) -> int:
+    """How many distinct trades (symbol, ``a``) the trades topic holds, read from its beginning to its end."""
+    from services.core.models import InvalidInput
+    from services.shared.kafka import _end_offsets, make_consumer
+    from services.shared.messages import TradeBatch, decode_trades_value
+
+    topic = settings.topics.trades
+    consumer = make_consumer(settings, group_id=None, client_suffix="run-count", isolation_level="read_uncommitted")
+    await consumer.start()
+    seen: dict[str, set[int]] = {}
+    try:
+        ends = {tp: end for tp, end in (await _end_offsets(consumer, topic)).items() if end > 0}
+        consumer.assign(list(ends))
+        await consumer.seek_to_beginning(*ends)
+        for tp, end in ends.items():
+            while await consumer.position(tp) < end:
+                batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
+                for record in batch.get(tp, []):
+                    if record.offset >= end:
+                        break
+                    try:
+                        value = decode_trades_value(record.value, record.key)
+                    except InvalidInput:
+                        continue  # not a trade record (hand-injected garbage): the aggregator dead-letters it
+                    if isinstance(value, TradeBatch):
+                        seen.setdefault(value.symbol, set()).update(t.a for t in value.trades)
+    finally:
+        await consumer.stop()
+    return sum(len(ids) for ids in seen.values())
 
 
 async def _topic_names(settings: Settings) -> list[str]:
