@@ -135,7 +135,7 @@ async def serve_bare(port: int, bootstrap: str, topics: list[str]) -> None:
         return web.json_response({"ready": True, "keys": len(seen)})
 
     app = web.Application()
-    app.add_routes([web.get("/ws", ws_handler), web.get("/readyz", status), web.get("/metrics", status)])
+    app.add_routes([web.get("/ws", ws_handler), web.get("/readyz", status), web.get("/metrics.json", status)])
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -201,7 +201,7 @@ async def bench(args: argparse.Namespace, peer: str = "gateway") -> dict[str, An
                 topics.snapshots, encode_kline(snapshot(symbol, Decimal(100), 1), seq), key=kline_key(symbol, "1m")
             )
         await producer.flush()
-        while get_json(base + "/metrics").get("keys", 0) < args.keys:
+        while get_json(base + "/metrics.json").get("keys", 0) < args.keys:
             await asyncio.sleep(0.1)
         rss_idle = rss_kb(gateway.pid)
 
@@ -223,7 +223,7 @@ async def bench(args: argparse.Namespace, peer: str = "gateway") -> dict[str, An
         for client in clients:  # drop the "current kline" sent on subscribe
             client.received = 0
             client.latencies.clear()
-        before = get_json(base + "/metrics")
+        before = get_json(base + "/metrics.json")
 
         # Load.
         cpu0, t0 = cpu_s(gateway.pid), time.monotonic()
@@ -255,7 +255,7 @@ async def bench(args: argparse.Namespace, peer: str = "gateway") -> dict[str, An
         cpu1 = cpu_s(gateway.pid)
         own_cpu = time.process_time() - own_cpu0
         rss_peak = max(rss_peak, rss_kb(gateway.pid))
-        after = get_json(base + "/metrics")
+        after = get_json(base + "/metrics.json")
 
         received = sum(c.received for c in clients)
         latencies = sorted(x for c in clients for x in c.latencies)

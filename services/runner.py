@@ -599,9 +599,9 @@ class LocalPipeline:
         return next((s for s in self.services if s.name == name), None)
 
     def _read(self, name: str) -> dict[str, Any] | None:
-        """``/metrics`` of ``name`` (remembered as its last known figures), or None if it does not answer."""
+        """``/metrics.json`` of ``name`` (remembered as its last known figures), or None if it does not answer."""
         service = self._service(name)
-        metrics = service.get("/metrics") if service is not None and service.alive else None
+        metrics = service.get("/metrics.json") if service is not None and service.alive else None
         if isinstance(metrics, dict):
             self.metrics[name] = metrics
             return metrics

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -36,9 +38,11 @@ from services.aggregator.checkpointer import MAX_RECORD_BYTES
 from services.aggregator.clock import Clock, ManualClock
 from services.aggregator.engine import Aggregator
 from services.aggregator.sending import warm_metadata
+from services.aggregator.state import Stats
 from services.shared.kafka import TopicSpec, check_reachable, ensure_topics, make_producer
 from services.shared.lifecycle import HealthServer, Shutdown
 from services.shared.logs import log_event
+from services.shared.metrics import ServiceMetrics
 from services.shared.settings import Settings
 
 log = logging.getLogger("services.aggregator")
@@ -50,6 +54,17 @@ FINALIZED_BATCH_BYTES = 1_000_000
 #: The checkpoint producer's request limit and the checkpoint topic's max.message.bytes: above the largest
 #: record the checkpointer writes (a larger one defers the checkpoint instead, see its module).
 CHECKPOINT_REQUEST_BYTES = MAX_RECORD_BYTES + 64 * 1024
+#: The engine's figures that only increase: its hot-path counters (``Stats``, but the longest apply, a maximum)
+#: and what each partition's books count.
+COUNTER_FIGURES = frozenset(
+    {f.name for f in dataclasses.fields(Stats) if f.name != "longest_apply_s"}
+    | {"late_trades", "duplicate_trades", "rejected_trades", "decoded_fast", "decoded_slow"}
+)
+
+
+def aggregator_exporter(metrics: Callable[[], Mapping[str, Any]]) -> ServiceMetrics:
+    """``/metrics``: the engine's figures as ``klines_aggregator_*``; each partition's read offset labelled."""
+    return ServiceMetrics("aggregator", metrics, counters=COUNTER_FIGURES, labels={"read_offsets": "partition"})
 
 
 class AggregatorWorker:
@@ -162,6 +177,7 @@ class AggregatorWorker:
             self._http_port,
             ready=lambda: engine.ready,
             metrics=engine.metrics,
+            exporter=aggregator_exporter(engine.metrics),
             routes=routes,
         )
         await self.http.start()

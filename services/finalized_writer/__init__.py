@@ -38,4 +38,5 @@ def finalized_spec(settings: Settings) -> WriterSpec:
         buffer_size=settings.persistence.finalized_buffer_size,
         flush_interval_ms=settings.persistence.finalized_flush_interval_ms,
         version_of=finalized_version,
+        closed_klines=True,
     )

@@ -22,7 +22,7 @@ Try it (``klines run`` prints the page URL; the gateway alone is ``python -m ser
 
     open http://127.0.0.1:8084/                                  # the chart
     python -m websockets ws://127.0.0.1:8084/ws/btcusdt@kline_1m  # raw events in a terminal
-    curl -s http://127.0.0.1:8084/metrics                          # clients, subscriptions, messages_out,
+    curl -s http://127.0.0.1:8084/metrics.json                     # clients, subscriptions, messages_out,
                                                                    # updates_coalesced, updates_dropped, lag, ...
 
 Limits behind a reverse proxy: connections are counted per peer address, which is the proxy's; raise

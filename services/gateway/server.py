@@ -55,6 +55,7 @@ from services.gateway.protocol import (
 from services.shared.kafka import KafkaUnreachable, check_reachable
 from services.shared.lifecycle import Counters, HealthServer, Shutdown
 from services.shared.logs import log_event, setup_logging
+from services.shared.metrics import AllExcept, Distribution, Observed, ServiceMetrics
 from services.shared.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,24 @@ WRITE_BUFFER = 16 * 1024
 #: this), so a send of one kline frame cannot wait: the dispatcher sends inline.
 INLINE_SEND_LIMIT = WRITE_BUFFER // 4
 LATENCY_WINDOW = 10_000
+#: Delivery latency histogram buckets, in milliseconds (exported in seconds).
+DELIVERY_MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000)
+#: The figures of :meth:`Gateway.metrics` that can go down; every other number only increases (a counter).
+GAUGE_FIGURES = frozenset(
+    {
+        "clients",
+        "subscriptions",
+        "streams",
+        "keys",
+        "symbols",
+        "outbox_pending",
+        "lag",
+        "delivery_latency_ms_p50",
+        "delivery_latency_ms_p99",
+        "outbox_wait_ms_p50",
+        "outbox_wait_ms_p99",
+    }
+)
 HISTORY_CONCURRENCY = 4
 
 
@@ -132,6 +151,7 @@ class Gateway:
         self.per_ip: dict[str, int] = {}
         self.latencies: deque[int] = deque(maxlen=LATENCY_WINDOW)  # record timestamp -> handed to the socket
         self.outbox_waits: deque[int] = deque(maxlen=LATENCY_WINDOW)  # first enqueue of the slot -> sent
+        self.delivery_ms = Distribution(DELIVERY_MS_BUCKETS, scale=0.001)  # the same latency, since start
         self.accepting = True
         self.feed: KlineFeed | None = None
         self._seen_keys: set[str] = set()
@@ -245,7 +265,9 @@ class Gateway:
         self.messages_out += 1
         self.bytes_out += len(text)
         if origin_ms:
-            self.latencies.append(self.wall_ms() - origin_ms)
+            latency_ms = self.wall_ms() - origin_ms
+            self.latencies.append(latency_ms)
+            self.delivery_ms.observe(latency_ms)
             self.outbox_waits.append(int(waited_s * 1000))
 
     def _kick(self, client: Client, code: int, reason: str, counter: str, *, flush: bool = False) -> None:
@@ -583,6 +605,16 @@ class Gateway:
         )
         return values
 
+    def exporter(self) -> ServiceMetrics:
+        """``/metrics``: the figures as ``klines_gateway_*`` and the delivery latency histogram."""
+        delivery = Observed(
+            "delivery_latency_seconds",
+            "Seconds from a kline record's timestamp until its update was handed to a client's socket",
+            {},
+            self.delivery_ms,
+        )
+        return ServiceMetrics(COMPONENT, self.metrics, counters=AllExcept(GAUGE_FIGURES), histograms=lambda: [delivery])
+
 
 def _percentile(ordered: Sequence[int], q: float) -> int | None:
     if not ordered:
@@ -611,6 +643,7 @@ async def serve(
         settings.gateway.http_port,
         ready=gateway.ready,
         metrics=gateway.metrics,
+        exporter=gateway.exporter(),
         routes=gateway.routes(),
     )
     try:

@@ -66,11 +66,52 @@ from services.shared.kafka import check_reachable, ensure_topics, make_producer,
 from services.shared.lifecycle import HealthServer, Shutdown
 from services.shared.logs import log_event
 from services.shared.messages import Gap, dead_letter_value
+from services.shared.metrics import ServiceMetrics
 from services.shared.settings import Settings
 
 log = logging.getLogger("services.ingest")
 
 SERVICE = "ingest"
+#: The figures of :meth:`IngestService.metrics` that only increase (the rest are gauges: queue, connections open,
+#: backfills active, symbols).
+COUNTER_FIGURES = frozenset(
+    {
+        "frames_rejected",
+        "frames_unsubscribed",
+        "control_errors",
+        "backpressure_pauses",
+        "data_loss_events",
+        "symbol_refreshes",
+        "symbol_refresh_failures",
+        "trades_received",
+        "trades_published",
+        "records_sent",
+        "gaps_published",
+        "dead_letters",
+        "dead_letters_published",
+        "duplicates",
+        "trades_held",
+        "gaps_detected",
+        "gaps_repaired",
+        "gaps_unrepaired",
+        "ids_unrepaired",
+        "trades_backfilled",
+        "trades_dropped_on_remove",
+        "catch_ups",
+        "backfill_failed_requests",
+        "rest_requests",
+        "rest_rate_limited",
+        "rest_bans",
+        "reconnects",
+        "rotations",
+        "server_shutdowns",
+        "stale_connections",
+        "connect_failures",
+        "connections_opened",
+        "subscribe_messages",
+        "frames",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +422,10 @@ class IngestService:
         )
         return out
 
+    def exporter(self) -> ServiceMetrics:
+        """``/metrics``: the figures of :meth:`metrics` as ``klines_ingest_*``."""
+        return ServiceMetrics(SERVICE, self.metrics, counters=COUNTER_FIGURES)
+
     # ------------------------------------------------------------------ run
     async def run(self) -> int:
         """Run until a stop is requested (exit code 0) or a fatal error (non-zero)."""
@@ -455,6 +500,7 @@ class IngestService:
                 service.ingest_http_port,
                 ready=self.ready,
                 metrics=self.metrics,
+                exporter=self.exporter(),
                 routes=[web.post("/symbols", self._post_symbols), web.get("/symbols", self._get_symbols)],
             )
             await self.health.start()

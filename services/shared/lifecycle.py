@@ -5,7 +5,8 @@ a graceful stop (stop polling, flush, commit, close), so the sum of the steps ne
 the orchestrator gives (compose 10 s, Kubernetes 30 s).
 
 ``HealthServer`` serves ``/healthz`` (the process is alive), ``/readyz`` (it does its job: connected, assigned,
-schema checked) and ``/metrics`` (counters as JSON) on a small aiohttp app.
+schema checked), ``/metrics`` (the Prometheus text exposition, see :mod:`services.shared.metrics`) and
+``/metrics.json`` (the same figures as one JSON object, for people and the local runner) on a small aiohttp app.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from services.shared.metrics import Readiness, ServiceMetrics
 
 
 class Shutdown:
@@ -55,7 +62,7 @@ class Shutdown:
 
 
 class Counters:
-    """Named monotonically increasing counters and gauges, exported on ``/metrics``."""
+    """Named monotonically increasing counters and gauges, exported on ``/metrics`` and ``/metrics.json``."""
 
     def __init__(self) -> None:
         self.values: dict[str, float] = {}
@@ -74,7 +81,12 @@ class Counters:
 
 
 class HealthServer:
-    """``/healthz``, ``/readyz`` and ``/metrics`` (plus any extra routes) for one service process."""
+    """``/healthz``, ``/readyz``, ``/metrics`` and ``/metrics.json`` (plus any extra routes) for one service process.
+
+    ``metrics()`` is the service's figures as a dict (``/metrics.json``); ``exporter`` turns the same figures into
+    Prometheus families for ``/metrics``, next to ``klines_service_ready`` and the process's own
+    (``process_cpu_seconds_total``, ``process_resident_memory_bytes``, ``python_gc_*``).
+    """
 
     def __init__(
         self,
@@ -83,18 +95,26 @@ class HealthServer:
         *,
         ready: Callable[[], bool],
         metrics: Callable[[], Mapping[str, Any]],
+        exporter: ServiceMetrics,
         routes: list[web.RouteDef] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._ready = ready
         self._metrics = metrics
+        # A registry per server, not the process-wide default: tests run several services in one process.
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(exporter)
+        self.registry.register(Readiness(exporter.service, ready))
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self._app = web.Application()
         self._app.add_routes(
             [
                 web.get("/healthz", self._healthz),
                 web.get("/readyz", self._readyz),
-                web.get("/metrics", self._m),
+                web.get("/metrics", make_aiohttp_handler(self.registry, disable_compression=True)),
+                web.get("/metrics.json", self._metrics_json),
             ]
             + (routes or [])
         )
@@ -107,7 +127,7 @@ class HealthServer:
         ok = self._ready()
         return web.json_response({"ready": ok}, status=200 if ok else 503)
 
-    async def _m(self, _request: web.Request) -> web.Response:
+    async def _metrics_json(self, _request: web.Request) -> web.Response:
         return web.json_response(dict(self._metrics()))
 
     async def start(self) -> None:

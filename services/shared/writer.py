@@ -35,6 +35,7 @@ import math
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Context, Decimal
@@ -50,6 +51,7 @@ from services.shared.clickhouse import Decimals, KlineEntry, KlineRows, insert_k
 from services.shared.lifecycle import Counters, Shutdown
 from services.shared.logs import log_event
 from services.shared.messages import DecodedKline, KlineWire, dead_letter_value, decode_kline_record, decode_kline_run
+from services.shared.metrics import Distribution
 from services.shared.settings import ClickHouseSettings
 
 log = logging.getLogger(__name__)
@@ -69,23 +71,33 @@ _OVERLAP_IDLE_S = 0.002
 #: While an insert runs, decode at most this many records between two turns of the event loop.
 _OVERLAP_CHUNK = 1000
 
-#: What an engine reports (``/metrics``): counters since start, and gauges (lag, paused, last flush).
-_METRICS = (
-    "rows_inserted",
-    "batches",
-    "dead_letters",
-    "tombstones_skipped",
-    "insert_retries",
-    "dead_letter_retries",
-    "commits",
-    "commit_failures",
-    "assignments",
-    "revocations",
-    "lag",
-    "paused",
-    "last_flush_latency_ms",
-    "last_batch_rows",
+#: What an engine reports (``/metrics``) that only increases: counters since start. ``corrections`` counts stored
+#: rows with a version above 0 on a writer whose rows are closed klines (a kline replaced after a repair).
+COUNTER_FIGURES = frozenset(
+    {
+        "rows_inserted",
+        "batches",
+        "dead_letters",
+        "tombstones_skipped",
+        "insert_retries",
+        "dead_letter_retries",
+        "commits",
+        "commit_failures",
+        "assignments",
+        "revocations",
+        "corrections",
+    }
 )
+#: ... and its gauges (lag, paused, last flush); every figure exists from the start.
+_METRICS = (*sorted(COUNTER_FIGURES), "lag", "paused", "last_flush_latency_ms", "last_batch_rows")
+
+#: Histogram buckets: insert seconds (retries included), rows per batch, and a closed kline's close -> stored
+#: milliseconds (exported in seconds).
+INSERT_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_ROWS_BUCKETS = (1, 10, 100, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000)
+CLOSE_TO_STORED_MS_BUCKETS = (
+    50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000
+)  # fmt: skip
 
 Row = tuple[Any, ...]
 InsertFn = Callable[[Sequence[Row], str], None]
@@ -195,6 +207,8 @@ class WriterSpec:
     flush_interval_ms: int
     version_of: Callable[[Kline | KlineWire, int | None], int]
     skip_tombstones: bool = False
+    #: Rows are closed klines: observe each one's close -> stored latency and count corrections (version > 0).
+    closed_klines: bool = False
 
     def __post_init__(self) -> None:
         if self.buffer_size < 1 or self.flush_interval_ms < 1:
@@ -432,6 +446,7 @@ class WriterEngine:
         revoke_wait_s: float = 5.0,
         stuck_after_s: float = 30.0,
         commit_retry_s: float = 1.0,
+        wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         if retry_max_s <= 0 or retry_initial_s <= 0 or keepalive_s <= 0 or poll_timeout_s <= 0:
             raise ValueError("retry_max_s, retry_initial_s, keepalive_s and poll_timeout_s must be positive")
@@ -455,6 +470,12 @@ class WriterEngine:
         self._stuck_after_s = stuck_after_s
         self._commit_retry_s = commit_retry_s
         self._flush_interval_s = spec.flush_interval_ms / 1000
+        self._wall_ms = wall_ms
+        # Distributions (exported as Prometheus histograms): observed once per batch, and per distinct interval
+        # and close time of its rows for the close -> stored latency.
+        self.insert_seconds = Distribution(INSERT_SECONDS_BUCKETS)
+        self.batch_rows = Distribution(BATCH_ROWS_BUCKETS)
+        self.close_to_stored: dict[str, Distribution] = {}  # interval -> latency in ms (exported in seconds)
 
         self._buffer = Batch()
         # Offsets whose rows are stored but not yet committed: {TopicPartition: (next offset, batch token)}.
@@ -585,8 +606,13 @@ class WriterEngine:
     async def _store(self, batch: Batch, token: str) -> None:
         rows = batch.rows(token)
         if rows:  # step 3
+            started = self._clock.monotonic()
             await self._retrying("insert", lambda: run_in_worker_thread(self._insert, rows, token))
+            self.insert_seconds.observe(self._clock.monotonic() - started)
+            self.batch_rows.observe(len(rows))
             self.counters.inc("rows_inserted", len(rows))
+            if self.spec.closed_klines:
+                self._observe_stored(batch.entries)
         if batch.dead:  # step 4
             await self._retrying("dead_letter", lambda: self._dead_letters.deliver(batch.dead))
         for partition, offset in batch.next_offsets().items():  # step 5
@@ -594,6 +620,20 @@ class WriterEngine:
             if tp not in self._forfeit:
                 self._stored[tp] = (offset, token)
         await self._commit_stored()  # step 6, a broker round trip: the next batch keeps decoding meanwhile
+
+    def _observe_stored(self, entries: Sequence[KlineEntry]) -> None:
+        """Each stored closed kline's close -> stored latency (wall clock now minus the end of its interval),
+        counted once per distinct (interval, close time): a batch holds few of them, so this stays cheap."""
+        now_ms = self._wall_ms()
+        closes = Counter([(entry[2].i, entry[2].T) for entry in entries])
+        for (interval, close_ms), n in closes.items():
+            dist = self.close_to_stored.get(interval)
+            if dist is None:
+                dist = self.close_to_stored[interval] = Distribution(CLOSE_TO_STORED_MS_BUCKETS, scale=0.001)
+            dist.observe(max(0, now_ms - close_ms - 1), n)  # T is the interval's last millisecond
+        corrections = len(entries) - [entry[3] for entry in entries].count(0)
+        if corrections:
+            self.counters.inc("corrections", corrections)
 
     async def _await_with_keepalive(self, task: asyncio.Task[None]) -> BaseException | None:
         """Wait for the store ``task`` (steps 2-6) while doing step 3. Returns an error that decoding the next

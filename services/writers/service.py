@@ -14,7 +14,7 @@ import asyncio
 import gc
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,10 @@ from services.shared.embedded import EmbeddedClient
 from services.shared.kafka import KafkaUnreachable, check_reachable, make_consumer, make_producer
 from services.shared.lifecycle import HealthServer, Shutdown
 from services.shared.logs import log_event, setup_logging
+from services.shared.metrics import Observed, ServiceMetrics
 from services.shared.settings import ConfigError, Settings, load_settings
 from services.shared.writer import (
+    COUNTER_FIGURES,
     InsertFn,
     KafkaDeadLetters,
     WriterEngine,
@@ -107,6 +109,7 @@ async def serve(
             settings.service.writers_http_port,
             ready=lambda: all(e.ready for e in engines),
             metrics=lambda: combined_metrics(engines),
+            exporter=writers_exporter(engines),
         )
         await health.start()
         log_event(
@@ -174,7 +177,7 @@ _WORST_OF = {"last_flush_latency_ms": max, "flush_age_s": max, "buffer_age_s": m
 
 
 def combined_metrics(engines: Sequence[WriterEngine]) -> dict[str, Any]:
-    """``/metrics``: process-wide figures at the top level (``rows_inserted``, ``lag``, ``dead_letters`` ...
+    """``/metrics.json``: process-wide figures at the top level (``rows_inserted``, ``lag``, ``dead_letters`` ...
     summed over the writers; latency and flush age the worst writer's), and each writer's own under ``writers``.
     """
     per_writer = {e.spec.component: e.metrics() for e in engines}
@@ -187,6 +190,37 @@ def combined_metrics(engines: Sequence[WriterEngine]) -> dict[str, Any]:
                 combined[key] = value
     combined["writers"] = per_writer
     return combined
+
+
+def writers_exporter(engines: Sequence[WriterEngine]) -> ServiceMetrics:
+    """``/metrics``: each writer's figures as ``klines_writers_*{writer=...}`` (the process-wide sums are left to
+    PromQL), and its histograms: insert duration, rows per batch, and close -> stored latency per interval."""
+    return ServiceMetrics(
+        "writers",
+        lambda: combined_metrics(engines),
+        counters=COUNTER_FIGURES,
+        labels={"writers": "writer"},
+        histograms=lambda: _writer_histograms(engines),
+    )
+
+
+def _writer_histograms(engines: Sequence[WriterEngine]) -> Iterator[Observed]:
+    for engine in engines:
+        writer = {"writer": engine.spec.component}
+        yield Observed(
+            "insert_duration_seconds",
+            "Seconds from a batch's first insert attempt until ClickHouse accepted it (retries included)",
+            writer,
+            engine.insert_seconds,
+        )
+        yield Observed("batch_rows", "Rows per inserted batch", writer, engine.batch_rows)
+        for interval, dist in sorted(engine.close_to_stored.items()):
+            yield Observed(
+                "close_to_stored_seconds",
+                "Seconds from a closed kline's interval end until its row was stored (wall clock at insert)",
+                {**writer, "interval": interval},
+                dist,
+            )
 
 
 async def _run_all(engines: list[WriterEngine], shutdown: Shutdown) -> bool:
@@ -237,6 +271,6 @@ def main(kinds: Sequence[str], argv: Sequence[str] | None = None) -> int:
     setup_logging(component, settings.service.log_level, settings.service.log_format)
     try:
         return asyncio.run(_main_async(settings, kinds))
-    except (KafkaUnreachable, clickhouse.SchemaError) as exc:
+    except (KafkaUnreachable, clickhouse.SchemaError, clickhouse.EmbeddedEngineMissing) as exc:
         print(f"{component}: {exc}", file=sys.stderr)
         return 2

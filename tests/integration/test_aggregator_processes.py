@@ -112,7 +112,7 @@ class WorkerProcess:
             pass
 
     def metrics(self) -> dict[str, Any]:
-        return self.get("/metrics") or {}
+        return self.get("/metrics.json") or {}
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

@@ -179,7 +179,7 @@ async def test_a_scripted_stream_gives_exactly_the_oracles_klines_and_agreeing_s
                 body = await response.json()
             assert body["ready"] and {k["i"] for k in body["klines"]} == set(INTERVALS)
             assert [Kline.from_dict(k) for k in body["klines"]] == engine.current("BTCUSDT")
-            async with http.get(f"http://127.0.0.1:{worker.port}/metrics") as response:
+            async with http.get(f"http://127.0.0.1:{worker.port}/metrics.json") as response:
                 metrics = await response.json()
             assert metrics["dead_letters"] == 1 and metrics["data_loss"] == 0 and metrics["lag"] == 0
         clock.set(end_of_stream(streams, grace))  # the quiet symbol's klines close only now

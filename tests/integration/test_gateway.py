@@ -73,7 +73,7 @@ class Running:
         return f"ws://127.0.0.1:{self.port}{path}"
 
     async def metrics(self) -> dict[str, Any]:
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{self.port}/metrics") as r:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{self.port}/metrics.json") as r:
             result: dict[str, Any] = await r.json()
             return result
 

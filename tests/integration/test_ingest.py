@@ -599,7 +599,7 @@ async def test_discovered_symbols_follow_exchange_info(settings: Settings) -> No
                     assert resp.status == 200
                 ex.start_feed()
                 await drained(service, ex, ("BTCUSDT", "SOLUSDT"))
-                async with http.get(f"{base}/metrics") as resp:
+                async with http.get(f"{base}/metrics.json") as resp:
                     metrics = await resp.json()
         records = await published_by_symbol(s)
     assert set(records) == {"BTCUSDT", "SOLUSDT"}

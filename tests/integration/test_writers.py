@@ -314,7 +314,7 @@ async def test_clean_run_final_equals_the_script_without_duplicates_and_health_r
             assert r.status == 200
         async with http.get(f"{base}/readyz") as r:
             assert r.status == 200 and (await r.json())["ready"] is True
-        async with http.get(f"{base}/metrics") as r:
+        async with http.get(f"{base}/metrics.json") as r:
             metrics = await r.json()
     assert await served.stop() == 0
 
@@ -627,7 +627,7 @@ class Processes:
     async def metrics(self, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
         port = re.search(r"writers running .* http_port=(\d+)", self.log(proc))
         assert port is not None, self.log(proc)
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port.group(1)}/metrics") as r:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port.group(1)}/metrics.json") as r:
             return dict(await r.json())
 
 
@@ -680,7 +680,7 @@ async def test_sigterm_mid_stream_then_restart_loses_and_duplicates_nothing(
     producing = asyncio.create_task(produce_paced(settings, spec.topic, script, per_s=500))
     await until(lambda: _some_committed(settings, spec), 30, "the first commits")
 
-    async def batch_half_full() -> bool:  # asked on the process's own /metrics
+    async def batch_half_full() -> bool:  # asked on the process's own /metrics.json
         metrics = await processes.metrics(first)
         return bool(metrics["buffered"] > 0 and metrics["buffer_age_s"] < 0.5)
 
