@@ -15,7 +15,9 @@ Marker ``chaos`` (``make test-long``, run by CI after ``make test``); each scena
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,5 +111,57 @@ def test_writers_killed_three_times(state: Path, tmp_path: Path) -> None:
 def test_gateway_killed_does_not_touch_storage(state: Path, tmp_path: Path) -> None:
     tape = tape_of(tmp_path)
     steps = [Step(8_000, "kill the gateway, 3 s down", restart("gateway", hard=True, down_s=3))]
+    _, out, code = run_faulted(tape, tmp_path, steps, speed=12)
+    verify(tape, state, tmp_path, out, code)
+
+
+# ------------------------------------------------------------------------------------------------ ClickHouse down
+
+
+def engine_pids(p: FaultPipeline) -> list[int]:
+    """The writers' embedded ClickHouse processes (``python -m services.shared.embedded``, their children)."""
+    parent = p.process("writers").pid
+    pids = []
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        try:
+            pids += [int(pid) for pid in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    found = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"services.shared.embedded" in argv:
+            found.append(pid)
+    return found
+
+
+def clickhouse_down(seconds: float) -> Callable[[FaultPipeline], None]:
+    """Kill the writers' embedded engine, and every engine they start again, for ``seconds``: ClickHouse is
+    unreachable that long (each insert fails), then comes back with the same directory."""
+
+    def action(p: FaultPipeline) -> None:
+        deadline = time.monotonic() + seconds
+        killed = 0
+        while True:
+            for pid in engine_pids(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        assert killed, "no embedded ClickHouse process of the writers was found"
+        p.say(f"test: killed {killed} embedded ClickHouse process(es) of the writers over {seconds:g} s")
+
+    return action
+
+
+@pytest.mark.parametrize("seconds", [0.0, 12.0], ids=["killed-once", "down-12s"])
+def test_clickhouse_engine_killed_under_the_writers(state: Path, tmp_path: Path, seconds: float) -> None:
+    tape = tape_of(tmp_path)
+    steps = [Step(10_000, f"ClickHouse down ({seconds:g} s)", clickhouse_down(seconds))]
     _, out, code = run_faulted(tape, tmp_path, steps, speed=12)
     verify(tape, state, tmp_path, out, code)
