@@ -1,4 +1,6 @@
-# One entry point for people and CI. `make run` starts the whole pipeline locally; `make test` runs every check.
+# One entry point for people and CI. `make run` installs what is needed (`make setup`: deploy/local/setup.sh, which
+# installs no system package unless KLINES_SETUP_BROWSER=yes) and starts the whole pipeline locally on the replay
+# exchange (klines run $(RUN_ARGS)); `make test` runs every check.
 SHELL := /bin/bash
 PY := .venv/bin/python
 RUN_ARGS ?= --offline --duration 90

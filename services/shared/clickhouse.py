@@ -20,6 +20,7 @@ functions in a worker thread (``asyncio.to_thread``), one insert at a time per c
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,7 +31,7 @@ from typing import Any, overload
 import clickhouse_connect
 
 from services.shared.embedded import EmbeddedClient
-from services.shared.settings import ClickHouseSettings
+from services.shared.settings import ClickHouseSettings, ConfigError
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse"
 SCHEMA_VERSION_TABLE = "schema_version"
@@ -94,6 +95,22 @@ class ClickHouseUnavailable(Exception):
     """ClickHouse could not be reached or refused the request (retryable)."""
 
 
+class EmbeddedEngineMissing(ConfigError):
+    """``clickhouse.dsn`` is ``chdb:...`` but the embedded engine is not installed (the ``klines[embedded]``
+    extra: chDB with pyarrow, pandas and numpy, about 0.8 GB, left out of the container image)."""
+
+
+def require_embedded_engine(settings: ClickHouseSettings) -> None:
+    """Raise :class:`EmbeddedEngineMissing`, one line naming the extra and the setting, when ``settings.dsn``
+    needs chDB and it cannot be imported."""
+    if settings.embedded and importlib.util.find_spec("chdb") is None:
+        raise EmbeddedEngineMissing(
+            f"clickhouse.dsn is {settings.dsn}, the embedded engine, but chdb is not installed: install the "
+            "extra (pip install 'klines[embedded]'), or point clickhouse.dsn (CLICKHOUSE_DSN, --dsn) at a "
+            "ClickHouse server such as http://127.0.0.1:8123"
+        )
+
+
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
 # One client is shared by the writers of a process (chDB allows one directory per process); its calls are
@@ -112,6 +129,7 @@ def connect(settings: ClickHouseSettings) -> Any:
         client = _clients.get(settings.dsn)
         if client is None:
             if settings.embedded:
+                require_embedded_engine(settings)
                 path = settings.dsn.removeprefix("chdb://")
                 if path.startswith("/"):
                     Path(path).mkdir(parents=True, exist_ok=True)
