@@ -5,8 +5,8 @@ each file is read (with or without header, millisecond or microsecond times), fo
 :class:`~services.core.KlineBooks` the aggregator runs, and every closed kline is stored in the finalized table
 through the one write path (:func:`services.shared.clickhouse.insert_klines`), in chunks whose deduplication
 token names the file, its size and the chunk, so running the same replay twice stores nothing new. A progress
-bar on stderr shows the trades folded. ``--compare KLINES_CSV`` checks the result against Binance's own kline
-file for the same symbol, field by field.
+bar on stderr shows the trades folded (:class:`services.console.Progress`). ``--compare KLINES_CSV`` checks
+the result against Binance's own kline file for the same symbol, field by field.
 
 The last kline of a file is still open when the file ends (the next trade is not in the file): it is stored
 only with ``--close-last``, for files known to end exactly at a kline boundary.
@@ -17,47 +17,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-import time
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
-from services.cli import command
+from services.commands import command
+from services.console import Progress
 from services.core import Kline, KlineBooks, read_aggtrades_csv, read_klines_csv
 from services.shared import clickhouse
 from services.shared.settings import Settings
 
 CHUNK_TRADES = 20_000
 INSERT_ROWS = 5_000
-
-
-class Progress:
-    """A one-line progress bar (trades folded out of the total), redrawn at most ten times a second."""
-
-    def __init__(self, total: int, label: str, out: TextIO) -> None:
-        self.total, self.label, self.out = max(total, 1), label, out
-        self.done = 0
-        self._last = 0.0
-        self._t0 = time.monotonic()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self._last >= 0.1 or self.done >= self.total:
-            self._last = now
-            share = min(1.0, self.done / self.total)
-            bar = "#" * int(share * 30)
-            rate = self.done / max(now - self._t0, 1e-9)
-            print(
-                f"\r{self.label} [{bar:<30}] {share:6.1%} {self.done}/{self.total} trades {rate:,.0f}/s",
-                end="",
-                file=self.out,
-                flush=True,
-            )
-
-    def finish(self) -> None:
-        print(file=self.out, flush=True)
 
 
 def parse_file_spec(spec: str) -> tuple[Path, str]:

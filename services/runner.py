@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from services.cli import KAFKA_SH, REPO, command, print_table
+from services.commands import KAFKA_SH, REPO, command
+from services.console import print_table
 from services.shared.settings import KafkaSettings, Settings
 
 PY = sys.executable

@@ -19,7 +19,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from services.cli import command
+from services.commands import command
 from services.core.models import AggTrade
 from services.core.reference import write_aggtrades_csv
 from services.replay.config import parse_duration_ms, parse_utc_ms

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from services.cli import command
+from services.commands import command
 from services.core.intervals import next_open
 from services.shared import clickhouse
 from services.shared.settings import Settings

@@ -41,7 +41,7 @@ from typing import IO, Any
 _ROOT = Path(__file__).resolve().parents[2]
 _HEADER = struct.Struct("<Q")
 #: What a parent may ask the child to run: the client methods this project uses.
-METHODS = frozenset({"command", "query", "insert", "raw_insert"})
+METHODS = frozenset({"command", "query", "raw_query", "insert", "raw_insert"})
 #: Seconds a child waits for a data directory locked by another process.
 OPEN_WAIT_S = 15.0
 #: Seconds :meth:`EmbeddedClient.close` waits for the child to close the directory before killing it.
@@ -164,6 +164,11 @@ class EmbeddedClient:
 
     def query(self, query: str, *args: Any, **kwargs: Any) -> QueryRows:
         result: QueryRows = self._call("query", query, *args, **kwargs)
+        return result
+
+    def raw_query(self, query: str, *args: Any, **kwargs: Any) -> bytes:
+        """The result as ClickHouse formats it (``fmt``, or the query's own ``FORMAT`` clause)."""
+        result: bytes = self._call("raw_query", query, *args, **kwargs)
         return result
 
     def insert(self, table: str, data: Any, *args: Any, **kwargs: Any) -> Any:
