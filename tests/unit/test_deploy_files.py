@@ -9,13 +9,21 @@ Nothing here needs a Docker engine or a cluster, but every check is a real one:
   mode (unknown fields are errors) against the Kubernetes API's JSON schemas shipped by ``kubernetes-validate``;
 * the services' entry points named in compose and Kubernetes are checked against the real source tree, the
   ports and grace periods against the real settings (config/klines.toml), and the environment that compose
-  and Kubernetes give each service is loaded through the real settings loader.
+  and Kubernetes give each service is loaded through the real settings loader;
+* which containers get the ClickHouse login is decided from what they run (the modules a service's entry point
+  imports, the source of a ``klines`` command), and the rendered NetworkPolicies are evaluated (a small model of
+  their semantics) for what each pod may reach and who may reach it;
+* compose's hardening (read-only root, tmpfs, capabilities, memory) is compared with the Kubernetes pods'.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
+import inspect
+import ipaddress
 import json
 import os
 import re
@@ -25,6 +33,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -158,8 +167,9 @@ def compose(dotenv: dict[str, str]) -> dict[str, Any]:
 
 
 def _klines_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The services that run the klines image (build: .), the one-shot init included."""
-    return {name: svc for name, svc in compose["services"].items() if "build" in svc}
+    """The services that run the klines image (the one service with ``build:`` builds it), init included."""
+    (image,) = [svc["image"] for svc in compose["services"].values() if "build" in svc]
+    return {name: svc for name, svc in compose["services"].items() if svc.get("image") == image}
 
 
 def _modules_named_in_compose() -> list[str]:
@@ -334,11 +344,15 @@ def test_dotenv_documents_every_compose_variable(dotenv: dict[str, str]) -> None
 
 
 def test_compose_runs_every_service_from_one_image(compose: dict[str, Any]) -> None:
+    """One build (init's), reused by every other klines service: parallel builds of one tag can collide."""
     services = _klines_services(compose)
     assert set(SERVICE_PORTS) | {"init", "replay"} == set(services)
-    assert {svc["image"] for svc in services.values()} == {compose["services"]["ingest"]["image"]}
+    builders = [name for name, svc in compose["services"].items() if "build" in svc]
+    assert builders == ["init"], "exactly one service builds the klines image: init, which runs first"
+    assert services["init"]["build"]["context"] == "."
     for name, svc in services.items():
-        assert svc["build"]["context"] == ".", name
+        if name != "init":
+            assert "build" not in svc and svc.get("pull_policy") == "never", f"{name}: uses init's local image"
         if name in SERVICE_PORTS:
             assert svc["command"] == ["python", "-m", f"services.{name}"], name
     replay = services["replay"]
@@ -465,10 +479,13 @@ def _module_of(container: dict[str, Any]) -> str:
 
 
 def _deployments_by_service(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The long-running klines workloads (Deployments, and the aggregator's StatefulSet) by service name."""
     by_service = {}
-    for deployment in _of_kind(manifests, "Deployment").values():
-        (container,) = deployment["spec"]["template"]["spec"]["containers"]
-        by_service[_module_of(container).removeprefix("services.")] = deployment
+    for kind in ("Deployment", "StatefulSet"):
+        for workload in _of_kind(manifests, kind).values():
+            (container, *_) = workload["spec"]["template"]["spec"]["containers"]
+            if container.get("command", [])[:2] == ["python", "-m"]:
+                by_service[_module_of(container).removeprefix("services.")] = workload
     return by_service
 
 
@@ -583,7 +600,7 @@ def test_configmap_is_config_klines_toml(manifests: list[dict[str, Any]]) -> Non
 def test_every_deployment_has_a_service_and_a_disruption_budget(manifests: list[dict[str, Any]]) -> None:
     services = list(_of_kind(manifests, "Service").values())
     budgets = list(_of_kind(manifests, "PodDisruptionBudget").values())
-    for name, deployment in _of_kind(manifests, "Deployment").items():
+    for name, deployment in _deployments_by_service(manifests).items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
 
         def selects(selector: dict[str, str], labels: dict[str, str] = labels) -> bool:
@@ -620,6 +637,550 @@ def test_demo_infrastructure_matches_the_endpoints(manifests: list[dict[str, Any
 
 def test_base_renders_without_infrastructure() -> None:
     """deploy/k8s/base alone: the services for an existing Kafka and ClickHouse (no StatefulSets, no Secret)."""
-    kinds = {doc["kind"] for doc in render(K8S_DIR / "base")}
-    assert {"Deployment", "Service", "PodDisruptionBudget", "ConfigMap", "Job"} <= kinds
-    assert not kinds & {"StatefulSet", "Secret", "Namespace"}
+    documents = render(K8S_DIR / "base")
+    kinds = {doc["kind"] for doc in documents}
+    assert {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget", "ConfigMap", "Job"} <= kinds
+    assert not kinds & {"Secret", "Namespace", "NetworkPolicy"}, "network policies: an opt-in component"
+    assert set(_of_kind(documents, "StatefulSet")) == {"klines-aggregator"}, "no Kafka or ClickHouse in base"
+
+
+# --- compose hardening ----------------------------------------------------------------------------------------
+
+
+def _writable_paths_in_kubernetes(pod: dict[str, Any], container: dict[str, Any]) -> set[str]:
+    """Where a read-only-root container may write: its emptyDir mounts."""
+    empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    return {m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in empty_dirs}
+
+
+def _compose_bytes(text: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kmg]?)b?", text.lower()).groups()  # type: ignore[union-attr]
+    return int(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit]
+
+
+@pytest.mark.parametrize("name", [*SERVICE_PORTS, "init", "replay"])
+def test_compose_services_are_hardened_like_the_pods(
+    compose: dict[str, Any], manifests: list[dict[str, Any]], name: str
+) -> None:
+    """Read-only root, tmpfs where the pod has an emptyDir, no capabilities, no new privileges, a memory limit."""
+    svc = _klines_services(compose)[name]
+    assert svc.get("read_only") is True, f"{name}: read_only"
+    assert svc.get("cap_drop") == ["ALL"], f"{name}: cap_drop"
+    assert "no-new-privileges:true" in svc.get("security_opt", []), f"{name}: no-new-privileges"
+    assert "privileged" not in svc and "cap_add" not in svc, name
+    tmpfs = {entry.partition(":")[0]: entry.partition(":")[2] for entry in svc.get("tmpfs", [])}
+    for target, options in tmpfs.items():
+        assert re.search(r"(^|,)size=\d+[kmg]?(,|$)", options), f"{name}: tmpfs {target} without a size"
+    limit = _compose_bytes(str(svc.get("mem_limit", "0")))
+    assert limit > 0, f"{name}: mem_limit"
+    if name == "replay":  # no Kubernetes counterpart
+        assert set(tmpfs) == {"/tmp", "/var/lib/klines"} and limit <= 2 * 2**30
+        return
+    if name == "init":
+        pod = next(iter(_of_kind(manifests, "Job").values()))["spec"]["template"]["spec"]
+        containers = pod.get("initContainers", []) + pod["containers"]
+    else:
+        pod = _deployments_by_service(manifests)[name]["spec"]["template"]["spec"]
+        containers = pod["containers"]
+    writable = set().union(*(_writable_paths_in_kubernetes(pod, c) for c in containers))
+    assert set(tmpfs) == writable, f"{name}: compose tmpfs {sorted(tmpfs)}, Kubernetes emptyDir {sorted(writable)}"
+    k8s_limit = max(_mebibytes(c["resources"]["limits"]["memory"]) for c in containers) * 2**20
+    assert limit == k8s_limit, f"{name}: mem_limit {limit} bytes, Kubernetes limit {k8s_limit}"
+
+
+# --- Kubernetes: ClickHouse credentials -----------------------------------------------------------------------
+
+CREDENTIAL_ENV = ("KLINES_CLICKHOUSE__USERNAME", "KLINES_CLICKHOUSE__PASSWORD")
+
+
+@functools.cache
+def _modules_importing_clickhouse(modules: tuple[str, ...]) -> dict[str, bool]:
+    """Whether importing each ``python -m <module>`` entry point loads the ClickHouse client.
+
+    Each in a fresh interpreter (imports are what is measured), all at once.
+    """
+    probe = "import importlib, sys; importlib.import_module(sys.argv[1] + '.__main__'); "
+    probe += "print('services.shared.clickhouse' in sys.modules)"
+    running = {
+        module: subprocess.Popen(
+            [sys.executable, "-c", probe, module], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for module in modules
+    }
+    answers = {}
+    for module, process in running.items():
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, f"importing {module}: {err}"
+        answers[module] = out.strip().splitlines()[-1] == "True"
+    return answers
+
+
+def _module_imports_clickhouse(module: str) -> bool:
+    modules = tuple(sorted({f"services.{name}" for name in SERVICE_PORTS} | {module}))
+    return _modules_importing_clickhouse(modules)[module]
+
+
+def _cli_command_uses_clickhouse(argv: list[str]) -> bool:
+    """Whether ``klines <argv>`` runs a command whose handler opens ClickHouse (read from its source)."""
+    from services import cli
+
+    args = cli.build_parser().parse_args(argv)
+    return re.search(r"\bclickhouse\b", inspect.getsource(args.handler)) is not None
+
+
+def talks_to_clickhouse(container: dict[str, Any]) -> bool:
+    """Decided from what the container runs, against the source tree: a service or a ``klines`` command."""
+    command = container.get("command", [])
+    if command[:2] == ["python", "-m"]:
+        return _module_imports_clickhouse(command[2])
+    assert command[:1] == ["klines"], f"{container['name']}: unexpected command {command}"
+    return _cli_command_uses_clickhouse(command[1:])
+
+
+def _pod_templates(manifests: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for doc in manifests:
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
+            yield f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]
+
+
+def clickhouse_credential_problems(manifests: list[dict[str, Any]]) -> list[str]:
+    """Containers of the klines image that talk to ClickHouse without the login, or get it without needing it."""
+    problems = []
+    for where, template in _pod_templates(manifests):
+        spec = template["spec"]
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            if not container["image"].split("/")[-1].startswith("klines"):
+                continue  # Kafka, ClickHouse
+            refs = {
+                item["name"]: item.get("valueFrom", {}).get("secretKeyRef")
+                for item in container.get("env", [])
+                if item["name"] in CREDENTIAL_ENV
+            }
+            needs = talks_to_clickhouse(container)
+            if needs and not (set(refs) == set(CREDENTIAL_ENV) and all(refs.values())):
+                problems.append(f"{where}/{container['name']}: talks to ClickHouse, no login from a Secret")
+            if not needs and refs:
+                problems.append(f"{where}/{container['name']}: never talks to ClickHouse but gets its login")
+    return problems
+
+
+@pytest.mark.parametrize("directory", ["demo", "base"])
+def test_every_clickhouse_client_gets_the_login(manifests: list[dict[str, Any]], directory: str) -> None:
+    rendered = manifests if directory == "demo" else render(K8S_DIR / "base")
+    assert clickhouse_credential_problems(rendered) == []
+
+
+def test_clickhouse_clients_are_the_expected_ones(manifests: list[dict[str, Any]]) -> None:
+    """The decision itself, against what the services are: the writers, the gateway's history, schema apply."""
+    clients = {
+        container["name"]
+        for _, template in _pod_templates(manifests)
+        for container in template["spec"].get("initContainers", []) + template["spec"]["containers"]
+        if container["image"].startswith("klines") and talks_to_clickhouse(container)
+    }
+    assert clients == {"finalized-writer", "snapshot-writer", "gateway", "schema"}
+    demo_env = _resolved_env(
+        _deployments_by_service(manifests)["gateway"]["spec"]["template"]["spec"]["containers"][0], manifests
+    )
+    assert demo_env["KLINES_CLICKHOUSE__USERNAME"] and demo_env["KLINES_CLICKHOUSE__PASSWORD"]
+
+
+def test_missing_clickhouse_login_is_caught(manifests: list[dict[str, Any]]) -> None:
+    broken = json.loads(json.dumps(manifests))
+    gateway = _deployments_by_service(broken)["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    gateway["env"] = [e for e in gateway.get("env", []) if e["name"] != "KLINES_CLICKHOUSE__PASSWORD"]
+    assert clickhouse_credential_problems(broken) == [
+        "Deployment/klines-gateway/gateway: talks to ClickHouse, no login from a Secret"
+    ]
+
+
+# --- Kubernetes: the aggregator's identity and the init Job per image -----------------------------------------
+
+
+def test_aggregator_is_a_stateful_set_with_stable_member_ids(
+    manifests: list[dict[str, Any]], settings: Settings
+) -> None:
+    """Static membership needs an id that survives restarts and rollouts: the StatefulSet's pod name."""
+    workload = _deployments_by_service(manifests)["aggregator"]
+    assert workload["kind"] == "StatefulSet"
+    assert not any(
+        _module_of(d["spec"]["template"]["spec"]["containers"][0]) == "services.aggregator"
+        for d in _of_kind(manifests, "Deployment").values()
+    )
+    spec = workload["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert "--instance-id" in command, command
+    reference = re.fullmatch(r"\$\((\w+)\)", command[command.index("--instance-id") + 1])
+    assert reference is not None, "the id comes from the pod's environment"
+    (source,) = [e for e in container["env"] if e["name"] == reference[1]]
+    field = source["valueFrom"]["fieldRef"]["fieldPath"]
+    assert field in ("metadata.name", "metadata.labels['statefulset.kubernetes.io/pod-name']"), field
+    headless = _of_kind(manifests, "Service")[spec["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    labels = spec["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in headless["spec"]["selector"].items())
+    assert spec.get("podManagementPolicy") == "Parallel"
+    assert spec.get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+    assert pod["terminationGracePeriodSeconds"] > settings.service.shutdown_grace_s
+    assert {"startupProbe", "livenessProbe", "readinessProbe"} <= set(container)
+
+
+def _image_tag(image: str) -> str:
+    name, _, tag = image.rpartition(":")
+    assert name and "/" not in tag, f"{image}: no tag"
+    return tag
+
+
+def _init_job_name_and_tags(rendered: list[dict[str, Any]]) -> tuple[str, set[str]]:
+    (job,) = _of_kind(rendered, "Job").values()
+    pod = job["spec"]["template"]["spec"]
+    return job["metadata"]["name"], {_image_tag(c["image"]) for c in pod.get("initContainers", []) + pod["containers"]}
+
+
+def test_init_job_is_named_after_its_image(manifests: list[dict[str, Any]]) -> None:
+    """A Job's template is immutable: a new image must be a new Job, so the name carries the image tag."""
+    name, tags = _init_job_name_and_tags(manifests)
+    (tag,) = tags
+    assert name == f"klines-init-{tag}"
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) and len(name) <= 63, f"{name}: not a valid name"
+
+
+def test_init_job_name_follows_an_overlays_image(tmp_path: Path) -> None:
+    """The recipe of deploy/README.md: base/ plus the demo's replacement, in an overlay that sets its own image."""
+    demo = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S_DIR / "base", tmp_path)],
+        "images": [{"name": "klines", "newName": "registry.example.com/klines", "newTag": "0.2.0-rc.1"}],
+        "replacements": demo["replacements"],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    name, tags = _init_job_name_and_tags(render(tmp_path))
+    assert tags == {"0.2.0-rc.1"} and name == "klines-init-0.2.0-rc.1"
+    assert _init_job_name_and_tags(render(K8S_DIR / "base"))[0] == "klines-init", "base: the bare name"
+
+
+# --- Kubernetes: network policies -----------------------------------------------------------------------------
+#
+# A small evaluator of NetworkPolicy semantics (networking.k8s.io/v1) over the rendered objects: a pod selected
+# by a policy of a direction is isolated in that direction and may only do what some selecting policy allows;
+# a connection needs the source's egress and the destination's ingress. ipBlocks match addresses outside the
+# cluster only. The node (kubelet probes, port-forward) is never restricted, as in Kubernetes.
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """A pod (namespace, labels, named container ports) or an address outside the cluster."""
+
+    name: str
+    namespace: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    ports: tuple[tuple[str, int], ...] = ()
+    ip: str = ""
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+def _pod(name: str, namespace: str, labels: dict[str, str], ports: dict[str, int] | None = None) -> Endpoint:
+    return Endpoint(name, namespace, tuple(sorted(labels.items())), tuple(sorted((ports or {}).items())))
+
+
+def _rendered_pods(manifests: list[dict[str, Any]]) -> dict[str, Endpoint]:
+    pods = {}
+    for doc in manifests:
+        if doc["kind"] not in ("Deployment", "StatefulSet", "Job"):
+            continue
+        template = doc["spec"]["template"]
+        spec = template["spec"]
+        ports = {
+            p["name"]: p["containerPort"]
+            for c in spec.get("initContainers", []) + spec["containers"]
+            for p in c.get("ports", [])
+            if "name" in p
+        }
+        name = doc["metadata"]["name"]
+        pods[name] = _pod(name, doc["metadata"].get("namespace", "default"), template["metadata"]["labels"], ports)
+    return pods
+
+
+def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not ok:
+            return False
+    return True
+
+
+def _namespace_labels(namespace: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": namespace}  # set by Kubernetes on every namespace
+
+
+def _peer_matches(peer: dict[str, Any], policy_namespace: str, other: Endpoint) -> bool:
+    if "ipBlock" in peer:
+        if not other.ip:
+            return False
+        address = ipaddress.ip_address(other.ip)
+        block = peer["ipBlock"]
+        inside = address.version == ipaddress.ip_network(block["cidr"]).version and address in ipaddress.ip_network(
+            block["cidr"]
+        )
+        return inside and not any(
+            address.version == ipaddress.ip_network(e).version and address in ipaddress.ip_network(e)
+            for e in block.get("except", [])
+        )
+    if other.ip:
+        return False
+    if "namespaceSelector" in peer:
+        if not selector_matches(peer["namespaceSelector"], _namespace_labels(other.namespace)):
+            return False
+    elif other.namespace != policy_namespace:
+        return False
+    return selector_matches(peer.get("podSelector", {}), other.label_map)
+
+
+def _port_matches(ports: list[dict[str, Any]], port: int, protocol: str, destination: Endpoint) -> bool:
+    if not ports:
+        return True
+    for entry in ports:
+        if entry.get("protocol", "TCP") != protocol:
+            continue
+        wanted = entry.get("port")
+        if wanted is None:
+            return True
+        if isinstance(wanted, str):
+            wanted = dict(destination.ports).get(wanted)
+            if wanted is None:
+                continue
+        if wanted <= port <= entry.get("endPort", wanted):
+            return True
+    return False
+
+
+def _policy_types(policy: dict[str, Any]) -> list[str]:
+    spec = policy["spec"]
+    return spec.get("policyTypes") or (["Ingress"] + (["Egress"] if "egress" in spec else []))
+
+
+def _policies_selecting(policies: list[dict[str, Any]], pod: Endpoint, direction: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in policies
+        if p["metadata"].get("namespace", "default") == pod.namespace
+        and direction in _policy_types(p)
+        and selector_matches(p["spec"]["podSelector"], pod.label_map)
+    ]
+
+
+def _direction_allows(
+    policies: list[dict[str, Any]], pod: Endpoint, other: Endpoint, port: int, protocol: str, direction: str
+) -> bool:
+    if pod.ip:
+        return True  # outside the cluster: not ours to restrict
+    selecting = _policies_selecting(policies, pod, direction)
+    if not selecting:
+        return True
+    rules_key, peers_key = ("egress", "to") if direction == "Egress" else ("ingress", "from")
+    destination = other if direction == "Egress" else pod
+    for policy in selecting:
+        for rule in policy["spec"].get(rules_key, []):
+            peers = rule.get(peers_key)
+            peer_ok = not peers or any(
+                _peer_matches(peer, policy["metadata"].get("namespace", "default"), other) for peer in peers
+            )
+            if peer_ok and _port_matches(rule.get("ports", []), port, protocol, destination):
+                return True
+    return False
+
+
+def connection_allowed(
+    policies: list[dict[str, Any]], source: Endpoint, destination: Endpoint, port: int | str, protocol: str = "TCP"
+) -> bool:
+    number = dict(destination.ports)[port] if isinstance(port, str) else port
+    return _direction_allows(policies, source, destination, number, protocol, "Egress") and _direction_allows(
+        policies, destination, source, number, protocol, "Ingress"
+    )
+
+
+class Cluster:
+    """The demo's pods, the policies, and the world around them (DNS, monitoring, ingress, the exchange)."""
+
+    def __init__(self, manifests: list[dict[str, Any]], settings: Settings) -> None:
+        self.policies = list(_of_kind(manifests, "NetworkPolicy").values())
+        self.pods = _rendered_pods(manifests)
+        namespace = next(iter(_of_kind(manifests, "Namespace")))
+        by_service = _deployments_by_service(manifests)
+        self.service_pods = {service: self.pods[w["metadata"]["name"]] for service, w in by_service.items()}
+        (job,) = _of_kind(manifests, "Job")
+        self.service_pods["init"] = self.pods[job]
+        env = next(cm["data"] for cm in _of_kind(manifests, "ConfigMap").values() if "KAFKA_BOOTSTRAP" in cm["data"])
+        services = _of_kind(manifests, "Service")
+        self.kafka = self._behind(services, env["KAFKA_BOOTSTRAP"])
+        self.clickhouse = self._behind(services, re.sub(r"^https?://", "", env["CLICKHOUSE_DSN"]))
+        self.dns = _pod("coredns", "kube-system", {"k8s-app": "kube-dns"}, {"dns": 53})
+        self.prometheus = _pod("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"})
+        self.ingress_controller = _pod("controller", "ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+        self.stranger = _pod("debug", namespace, {"run": "debug"})
+        self.outsider = _pod("other-app", "default", {"app": "other"})
+        exchange_ports = {urlsplit(url).port or 443 for url in (settings.market.ws_url, settings.market.rest_url)}
+        self.exchange = [(Endpoint("exchange", ip="52.192.0.1"), port) for port in sorted(exchange_ports)]
+
+    def _behind(self, services: dict[str, dict[str, Any]], host_port: str) -> tuple[Endpoint, int]:
+        """The pod and container port that ``host:port`` (a Service of the demo) leads to."""
+        host, _, port = host_port.partition(":")
+        service = services[host]
+        (pod,) = [
+            p for p in self.pods.values() if selector_matches({"matchLabels": service["spec"]["selector"]}, p.label_map)
+        ]
+        (entry,) = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
+        target = entry.get("targetPort", entry["port"])
+        return pod, dict(pod.ports)[target] if isinstance(target, str) else target
+
+    def allowed(self, source: Endpoint, destination: Endpoint, port: int | str, protocol: str = "TCP") -> bool:
+        return connection_allowed(self.policies, source, destination, port, protocol)
+
+
+# What each pod must reach (True) and must not (False).
+EGRESS = {
+    "ingest": {"kafka": True, "clickhouse": False, "exchange": True},
+    "aggregator": {"kafka": True, "clickhouse": False, "exchange": False},
+    "finalized_writer": {"kafka": True, "clickhouse": True, "exchange": False},
+    "snapshot_writer": {"kafka": True, "clickhouse": True, "exchange": False},
+    "gateway": {"kafka": True, "clickhouse": True, "exchange": False},
+    "init": {"kafka": True, "clickhouse": True, "exchange": False},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(manifests: list[dict[str, Any]], settings: Settings) -> Cluster:
+    return Cluster(manifests, settings)
+
+
+def test_network_policies_select_real_pods(manifests: list[dict[str, Any]], cluster: Cluster) -> None:
+    """Each policy selects pods that exist, its in-namespace peers exist, and its named ports are real ports."""
+    assert cluster.policies, "no NetworkPolicy rendered"
+    pods = list(cluster.pods.values())
+    for policy in cluster.policies:
+        name, namespace = policy["metadata"]["name"], policy["metadata"]["namespace"]
+        selected = [
+            p for p in pods if p.namespace == namespace and selector_matches(policy["spec"]["podSelector"], p.label_map)
+        ]
+        assert selected, f"{name}: its podSelector matches no pod"
+        for direction, peers_key in (("ingress", "from"), ("egress", "to")):
+            for rule in policy["spec"].get(direction, []):
+                targets = selected
+                for peer in rule.get(peers_key, []):
+                    if set(peer) == {"podSelector"}:
+                        matched = [p for p in pods if _peer_matches(peer, namespace, p)]
+                        assert matched, f"{name}: {direction} peer {peer} matches no pod"
+                        if direction == "egress":
+                            targets = matched
+                for entry in rule.get("ports", []):
+                    if isinstance(entry.get("port"), str):
+                        assert all(entry["port"] in dict(p.ports) for p in targets), f"{name}: no port {entry['port']}"
+
+
+def test_every_pod_is_isolated_both_ways(cluster: Cluster) -> None:
+    for pod in cluster.pods.values():
+        for direction in ("Ingress", "Egress"):
+            assert _policies_selecting(cluster.policies, pod, direction), f"{pod.name}: not isolated for {direction}"
+        assert not cluster.allowed(pod, cluster.outsider, 8080), f"{pod.name} reaches any pod"
+        assert not cluster.allowed(pod, Endpoint("internal", ip="10.1.2.3"), 443), f"{pod.name} reaches 10.1.2.3"
+
+
+@pytest.mark.parametrize("service", list(EGRESS))
+def test_each_service_reaches_only_what_it_needs(cluster: Cluster, service: str) -> None:
+    pod = cluster.service_pods[service]
+    expected = EGRESS[service]
+    assert cluster.allowed(pod, cluster.dns, 53, "UDP") and cluster.allowed(pod, cluster.dns, 53, "TCP"), "DNS"
+    assert cluster.allowed(pod, *cluster.kafka) is expected["kafka"], "Kafka"
+    assert cluster.allowed(pod, *cluster.clickhouse) is expected["clickhouse"], "ClickHouse"
+    for exchange, port in cluster.exchange:
+        assert cluster.allowed(pod, exchange, port) is expected["exchange"], f"the exchange on {port}"
+    exchange = cluster.exchange[0][0]
+    assert not cluster.allowed(pod, exchange, 80), "plain HTTP to the internet"
+    assert not cluster.allowed(pod, Endpoint("metadata", ip="169.254.169.254"), 443), "cloud metadata"
+    assert not cluster.allowed(pod, cluster.stranger, 8080), "another pod of the namespace"
+    for other_service, other in cluster.service_pods.items():
+        for port in dict(other.ports).values():
+            assert not cluster.allowed(pod, other, port), f"{service} -> {other_service}:{port}"
+
+
+@pytest.mark.parametrize("service", list(SERVICE_PORTS))
+def test_only_monitoring_and_the_ingress_reach_the_services(cluster: Cluster, service: str) -> None:
+    pod = cluster.service_pods[service]
+    assert cluster.allowed(cluster.prometheus, pod, "http"), "Prometheus scrapes /metrics"
+    assert cluster.allowed(cluster.ingress_controller, pod, "http") is (service == "gateway"), "the ingress"
+    assert not cluster.allowed(cluster.stranger, pod, "http")
+    assert not cluster.allowed(cluster.outsider, pod, "http")
+    assert not cluster.allowed(cluster.prometheus, cluster.kafka[0], cluster.kafka[1])
+
+
+def test_infrastructure_accepts_only_its_clients(cluster: Cluster) -> None:
+    """The demo's Kafka and ClickHouse refuse other pods even if a client's own egress were open."""
+    kafka, kafka_port = cluster.kafka
+    clickhouse, clickhouse_port = cluster.clickhouse
+    for service, pod in cluster.service_pods.items():
+        assert _direction_allows(cluster.policies, kafka, pod, kafka_port, "TCP", "Ingress"), service
+        wanted = EGRESS[service]["clickhouse"]
+        assert _direction_allows(cluster.policies, clickhouse, pod, clickhouse_port, "TCP", "Ingress") is wanted, (
+            service
+        )
+    for stranger in (cluster.stranger, cluster.outsider, cluster.prometheus):
+        assert not _direction_allows(cluster.policies, kafka, stranger, kafka_port, "TCP", "Ingress")
+        assert not _direction_allows(cluster.policies, clickhouse, stranger, clickhouse_port, "TCP", "Ingress")
+
+
+def test_network_policy_checks_catch_mistakes(manifests: list[dict[str, Any]], settings: Settings) -> None:
+    """Without the ClickHouse egress policy the gateway is cut off; with an allow-all one the aggregator is not."""
+    without = [
+        d for d in manifests if not (d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "klines-to-clickhouse")
+    ]
+    broken = Cluster(without, settings)
+    assert not broken.allowed(broken.service_pods["gateway"], *broken.clickhouse)
+    allow_all = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "allow-all", "namespace": "klines"},
+        "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]},
+    }
+    leaky = Cluster([*manifests, allow_all], settings)
+    exchange, port = leaky.exchange[0]
+    assert leaky.allowed(leaky.service_pods["aggregator"], exchange, port)
+
+
+def test_the_readme_overlay_renders_as_described(tmp_path: Path) -> None:
+    """deploy/README.md's overlay for your own Kafka and ClickHouse, rendered against this checkout."""
+    readme = (REPO / "deploy" / "README.md").read_text()
+    block = re.search(r"```yaml\n# my-overlay/kustomization.yaml\n(.*?)```", readme, re.S)
+    assert block is not None, "the overlay example is gone from deploy/README.md"
+    text = block[1].replace("../klines/deploy/k8s/", os.path.relpath(K8S_DIR, tmp_path) + "/")
+    (tmp_path / "kustomization.yaml").write_text(text)
+    rendered = render(tmp_path)
+    for doc in rendered:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+        assert doc["metadata"].get("namespace") == "market-data", doc["metadata"]["name"]
+    name, tags = _init_job_name_and_tags(rendered)
+    assert name == "klines-init-0.1.0" and tags == {"0.1.0"}
+    assert clickhouse_credential_problems(rendered) == []
+    policies = _of_kind(rendered, "NetworkPolicy")
+    env = next(cm["data"] for cm in _of_kind(rendered, "ConfigMap").values() if "CLICKHOUSE_DSN" in cm["data"])
+    clickhouse_port = urlsplit(env["CLICKHOUSE_DSN"]).port
+    (rule,) = policies["klines-to-clickhouse"]["spec"]["egress"]
+    assert [p["port"] for p in rule["ports"]] == [clickhouse_port], "the policy lets the DSN's port through"
+    kafka_ports = {int(server.rpartition(":")[2]) for server in env["KAFKA_BOOTSTRAP"].split(",")}
+    (rule,) = policies["klines-to-kafka"]["spec"]["egress"]
+    assert kafka_ports <= {p["port"] for p in rule["ports"]}
+    assert "namespaceSelector" in rule["to"][0]
