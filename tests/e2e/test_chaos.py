@@ -15,30 +15,42 @@ Marker ``chaos`` (``make test-long``, run by CI after ``make test``); each scena
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 from harness import (
+    REPO,
     FaultPipeline,
     Step,
     Tape,
     assert_no_loss,
     check_equal,
     check_snapshots,
+    free_port,
     generated_tape,
     isolated_env,
     run_faulted,
 )
 
+from services.shared.kafka import end_offsets, make_consumer, make_producer
+from services.shared.settings import KafkaSettings
+
 pytestmark = pytest.mark.chaos
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
 INTERVALS = "1m,3m,5m,15m,1h,1d,1M"
+#: Market time per real time: a twelve-minute tape plays in 36 s.
+SPEED = 20.0
 
 
 @pytest.fixture
@@ -79,7 +91,7 @@ def test_ingest_stopped_mid_tape_and_started_again(state: Path, tmp_path: Path, 
     # backfills the rest over REST before the live stream.
     tape = tape_of(tmp_path)
     steps = [Step(8_000, f"{'kill' if hard else 'stop'} ingest, 5 s down", restart("ingest", hard=hard, down_s=5))]
-    _, out, code = run_faulted(tape, tmp_path, steps, speed=12)
+    _, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
     verify(tape, state, tmp_path, out, code)
 
 
@@ -96,7 +108,7 @@ def test_writers_stopped_mid_batch_and_started_again(state: Path, tmp_path: Path
     tape = tape_of(tmp_path)
     action = kill_writers_mid_batch if hard else restart("writers", hard=False, down_s=5)
     steps = [Step(10_000, f"{'kill' if hard else 'stop'} the writers", action)]
-    _, out, code = run_faulted(tape, tmp_path, steps, speed=12)
+    _, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
     verify(tape, state, tmp_path, out, code)
 
 
@@ -104,14 +116,14 @@ def test_writers_killed_three_times(state: Path, tmp_path: Path) -> None:
     tape = tape_of(tmp_path)
     steps = [Step(n, f"kill the writers mid-batch ({i + 1} of 3)", kill_writers_mid_batch) for i, n in
              enumerate((6_000, 16_000, 26_000))]  # fmt: skip
-    _, out, code = run_faulted(tape, tmp_path, steps, speed=12)
+    _, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
     verify(tape, state, tmp_path, out, code)
 
 
 def test_gateway_killed_does_not_touch_storage(state: Path, tmp_path: Path) -> None:
     tape = tape_of(tmp_path)
     steps = [Step(8_000, "kill the gateway, 3 s down", restart("gateway", hard=True, down_s=3))]
-    _, out, code = run_faulted(tape, tmp_path, steps, speed=12)
+    _, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
     verify(tape, state, tmp_path, out, code)
 
 
@@ -163,5 +175,170 @@ def clickhouse_down(seconds: float) -> Callable[[FaultPipeline], None]:
 def test_clickhouse_engine_killed_under_the_writers(state: Path, tmp_path: Path, seconds: float) -> None:
     tape = tape_of(tmp_path)
     steps = [Step(10_000, f"ClickHouse down ({seconds:g} s)", clickhouse_down(seconds))]
-    _, out, code = run_faulted(tape, tmp_path, steps, speed=12)
+    _, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
     verify(tape, state, tmp_path, out, code)
+
+
+# ------------------------------------------------------------------------------------------------ the exchange
+
+
+def exchange(
+    action: str, body: dict[str, Any] | None = None, *, then_s: float = 0.0
+) -> Callable[[FaultPipeline], None]:
+    def step(p: FaultPipeline) -> None:
+        p.say(f"test: exchange {action} {body or {}}: {p.exchange_fault(action, body)}")
+        time.sleep(then_s)
+
+    return step
+
+
+def rate_limited_backfill(p: FaultPipeline) -> None:
+    """REST limited to 12 weight per 3 s (three aggTrades pages), then every connection dropped: ingest must
+    backfill what it missed through 429s and their Retry-After; the limit is lifted 8 s later."""
+    before = p.metrics_of("ingest").get("rest_rate_limited", 0)
+    p.exchange_fault("rate_limit", {"weight_limit": 12, "window_s": 3.0})
+    p.exchange_fault("drop_connections")
+    time.sleep(8)
+    p.exchange_fault("rate_limit", {"weight_limit": None})
+    limited = p.metrics_of("ingest").get("rest_rate_limited", 0) - before
+    p.say(f"test: ingest was answered 429 {limited} times while it backfilled")
+    assert limited > 0, "the backfill never met the rate limit"
+
+
+def test_exchange_faults_drop_stall_shutdown_and_429_during_backfill(state: Path, tmp_path: Path) -> None:
+    tape = tape_of(tmp_path)
+    steps = [
+        Step(5_000, "WebSocket connections dropped", exchange("drop_connections", then_s=1)),
+        Step(11_000, "the exchange stalls 8 s", exchange("stall", {"seconds": 8.0}, then_s=9)),
+        Step(17_000, "serverShutdown, closed after 1 s", exchange("server_shutdown", {"close_after_s": 1.0})),
+        Step(23_000, "REST 429 during a backfill", rate_limited_backfill),
+    ]
+    pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
+    verify(tape, state, tmp_path, out, code)
+    ingest = pipeline.metrics["ingest"]
+    assert ingest["reconnects"] >= 2 and ingest["server_shutdowns"] >= 1, ingest
+
+
+# ------------------------------------------------------------------------------------------------ the broker
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[OwnBroker]:
+    """A Kafka broker of this test's own (``deploy/kafka/kafka.sh`` on free ports, its own state directory):
+    the shared one is never stopped."""
+    broker = OwnBroker(tmp_path / "broker")
+    broker.run("start")
+    try:
+        yield broker
+    finally:
+        broker.run("stop")
+
+
+class OwnBroker:
+    def __init__(self, state: Path) -> None:
+        self.port = free_port()
+        self.state = state
+        self.env = dict(
+            os.environ,
+            KAFKA_PORT=str(self.port),
+            KAFKA_CONTROLLER_PORT=str(free_port()),
+            KLINES_STATE_DIR=str(state),
+            KAFKA_LIBS_DIR=str(REPO / ".state" / "kafka-libs"),
+        )
+        self.bootstrap = f"127.0.0.1:{self.port}"
+
+    def run(self, command: str) -> None:
+        done = subprocess.run([str(REPO / "deploy" / "kafka" / "kafka.sh"), command], env=self.env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, f"kafka.sh {command}: {done.stderr}"
+
+    def kill(self) -> int:
+        """SIGKILL the broker's JVM (its PID file names it); returns the PID."""
+        pid = int((self.state / f"kafka-{self.port}" / "broker.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pid
+
+
+def test_kafka_broker_killed_and_started_again(
+    own_broker: OwnBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    for key, value in isolated_env(own_broker.bootstrap, state).items():
+        monkeypatch.setenv(key, value)
+
+    def broker_down(p: FaultPipeline) -> None:
+        pid = own_broker.kill()
+        p.say(f"test: the Kafka broker (pid {pid}) killed; down 6 s")
+        time.sleep(6)
+        own_broker.run("start")
+        p.say("test: the Kafka broker started again")
+
+    tape = tape_of(tmp_path)
+    steps = [Step(10_000, "SIGKILL the Kafka broker", broker_down)]
+    _, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
+    verify(tape, state, tmp_path, out, code)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+#: Records no ingest writes, each with what the aggregator must say of it (a part of its dead-letter reason).
+BAD_RECORDS: list[tuple[bytes, str]] = [
+    (b'{"type":"trades","s":"BTCUSDT","trades":[{"a":1', "not JSON"),
+    (b'{"type":"trades","s":"BTCUSDT","trades":[{"a":"12","p":1.5,"q":"1","f":1,"l":1,"T":1769903700000,"m":true}]}',
+     "trades[0]"),
+    (b'{"type":"trades","s":"BTCUSDT","trades":[{"a":99999999999,"p":"1.5","q":"1","f":1,"l":1,"T":99999999999999,'
+     b'"m":true}]}', "trades[0]"),
+    (b'{"type":"trades","s":"BTCUSDT","trades":[{"a":99999999998,"p":"1' + b"0" * 600_000 + b'","q":"1","f":1,'
+     b'"l":1,"T":1769903700000,"m":false}]}', "trades[0]"),
+]  # fmt: skip
+
+
+def inject_bad_records(p: FaultPipeline) -> None:
+    async def produce() -> None:
+        producer = make_producer(p.settings.kafka, client_suffix="chaos-bad-input")
+        await producer.start()
+        try:
+            for value, _ in BAD_RECORDS:
+                await producer.send_and_wait(p.settings.kafka.topics.trades, value, key=b"BTCUSDT")
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+
+
+def dead_letters(kafka: KafkaSettings) -> list[dict[str, Any]]:
+    async def read() -> list[dict[str, Any]]:
+        consumer = make_consumer(kafka, group_id=None, client_suffix="chaos-dead-letters")
+        await consumer.start()
+        try:
+            ends = await end_offsets(kafka, kafka.topics.dead_letter)
+            found: list[dict[str, Any]] = []
+            for partition, end in ends.items():
+                tp = TopicPartition(kafka.topics.dead_letter, partition)
+                consumer.assign([tp])
+                await consumer.seek_to_beginning(tp)
+                while await consumer.position(tp) < end:
+                    for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                        found.append(json.loads(record.value))
+            return found
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
+
+
+def test_bad_records_in_trades_are_dead_lettered_and_nothing_valid_is_lost(state: Path, tmp_path: Path) -> None:
+    tape = tape_of(tmp_path)
+    steps = [Step(10_000, f"{len(BAD_RECORDS)} bad records into trades", inject_bad_records)]
+    pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
+    verify(tape, state, tmp_path, out, code, dead_letters=len(BAD_RECORDS))
+    letters = dead_letters(pipeline.settings.kafka)
+    assert len(letters) == len(BAD_RECORDS), [(d["service"], d["reason"]) for d in letters]
+    for letter, (value, reason) in zip(sorted(letters, key=lambda d: d["offset"]), BAD_RECORDS, strict=True):
+        assert letter["service"] == "aggregator" and letter["topic"] == pipeline.settings.kafka.topics.trades
+        assert reason in letter["reason"], letter["reason"]
+        assert letter["value"] == value.decode()
