@@ -130,6 +130,9 @@ SLICE_RECORDS: Final = 2_000
 #: 10^5 closed klines never keeps health checks, metrics or a rebalance waiting for seconds.
 YIELD_AFTER_S: Final = 0.02
 
+#: Klines moved from a partition's snapshot backlog to the snapshot outbox in one synchronous call.
+SNAPSHOTS_PER_CALL: Final = 5_000
+
 Batch = Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]
 
 #: A finalized kline on its way: the partition whose unconfirmed set holds it, and the kline.
@@ -685,14 +688,15 @@ class Aggregator:
 
     def _publish_snapshots(self, part: PartitionState) -> None:
         """Changed and closed klines (coalesced per kline in the backlog) to the snapshot outbox, each with the
-        partition's next sequence number; only within the lease (a restore continues above it)."""
+        partition's next sequence number; only within the lease (a restore continues above it), and at most
+        :data:`SNAPSHOTS_PER_CALL` a call (the rest on the next tick, or the next look of a paused input)."""
         backlog = part.snapshot_backlog
         for kline in part.books.drain_changed():
             backlog[(kline.s, kline.i, kline.t)] = kline
         if not backlog:
             return
-        room = part.seq_limit - part.seq
-        if room <= 0:
+        room = min(part.seq_limit - part.seq, SNAPSHOTS_PER_CALL)
+        if part.seq_limit - part.seq <= 0:
             self.stats.snapshots_deferred += 1
             return
         if len(backlog) <= room:
@@ -847,6 +851,9 @@ class Aggregator:
         """The last snapshots and the dead letters, delivered or the deadline passed."""
         for part in parts:
             self._publish_snapshots(part)
+            while part.snapshot_backlog and part.seq < part.seq_limit and self._monotonic() < deadline:
+                await asyncio.sleep(0)
+                self._publish_snapshots(part)
         for outbox in (self._snapshot_out, self._dead_letters):
             if not await outbox.flush(deadline - self._monotonic()):
                 log_event(log, logging.WARNING, "output not delivered in time", outbox=outbox.name)

@@ -264,7 +264,11 @@ def end_of(streams: dict[str, list[AggTrade]]) -> int:
 # ------------------------------------------------------------------------------------------------- tests
 
 
-async def test_a_scripted_stream_yields_the_oracles_klines_and_snapshots_agree() -> None:
+@pytest.mark.parametrize("per_call", [engine_module.SNAPSHOTS_PER_CALL, 3], ids=["default", "3-per-call"])
+async def test_a_scripted_stream_yields_the_oracles_klines_and_snapshots_agree(
+    per_call: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "SNAPSHOTS_PER_CALL", per_call)  # a backlog published over many calls
     broker, clock = Broker(), ManualClock()
     streams = {s: make_trades(s, 60, seed) for seed, s in enumerate(["BTCUSDT", "ETHUSDT", "XRPUSDT"])}
     produce(broker, interleave(streams, 4))
@@ -278,7 +282,7 @@ async def test_a_scripted_stream_yields_the_oracles_klines_and_snapshots_agree()
     clock.set(end_of(streams))
     h.engine.tick()
     h.engine.tick()
-    await asyncio.sleep(0.01)
+    await h.engine.stop(5.0)  # publishes the last snapshots
     assert_exact(broker, streams)
     # snapshots: seq increases per key, and the last snapshot of each kline equals its finalized record
     last: dict[tuple[str, str, int], tuple[int, Kline]] = {}
@@ -289,8 +293,7 @@ async def test_a_scripted_stream_yields_the_oracles_klines_and_snapshots_agree()
         seqs[(kline.s, kline.i)] = seq
         last[(kline.s, kline.i, kline.t)] = (seq, kline)
     for key, copies in finalized(broker).items():
-        if key in last:
-            assert last[key][1].same_values(copies[-1]) and last[key][1].x
+        assert last[key][1].same_values(copies[-1]) and last[key][1].x, key
     assert h.engine.stats.data_loss == 0 and h.engine.stats.dead_letters == 0
 
 
