@@ -1,7 +1,10 @@
 """The aggregator's engine: trades batches in, klines out, state checkpointed; the recovery protocol lives here.
 
 :class:`Aggregator` owns one :class:`PartitionState` (a :class:`~services.core.book.KlineBooks` plus bookkeeping)
-per assigned ``trades`` partition. It is driven by three callers, all on one event loop:
+per assigned ``trades`` partition: it applies trades, runs the clock and orchestrates rebalances and the stop.
+What it sends is :class:`~services.aggregator.output.Output`'s (step 3); checkpoints are the
+:class:`~services.aggregator.checkpointer.Checkpointer`'s (steps 4-7). It is driven by three callers, all on
+one event loop:
 
 * the batch consumer (:mod:`services.aggregator.app`) calls :meth:`Aggregator.handle_batch` with every batch of
   records Faust's consumer fetched — the hot path, synchronous and never awaiting I/O — and
@@ -87,8 +90,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from functools import partial
-from itertools import chain, islice
+from itertools import chain
 from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -103,19 +105,17 @@ from services.aggregator.checkpointer import (
 )
 from services.aggregator.clock import Clock
 from services.aggregator.decode import Trade, TradesDecoder
-from services.aggregator.outbox import Outbox
-from services.aggregator.sending import NotEnqueued
-from services.aggregator.state import KlineIdent, PartitionState, Phase, Stats
+from services.aggregator.output import Output
+from services.aggregator.state import PartitionState, Phase, Stats
 from services.core.book import KlineBook, KlineBooks, TradeColumns
 from services.core.models import AggTrade, InvalidInput, Kline
 from services.shared.logs import log_event
-from services.shared.messages import Gap, TradeBatch, dead_letter_value, encode_kline, encode_trade_batch, kline_key
+from services.shared.messages import Gap, TradeBatch, encode_trade_batch
 
 __all__ = ["SEQ_LEASE", "Aggregator", "CheckpointSource", "GroupConsumer", "PartitionState", "Phase", "Stats"]
 
 log = logging.getLogger("services.aggregator")
 
-SERVICE: Final = "aggregator"
 #: Default of ``persistence.max_in_flight``: output records (finalized klines queued or awaiting their
 #: acknowledgement, snapshots waiting, dead letters queued) above which the engine stops fetching trades.
 MAX_IN_FLIGHT: Final = 20_000
@@ -130,13 +130,7 @@ SLICE_RECORDS: Final = 2_000
 #: 10^5 closed klines never keeps health checks, metrics or a rebalance waiting for seconds.
 YIELD_AFTER_S: Final = 0.02
 
-#: Klines moved from a partition's snapshot backlog to the snapshot outbox in one synchronous call.
-SNAPSHOTS_PER_CALL: Final = 5_000
-
 Batch = Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]
-
-#: A finalized kline on its way: the partition whose unconfirmed set holds it, and the kline.
-Finalized = tuple[PartitionState, Kline]
 
 
 def _slices(records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> list[Batch]:
@@ -161,20 +155,6 @@ def _merge_slices(slices: Sequence[Batch]) -> Batch:
         for tp, batch in piece.items():
             merged.setdefault(tp, []).extend(batch)
     return merged
-
-
-def _encode_finalized(item: Finalized) -> tuple[bytes | None, bytes]:
-    kline = item[1]
-    return kline_key(kline.s, kline.i), encode_kline(kline)
-
-
-def _encode_snapshot(item: tuple[Kline, int]) -> tuple[bytes | None, bytes]:
-    kline, seq = item
-    return kline_key(kline.s, kline.i), encode_kline(kline, seq)
-
-
-def _encode_dead_letter(item: tuple[bytes | None, bytes]) -> tuple[bytes | None, bytes]:
-    return item
 
 
 class Aggregator:
@@ -226,17 +206,18 @@ class Aggregator:
             restore_timeout_s=restore_timeout_s,
             monotonic=monotonic,
         )
-        self._finalized: Outbox[Finalized] = Outbox(finalized, finalized_topic, _encode_finalized, name="finalized")
-        self._snapshot_out: Outbox[tuple[Kline, int]] = Outbox(
-            snapshots, snapshots_topic, _encode_snapshot, name="snapshots"
-        )
-        self._dead_letters: Outbox[tuple[bytes | None, bytes]] = Outbox(
-            snapshots, dead_letter_topic, _encode_dead_letter, name="dead-letter"
+        self._out = Output(
+            finalized=finalized,
+            snapshots=snapshots,
+            finalized_topic=finalized_topic,
+            snapshots_topic=snapshots_topic,
+            dead_letter_topic=dead_letter_topic,
+            stats=self.stats,
+            monotonic=monotonic,
         )
         self.parts: dict[int, PartitionState] = {}
         self._parked: dict[int, PartitionState] = {}
         self._accepting = True
-        self._output_closed = False
         self._assigned_once = False
         self._epoch = 0
 
@@ -302,12 +283,7 @@ class Aggregator:
     def in_flight(self) -> int:
         """Output not yet with the broker: finalized klines queued or unacknowledged, snapshots and dead
         letters waiting. Flow control (protocol step 3) keeps it near ``max_in_flight``."""
-        return (
-            self._finalized.pending
-            + self._snapshot_out.queued
-            + self._dead_letters.queued
-            + sum(len(part.snapshot_backlog) for part in self.parts.values())
-        )
+        return self._out.in_flight(self.parts.values())
 
     def has_room(self) -> bool:
         """True while the consumer may fetch more trades (the output is below ``max_in_flight``)."""
@@ -327,7 +303,7 @@ class Aggregator:
         while self._accepting and not self.has_room():
             for part in list(self.parts.values()):
                 if part.phase is Phase.READY:
-                    self._publish_snapshots(part)
+                    self._out.publish_snapshots(part)
             await asyncio.sleep(FLOW_POLL_S)
         self.stats.flow_paused_s += self._monotonic() - started
 
@@ -404,12 +380,12 @@ class Aggregator:
         for record in batch:
             key = record.key
             if key is None:
-                self._dead_letter(record, "record has no key: trades must be keyed by symbol")
+                self._out.dead_letter(record, "record has no key: trades must be keyed by symbol")
                 continue
             try:
                 symbol = key.decode()
             except UnicodeDecodeError:
-                self._dead_letter(record, "record key is not UTF-8")
+                self._out.dead_letter(record, "record key is not UTF-8")
                 continue
             offset = record.offset
             if offset < skip_below(symbol, 0):
@@ -429,7 +405,7 @@ class Aggregator:
             try:
                 decoded = self._decoder.decode(record.value, key)
             except InvalidInput as exc:
-                self._dead_letter(record, exc.reason)
+                self._out.dead_letter(record, exc.reason)
                 continue
             book = touched.get(symbol) or touched.setdefault(symbol, books.book(symbol))
             run = runs.pop(symbol, None)
@@ -448,7 +424,7 @@ class Aggregator:
         for symbol, book in touched.items():
             closed = book.drain_closed()
             if closed:
-                self._finalize(part, symbol, closed)
+                self._out.finalize(part, symbol, closed)
 
     def _apply_run(self, book: KlineBook, records: list[ConsumerRecord[Any, Any]], parts: list[list[Trade]]) -> None:
         """One symbol's consecutive batch records: checked and folded at once when they simply continue its
@@ -462,7 +438,7 @@ class Aggregator:
             except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
                 log.exception("the book of %s raised on a run of records", book.symbol)
                 for record in records:
-                    self._dead_letter(record, f"internal error applying the batch: {exc!r}")
+                    self._out.dead_letter(record, f"internal error applying the batch: {exc!r}")
                 return
             if folded:
                 self.stats.trades_applied += len(columns[0])
@@ -475,7 +451,7 @@ class Aggregator:
             try:  # a check failed: the contract gives the reason (or, against expectations, accepts it)
                 decoded = self._decoder.decode(record.value, record.key)
             except InvalidInput as exc:
-                self._dead_letter(record, exc.reason)
+                self._out.dead_letter(record, exc.reason)
                 continue
             self._apply_decoded(book, record, decoded)
 
@@ -501,12 +477,14 @@ class Aggregator:
                 count = len(trades[0])
         except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
             log.exception("the book of %s raised on the record at offset %s", book.symbol, record.offset)
-            self._dead_letter(record, f"internal error applying the batch: {exc!r}")
+            self._out.dead_letter(record, f"internal error applying the batch: {exc!r}")
             return
         self.stats.trades_applied += count
         if book.rejected != rejected_before:
             for rejected in book.drain_rejected():
-                self._dead_letter(record, rejected.reason, value=encode_trade_batch(rejected.trade.s, [rejected.trade]))
+                self._out.dead_letter(
+                    record, rejected.reason, value=encode_trade_batch(rejected.trade.s, [rejected.trade])
+                )
 
     def _check_start_offset(self, part: PartitionState, first: int) -> None:
         """Detect (never expected) a group offset past the restored marker: trades would have been skipped."""
@@ -530,106 +508,6 @@ class Aggregator:
                 checkpoint_offset=part.restored_from,
                 first_offset=first,
             )
-
-    # ------------------------------------------------------------------------------------------ output
-
-    def _finalize(self, part: PartitionState, symbol: str, closed: Iterable[Kline]) -> None:
-        """Protocol step 3: each closed kline joins the unconfirmed set and goes to the finalized outbox."""
-        pending = part.unconfirmed.setdefault(symbol, {})
-        backlog = part.snapshot_backlog
-        put = self._finalized.put
-        done = self._finalized_done
-        count = 0
-        for kline in closed:
-            backlog[(symbol, kline.i, kline.t)] = kline
-            pending[(kline.i, kline.t, kline.version)] = kline
-            put((part, kline), done)
-            count += 1
-        self.stats.klines_finalized += count
-        part.dirty.add(symbol)
-
-    def _resend(self, part: PartitionState, klines: Iterable[Kline]) -> None:
-        """Unconfirmed klines restored from a checkpoint (step 7), sent again."""
-        for kline in klines:
-            part.unconfirmed.setdefault(kline.s, {})[(kline.i, kline.t, kline.version)] = kline
-            self._finalized.put((part, kline), self._finalized_done)
-            self.stats.resent_finalized += 1
-
-    def _finalized_done(self, item: Finalized, future: asyncio.Future[Any]) -> None:
-        """A finalized kline's delivery resolved: confirmed, sent again, or (never sendable) DATA_LOSS."""
-        part, kline = item
-        if not part.owned or self._output_closed:
-            return  # the partition's checkpoint carries it (or a replay from the older one closes it again)
-        error = None if future.cancelled() else future.exception()
-        if future.cancelled() or (error is not None and not isinstance(error, NotEnqueued)):
-            # The broker did not acknowledge it (timed out, connection lost): it stays unconfirmed, sent again.
-            self.stats.finalized_resent += 1
-            if self.stats.finalized_resent == 1 or self.stats.finalized_resent % 1000 == 0:
-                log_event(
-                    log,
-                    logging.WARNING,
-                    "finalized kline delivery failed; it is sent again",
-                    symbol=kline.s,
-                    interval=kline.i,
-                    open_time=kline.t,
-                    resent=self.stats.finalized_resent,
-                    error="cancelled" if error is None else repr(error),
-                )
-            self._finalized.put(item, self._finalized_done)
-            return
-        ident: KlineIdent = (kline.i, kline.t, kline.version)
-        pending = part.unconfirmed.get(kline.s)
-        if pending is not None:
-            pending.pop(ident, None)
-            if not pending:
-                del part.unconfirmed[kline.s]
-        part.dirty.add(kline.s)
-        if error is not None:  # the producer can never take it (step 4 of the outbox): really lost
-            self._data_loss(kline, str(error))
-        else:
-            self.stats.finalized_confirmed += 1
-
-    def _data_loss(self, kline: Kline, reason: str) -> None:
-        self.stats.data_loss += 1
-        log_event(
-            log,
-            logging.ERROR,
-            "a finalized kline could not be delivered and is lost",
-            log_type="DATA_LOSS",
-            symbol=kline.s,
-            interval=kline.i,
-            open_time=kline.t,
-            version=kline.version,
-            reason=reason,
-        )
-
-    def _dead_letter(self, record: ConsumerRecord[Any, Any], reason: str, *, value: bytes | None = None) -> None:
-        self.stats.dead_letters += 1
-        payload = dead_letter_value(
-            SERVICE,
-            reason,
-            record.value if value is None else value,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-        )
-        self._dead_letters.put((record.key, payload), partial(self._dead_letter_done, record, reason))
-
-    def _dead_letter_done(self, record: ConsumerRecord[Any, Any], reason: str, _item: Any, future: Any) -> None:
-        error = None if future.cancelled() else future.exception()
-        if error is None and not future.cancelled():
-            return
-        self.stats.dead_letters_dropped += 1
-        log_event(
-            log,
-            logging.ERROR,
-            "a rejected trades record could not be dead-lettered",
-            log_type="DEAD_LETTER_DROPPED",
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason,
-            send_error="cancelled" if error is None else repr(error),
-        )
 
     # ------------------------------------------------------------------------------------------ clock
 
@@ -659,8 +537,8 @@ class Aggregator:
             if now is not None and self._caught_up(part):
                 part.books.advance(now)
                 for book_symbol, closed in self._drain_all_closed(part.books):
-                    self._finalize(part, book_symbol, closed)
-            self._publish_snapshots(part)
+                    self._out.finalize(part, book_symbol, closed)
+            self._out.publish_snapshots(part)
             if checkpoint:
                 self._checkpointer.start(part)
 
@@ -686,48 +564,6 @@ class Aggregator:
         except Exception:  # not assigned (any more), consumer stopping
             return None
 
-    def _publish_snapshots(self, part: PartitionState) -> None:
-        """Changed and closed klines (coalesced per kline in the backlog) to the snapshot outbox, each with the
-        partition's next sequence number; only within the lease (a restore continues above it), and at most
-        :data:`SNAPSHOTS_PER_CALL` a call (the rest on the next tick, or the next look of a paused input)."""
-        backlog = part.snapshot_backlog
-        for kline in part.books.drain_changed():
-            backlog[(kline.s, kline.i, kline.t)] = kline
-        if not backlog:
-            return
-        room = min(part.seq_limit - part.seq, SNAPSHOTS_PER_CALL)
-        if part.seq_limit - part.seq <= 0:
-            self.stats.snapshots_deferred += 1
-            return
-        if len(backlog) <= room:
-            publish, part.snapshot_backlog = backlog, {}
-        else:
-            publish = dict(islice(backlog.items(), room))
-            part.snapshot_backlog = dict(islice(backlog.items(), room, None))
-            self.stats.snapshots_deferred += 1
-        put = self._snapshot_out.put
-        done = self._snapshot_done
-        seq = part.seq
-        for kline in publish.values():
-            put((kline, seq), done)
-            seq += 1
-        self.stats.snapshots_sent += seq - part.seq
-        part.seq = seq
-
-    def _snapshot_done(self, item: tuple[Kline, int], future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            self.stats.snapshots_failed += 1  # a later snapshot of the same kline (higher seq) replaces it
-
-    async def _flush_finalized(self, timeout_s: float) -> None:
-        """Wait until every finalized kline put so far is acknowledged, up to ``timeout_s``."""
-        if not await self._finalized.flush(max(0.1, timeout_s)):
-            log_event(
-                log,
-                logging.WARNING,
-                "finalized klines still unconfirmed after the flush timeout; the checkpoint carries them",
-                pending=self._finalized.pending,
-            )
-
     # ------------------------------------------------------------------------------------------ rebalance
 
     async def on_revoked(self, tps: Iterable[TopicPartition], timeout_s: float = 10.0) -> None:
@@ -743,10 +579,10 @@ class Aggregator:
             part.phase = Phase.REVOKED
             part.restored.set()  # wake a batch waiting for this restore: it is not applied (epoch changed)
         deadline = self._monotonic() + timeout_s
-        await self._flush_finalized(min(self._flush_timeout, timeout_s / 2))
+        await self._out.flush_finalized(min(self._flush_timeout, timeout_s / 2))
         done = await self._checkpointer.final(ready, deadline - self._monotonic())
         self._parked = {part.partition: part for part in ready if part.partition in done}
-        self._disown(part for part in revoked if part.partition not in self._parked)
+        self._out.disown(part for part in revoked if part.partition not in self._parked)
         log_event(
             log,
             logging.INFO,
@@ -773,7 +609,7 @@ class Aggregator:
             part = PartitionState(tp, KlineBooks(self.intervals, self.grace_ms))
             self.parts[tp.partition] = part
             restoring.append(part)
-        self._disown(parked.values())
+        self._out.disown(parked.values())
         self._assigned_once = True
         if restoring:
             await self._restore(restoring)
@@ -803,7 +639,7 @@ class Aggregator:
             if self.parts.get(part.partition) is not part:
                 continue
             restored = [kline for pending in part.unconfirmed.values() for kline in pending.values()]
-            self._resend(part, restored)
+            self._out.resend(part, restored)
             part.phase = Phase.READY
             part.restored.set()
             self.stats.restores += 1
@@ -817,14 +653,6 @@ class Aggregator:
             seconds=round(self._monotonic() - started, 3),
         )
 
-    def _disown(self, parts: Iterable[PartitionState]) -> None:
-        """Partitions this worker no longer owns: their queued output is dropped (the checkpoint has it)."""
-        gone = [part for part in parts if part.owned]
-        for part in gone:
-            part.owned = False
-        if gone:
-            self._finalized.drop(lambda item: item[0].owned)
-
     # ------------------------------------------------------------------------------------------ stop
 
     async def stop(self, timeout_s: float) -> None:
@@ -832,12 +660,10 @@ class Aggregator:
         deadline = self._monotonic() + timeout_s
         self._accepting = False
         parts = [part for part in self.parts.values() if part.phase is Phase.READY]
-        await self._flush_finalized(min(self._flush_timeout, (deadline - self._monotonic()) / 2))
+        await self._out.flush_finalized(min(self._flush_timeout, (deadline - self._monotonic()) / 2))
         done = await self._checkpointer.final(parts, deadline - self._monotonic())
-        await self._flush_snapshots(parts, deadline)
-        self._output_closed = True
-        for outbox in (self._finalized, self._snapshot_out, self._dead_letters):
-            await outbox.close()
+        await self._out.flush_snapshots(parts, deadline)
+        await self._out.close()
         missing = sorted({part.partition for part in parts} - done)
         log_event(
             log,
@@ -846,17 +672,6 @@ class Aggregator:
             partitions=sorted(part.partition for part in parts),
             not_checkpointed=missing,
         )
-
-    async def _flush_snapshots(self, parts: list[PartitionState], deadline: float) -> None:
-        """The last snapshots and the dead letters, delivered or the deadline passed."""
-        for part in parts:
-            self._publish_snapshots(part)
-            while part.snapshot_backlog and part.seq < part.seq_limit and self._monotonic() < deadline:
-                await asyncio.sleep(0)
-                self._publish_snapshots(part)
-        for outbox in (self._snapshot_out, self._dead_letters):
-            if not await outbox.flush(deadline - self._monotonic()):
-                log_event(log, logging.WARNING, "output not delivered in time", outbox=outbox.name)
 
     # ------------------------------------------------------------------------------------------ views
 
@@ -899,12 +714,9 @@ class Aggregator:
             "read_offsets": {p: part.read_position() for p, part in self.parts.items() if part.phase is Phase.READY},
             "partitions_restoring": sorted(p for p, part in self.parts.items() if part.phase is Phase.RESTORING),
             "unconfirmed_finalized": sum(len(v) for part in self.parts.values() for v in part.unconfirmed.values()),
-            "finalized_queued": self._finalized.queued,
-            "finalized_longest_send_wait_s": round(self._finalized.longest_wait_s, 3),
+            **self._out.metrics(),
             "in_flight": self.in_flight(),
             "max_in_flight": self._max_in_flight,
             "snapshot_backlog": sum(len(part.snapshot_backlog) for part in self.parts.values()),
-            "snapshots_queued": self._snapshot_out.queued,
-            "dead_letters_queued": self._dead_letters.queued,
             "ready": self.ready,
         }

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.aggregator import engine as engine_module
+from services.aggregator import output as output_module
 from services.aggregator.checkpoint import PartitionCheckpoint, decode_partition
 from services.aggregator.clock import Clock, EventClock, ManualClock
 from services.aggregator.engine import SEQ_LEASE, Aggregator
@@ -264,11 +265,11 @@ def end_of(streams: dict[str, list[AggTrade]]) -> int:
 # ------------------------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("per_call", [engine_module.SNAPSHOTS_PER_CALL, 3], ids=["default", "3-per-call"])
+@pytest.mark.parametrize("per_call", [output_module.SNAPSHOTS_PER_CALL, 3], ids=["default", "3-per-call"])
 async def test_a_scripted_stream_yields_the_oracles_klines_and_snapshots_agree(
     per_call: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(engine_module, "SNAPSHOTS_PER_CALL", per_call)  # a backlog published over many calls
+    monkeypatch.setattr(output_module, "SNAPSHOTS_PER_CALL", per_call)  # a backlog published over many calls
     broker, clock = Broker(), ManualClock()
     streams = {s: make_trades(s, 60, seed) for seed, s in enumerate(["BTCUSDT", "ETHUSDT", "XRPUSDT"])}
     produce(broker, interleave(streams, 4))
