@@ -173,37 +173,6 @@ def kinds(rows: dict[tuple[str, str, int], Row]) -> dict[str, int]:
     return counts
 
 
-class StopStartPipeline(LocalPipeline):
-    """``klines run``'s pipeline whose aggregator is stopped mid-tape (SIGTERM or SIGKILL), kept down while the
-    exchange goes on publishing, then started again before the run continues."""
-
-    def __init__(self, *args: Any, kill: bool, after_trades: int, down_s: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.kill, self.after_trades, self.down_s = kill, after_trades, down_s
-        self.interrupted = False
-
-    def watch(self, stop_requested: Any) -> str:
-        deadline = time.monotonic() + 120
-        while self._metric("aggregator", "trades_applied") < self.after_trades:
-            assert time.monotonic() < deadline, "the aggregator applied too few trades to stop it mid-tape"
-            time.sleep(0.1)
-        aggregator = self._service("aggregator")
-        assert aggregator is not None and aggregator.proc is not None
-        self.say(f"test: {'killing' if self.kill else 'stopping'} the aggregator mid-tape")
-        if self.kill:
-            aggregator.proc.kill()
-            aggregator.proc.wait()
-        else:
-            assert aggregator.stop(30) == 0
-        sent_before = self._sent(self._replay_status())
-        time.sleep(self.down_s)
-        assert self._sent(self._replay_status()) != sent_before, "the exchange published nothing meanwhile"
-        aggregator.start(self.env)
-        self._wait_ready(aggregator, timeout=90)
-        self.interrupted = True
-        return super().watch(stop_requested)
-
-
 # ------------------------------------------------------------------------------------------------ fault schedules
 
 

@@ -53,16 +53,6 @@ INTERVALS = "1m,3m,5m,15m,1h,1d,1M"
 SPEED = 20.0
 
 
-@pytest.fixture
-def state(kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """The run's own state, topics and ports, in this process's environment (the pipeline runs in it)."""
-    state = tmp_path / "state"
-    for key, value in isolated_env(kafka_bootstrap, state).items():
-        if os.environ.get(key) != value:
-            monkeypatch.setenv(key, value)
-    yield state
-
-
 def tape_of(tmp: Path, minutes: float = 12) -> Tape:
     """About 3,000 trades a market minute over three symbols, across a day and a month boundary."""
     return generated_tape(tmp / "tape", "market", SYMBOLS, "2026-01-31T23:54:00Z", minutes / 1440, INTERVALS)
