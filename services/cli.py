@@ -79,6 +79,10 @@ def _schema(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "apply":
         applied = clickhouse.apply_schema(client, settings.clickhouse)
         print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+        reason = clickhouse.access_skip_reason(settings.clickhouse)
+        if reason is not None:
+            names = ", ".join(p.name for p in clickhouse.schema_files() if clickhouse.is_access_file(p))
+            print(f"skipped: {names} (reader and writer logins): {reason}")
     for table in clickhouse.table_names(settings.clickhouse):
         clickhouse.check_table(client, settings.clickhouse, table)
         print(f"ok: {settings.clickhouse.database}.{table}")
@@ -317,7 +321,8 @@ def _sql_args(p: argparse.ArgumentParser) -> None:
         "Run one query on the configured ClickHouse (clickhouse.dsn, --dsn). A query that ends with "
         "FORMAT <name> prints exactly what ClickHouse returns in that format, like clickhouse-client; "
         "otherwise --format picks the format, and the default is a table with decimals in their shortest "
-        "exact form (97000.1)."
+        "exact form (97000.1). On a server it logs in as the read-only reader (clickhouse.reader_username) "
+        "when clickhouse.reader_password is set; --admin uses clickhouse.username instead."
     )
     p.add_argument("query", nargs="?", help='the query; "-" or none: read it from stdin')
     p.add_argument(
@@ -328,6 +333,11 @@ def _sql_args(p: argparse.ArgumentParser) -> None:
         help="table (default), or a ClickHouse output format: TSV, TSVWithNames, CSVWithNames, JSONEachRow, "
         "JSON, Pretty, Vertical, ... (a FORMAT clause in the query wins)",
     )
+    p.add_argument(
+        "--admin",
+        action="store_true",
+        help="log in as clickhouse.username (the admin) rather than the read-only reader",
+    )
     p.set_defaults(handler=_sql)
 
 
@@ -337,7 +347,7 @@ def _sql(args: argparse.Namespace, settings: Settings) -> int:
     if args.format.lower() != "table" and not FORMAT_NAME.fullmatch(args.format):
         raise UsageError(f"--format {args.format!r} is not a format name (table, TSV, JSONEachRow, ...)")
     query = read_query(args.query, sys.stdin)
-    client = clickhouse.connect(settings.clickhouse)
+    client = clickhouse.connect(settings.clickhouse if args.admin else settings.clickhouse.as_reader())
     own = query_format(query)
     if own is not None or args.format.lower() != "table":
         data: bytes = client.raw_query(query, fmt=None if own is not None else args.format)

@@ -310,3 +310,25 @@ def _type(value: object) -> str:
     return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), type(value).__name__
     )
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str]) -> bool:
+    """Whether a WebSocket upgrade with this ``Origin`` header may connect (``gateway.allowed_origins``).
+
+    No ``Origin``: allowed. Browsers always send it on a WebSocket upgrade, so its absence means a program
+    (klines tail, a script, a probe), which could send any ``Origin`` it liked anyway: the check is against
+    other web sites' pages opening sockets from a visitor's browser (cross-site WebSocket hijacking), not
+    against programs. With ``allowed`` empty the page's own origin is allowed: the Origin's host[:port] equals
+    the request's ``Host``. Otherwise an Origin is allowed when it is listed (``scheme://host[:port]``, any case);
+    ``*`` allows every origin.
+    """
+    if origin is None:
+        return True
+    origin = origin.strip().lower().rstrip("/")
+    listed = [entry.strip().lower().rstrip("/") for entry in allowed]
+    if listed:
+        return "*" in listed or origin in listed
+    scheme, sep, netloc = origin.partition("://")
+    if not sep or scheme not in ("http", "https") or not netloc or host is None:
+        return False  # "null" (a sandboxed page, a file), or no Host to compare with
+    return netloc == host.strip().lower()

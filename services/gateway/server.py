@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import logging
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -48,15 +47,16 @@ from services.gateway.protocol import (
     combined,
     error_reply,
     kline_event,
+    origin_allowed,
     parse_request,
     result_reply,
     streams_from_url,
 )
-from services.shared.kafka import KafkaUnreachable, check_reachable
-from services.shared.lifecycle import Counters, HealthServer, Shutdown
-from services.shared.logs import log_event, setup_logging
+from services.shared.kafka import check_reachable
+from services.shared.lifecycle import Counters, HealthServer, Shutdown, StartupError, run_service
+from services.shared.logs import log_event
 from services.shared.metrics import AllExcept, Distribution, Observed, ServiceMetrics
-from services.shared.settings import ConfigError, Settings, load_settings
+from services.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +398,10 @@ class Gateway:
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         if not self.accepting:
             return web.json_response({"error": "server shutting down"}, status=503)
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, request.headers.get("Host"), self.limits.allowed_origins):
+            self.counters.inc("connections_rejected")
+            return web.json_response({"error": f"origin {origin} is not allowed (gateway.allowed_origins)"}, status=403)
         if len(self.clients) >= self.limits.max_connections:
             self.counters.inc("connections_rejected")
             return web.json_response(
@@ -691,27 +695,15 @@ async def serve(
     return code
 
 
-async def _main_async(settings: Settings) -> int:
-    shutdown = Shutdown(settings.service.shutdown_grace_s)
-    shutdown.install()
-    return await serve(settings, shutdown)
+async def _main_async(settings: Settings, shutdown: Shutdown, _args: argparse.Namespace) -> int:
+    try:
+        return await serve(settings, shutdown)
+    except ListenError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m services.gateway``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m services.gateway", description="Push live klines from Kafka to WebSocket clients."
+    """Entry point of ``python -m services.gateway`` (exit codes: :mod:`services.shared.lifecycle`)."""
+    return run_service(
+        COMPONENT, _main_async, description="Push live klines from Kafka to WebSocket clients.", argv=argv
     )
-    parser.add_argument("--config", type=Path, help="TOML config (default: $KLINES_CONFIG or config/klines.toml)")
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"{COMPONENT}: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(COMPONENT, settings.service.log_level, settings.service.log_format)
-    try:
-        return asyncio.run(_main_async(settings))
-    except (KafkaUnreachable, ListenError) as exc:
-        print(f"{COMPONENT}: {exc}", file=sys.stderr)
-        return 2

@@ -20,6 +20,7 @@ functions in a worker thread (``asyncio.to_thread``), one insert at a time per c
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
 import threading
@@ -35,6 +36,9 @@ from services.shared.settings import ClickHouseSettings, ConfigError
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse"
 SCHEMA_VERSION_TABLE = "schema_version"
+#: The first line of a DDL file that manages users and grants: applied on a server only.
+ACCESS_MARKER = "-- access: server"
+READER_PROFILE = "klines_reader_profile"
 
 KLINE_COLUMNS: tuple[str, ...] = (
     "symbol",
@@ -125,8 +129,9 @@ def _call_lock(client: Any) -> threading.Lock:
 
 def connect(settings: ClickHouseSettings) -> Any:
     """Return the process's client for ``settings.dsn`` (one per embedded directory), creating the database."""
+    key = settings.dsn if settings.embedded else f"{settings.username}@{settings.dsn}"
     with _clients_lock:
-        client = _clients.get(settings.dsn)
+        client = _clients.get(key)
         if client is None:
             if settings.embedded:
                 require_embedded_engine(settings)
@@ -145,15 +150,21 @@ def connect(settings: ClickHouseSettings) -> Any:
                     connect_timeout=10,
                     send_receive_timeout=30,
                 )
-            _clients[settings.dsn] = client
-        client.command(f"CREATE DATABASE IF NOT EXISTS {_ident(settings.database)}")
+            _clients[key] = client
+        # Only when missing: the writer and reader logins may not CREATE DATABASE, even IF NOT EXISTS.
+        exists = client.query(
+            "SELECT count() FROM system.databases WHERE name = {db:String}", parameters={"db": settings.database}
+        ).result_rows[0][0]
+        if not exists:
+            client.command(f"CREATE DATABASE IF NOT EXISTS {_ident(settings.database)}")
         return client
 
 
 def close(settings: ClickHouseSettings) -> None:
     """Close and forget the cached client for ``settings.dsn`` (releases an embedded directory)."""
+    key = settings.dsn if settings.embedded else f"{settings.username}@{settings.dsn}"
     with _clients_lock:
-        client = _clients.pop(settings.dsn, None)
+        client = _clients.pop(key, None)
     if client is not None:
         client.close()
 
@@ -168,17 +179,47 @@ def schema_files() -> list[Path]:
     return sorted(SCHEMA_DIR.glob("[0-9][0-9][0-9]_*.sql"))
 
 
+def is_access_file(path: Path) -> bool:
+    """Whether the DDL file manages users and grants (its first line is :data:`ACCESS_MARKER`)."""
+    return path.read_text().startswith(ACCESS_MARKER)
+
+
+def access_skip_reason(settings: ClickHouseSettings) -> str | None:
+    """Why the users and grants cannot be applied with ``settings`` (None: they can)."""
+    if settings.embedded:
+        return "an embedded chDB directory has no access storage (CREATE USER is refused there)"
+    if not (settings.reader_password.get_secret_value() and settings.writer_password.get_secret_value()):
+        return "clickhouse.reader_password and clickhouse.writer_password are not both set"
+    return None
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
 def render_ddl(path: Path, settings: ClickHouseSettings) -> str:
+    """The file's statements with the settings' names (plain identifiers only) filled in. Passwords appear only
+    as their SHA-256 (``IDENTIFIED WITH sha256_hash``): hex, nothing to escape, never the secret itself."""
     return path.read_text().format(
         database=_ident(settings.database),
         finalized_table=_ident(settings.finalized_table),
         snapshots_table=_ident(settings.snapshots_table),
         dedup_window=int(settings.dedup_window),
+        reader_profile=READER_PROFILE,
+        reader_username=_ident(settings.reader_username),
+        writer_username=_ident(settings.writer_username),
+        reader_password_sha256=_sha256(settings.reader_password.get_secret_value()),
+        writer_password_sha256=_sha256(settings.writer_password.get_secret_value()),
+        reader_max_execution_time=int(settings.reader_max_execution_time_s),
+        reader_max_result_rows=int(settings.reader_max_result_rows),
     )
 
 
 def apply_schema(client: Any, settings: ClickHouseSettings) -> list[str]:
-    """Apply every DDL file not yet recorded in ``schema_version``; return the names applied."""
+    """Apply every DDL file not yet recorded in ``schema_version``; return the names applied.
+
+    A file of users and grants (:func:`is_access_file`) is skipped, and not recorded, while
+    :func:`access_skip_reason` gives a reason: on chDB, or before both passwords are set."""
     db = _ident(settings.database)
     client.command(
         f"CREATE TABLE IF NOT EXISTS {db}.{SCHEMA_VERSION_TABLE} "
@@ -189,7 +230,7 @@ def apply_schema(client: Any, settings: ClickHouseSettings) -> list[str]:
     applied = []
     for path in schema_files():
         version = int(path.name[:3])
-        if version in done:
+        if version in done or (is_access_file(path) and access_skip_reason(settings) is not None):
             continue
         for statement in _statements(render_ddl(path, settings)):
             client.command(statement)

@@ -76,6 +76,16 @@ class ClickHouseSettings(_Section):
     finalized_table: str = "klines_finalized"
     snapshots_table: str = "klines_snapshots"
     dedup_window: int = Field(default=10_000, ge=1)
+    # The least-privilege logins that `klines schema apply` creates on a server (deploy/clickhouse/003_access.sql),
+    # when both passwords are set: the writer may INSERT and SELECT the two tables, the reader only SELECT them,
+    # read-only (readonly = 2) within the limits below. `username`/`password` are this process's own login: the
+    # admin for `klines schema apply`, the writer's pair for the writers, the reader's for the gateway.
+    reader_username: str = "klines_reader"
+    reader_password: SecretStr = SecretStr("")
+    writer_username: str = "klines_writer"
+    writer_password: SecretStr = SecretStr("")
+    reader_max_execution_time_s: int = Field(default=30, ge=1)
+    reader_max_result_rows: int = Field(default=1_000_000, ge=1)
     # chDB only: run the engine inside this process instead of in a child process that owns the directory.
     # In process, a query holds the GIL for parts of its run and a crash of the engine ends the process
     # (services/shared/embedded.py).
@@ -93,6 +103,13 @@ class ClickHouseSettings(_Section):
     @property
     def embedded(self) -> bool:
         return self.dsn.startswith("chdb:")
+
+    def as_reader(self) -> ClickHouseSettings:
+        """These settings with the reader's login as this process's own, when ``reader_password`` is set (else
+        unchanged: the single login of a setup without the least-privilege users)."""
+        if not self.reader_password.get_secret_value():
+            return self
+        return self.model_copy(update={"username": self.reader_username, "password": self.reader_password})
 
 
 class PersistenceSettings(_Section):
@@ -162,6 +179,9 @@ class GatewaySettings(_Section):
     history_limit: int = Field(default=500, ge=0, le=5000)  # most klines one subscription may ask for
     recent_klines: int = Field(default=120, ge=0)  # finalized klines kept per key in memory when history is off
     warmup_records: int = Field(default=5000, ge=0)  # records per partition read back at start
+    # Origins whose pages may open /ws and /stream ("https://charts.example.com"; "*" for any). Empty: only the
+    # page's own origin (Origin host = the request's Host). A request without Origin (not a browser) is allowed.
+    allowed_origins: tuple[str, ...] = ()
 
 
 class ServiceSettings(_Section):

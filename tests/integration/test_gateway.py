@@ -8,6 +8,7 @@ the clients are the ``websockets`` library (a different implementation than the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -512,3 +513,123 @@ async def test_page_health_and_shutdown(settings: Settings) -> None:
         await recv_json(ws)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     assert closed.value.rcvd.reason == "server shutting down"
+
+
+# --- hardening: Origin allow-list, fuzzing ----------------------------------------------------------------------
+
+
+async def test_origin_allow_list(settings: Settings) -> None:
+    async with running_gateway(settings) as gw:
+        own = f"http://127.0.0.1:{gw.port}"
+        for origin in (own, None):  # the page's own origin; no Origin (a program, not a browser)
+            ws = await connect(gw.url(), origin=origin)
+            assert await request(ws, {"method": "LIST_SUBSCRIPTIONS", "id": 1}) == {"result": [], "id": 1}
+            await ws.close()
+        for foreign in ("https://evil.example", f"http://127.0.0.1:{gw.port + 1}", "null"):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await connect(gw.url("/stream?streams=btcusdt@kline_1m"), origin=foreign)
+            assert refused.value.response.status_code == 403, foreign
+            assert b"not allowed" in refused.value.response.body
+    async with running_gateway(settings, allowed_origins=("https://Charts.Example",)) as gw:
+        ws = await connect(gw.url(), origin="https://charts.example")
+        await ws.close()
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await connect(gw.url(), origin=f"http://127.0.0.1:{gw.port}")  # listed origins only, once set
+        assert refused.value.response.status_code == 403
+
+
+def _frame(opcode: int, payload: bytes, *, fin: bool = True, length: int | None = None) -> bytes:
+    """A masked client frame; ``length`` may claim more than ``payload`` holds."""
+    import os as _os
+
+    n = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    mask = _os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def _raw_socket(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert status.startswith(b"HTTP/1.1 101"), status
+    return reader, writer
+
+
+async def test_fuzzed_clients_leave_the_gateway_serving_a_well_behaved_one(settings: Settings) -> None:
+    import random
+
+    rng = random.Random(20261203)
+    async with running_gateway(settings, max_message_bytes=1024) as gw, Producer(settings) as produce:
+        good = await connect(gw.url())
+        assert await request(good, {"method": "SUBSCRIBE", "params": ["btcusdt@kline_1m"], "id": 1}) == {
+            "result": None,
+            "id": 1,
+        }
+
+        async def raw(frames: list[bytes], *, abort: bool, read: bool = True) -> None:
+            try:
+                reader, writer = await _raw_socket(gw.port)
+                for frame in frames:
+                    writer.write(frame)
+                await writer.drain()
+                if read:
+                    with contextlib.suppress(TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+                        await asyncio.wait_for(reader.read(65536), 0.5)
+                if abort:
+                    writer.transport.abort()
+                else:
+                    writer.close()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass  # the gateway closed first: allowed
+
+        def junk(n: int) -> bytes:
+            return bytes(rng.getrandbits(8) for _ in range(n))
+
+        cases: list[Any] = [
+            raw([_frame(0x1, b"\xff\xfe\xfd invalid utf-8")], abort=False),
+            raw([_frame(0x1, b"x" * 5000)], abort=False),  # over max_message_bytes
+            raw([_frame(0x2, junk(300)) for _ in range(3)], abort=False),  # binary frames
+            raw([_frame(0x1, b"{}", length=2**40)], abort=True),  # claims a 1 TB frame
+            raw([junk(rng.randint(1, 400))], abort=True),  # bytes that are no frame at all
+            raw([_frame(0x1, b'{"method": "SUBSCRIBE", "params": [', fin=False)], abort=True),  # cut mid-message
+            raw([_frame(0x9, b"p" * 200)], abort=False),  # ping over 125 bytes: a protocol error
+            raw([_frame(0x1, json.dumps({"method": "SUBSCRIBE", "id": i}).encode()) for i in range(200)], abort=False),
+            raw([_frame(0x8, b"\x03\xe8bye")], abort=False),  # a close frame
+            raw([], abort=True, read=False),  # upgrade, then gone
+        ]
+        for _ in range(30):  # random text and binary frames, random (also invalid) opcodes, sizes and cuts
+            frames = [_frame(rng.choice([0x0, 0x1, 0x2, 0x3, 0xA, 0xF]), junk(rng.randint(0, 2000))) for _ in range(5)]
+            cases.append(raw(frames, abort=rng.random() < 0.5))
+
+        async def flood() -> None:
+            ws = await connect(gw.url())
+            with contextlib.suppress(websockets.ConnectionClosed):
+                for i in range(500):
+                    await ws.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": i}))
+                await ws.wait_closed()
+
+        cases += [flood() for _ in range(5)]
+        await asyncio.wait_for(asyncio.gather(*cases), 60)
+
+        t = T0 + 5 * 60_000
+        await produce.snapshot(kline("BTCUSDT", "1m", t, close="100.5"))
+        while (event := await recv_json(good))["k"]["t"] != t:
+            pass
+        assert event["k"]["c"] == "100.5"
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{gw.port}/healthz") as health:
+            assert health.status == 200
+        await wait_for(lambda: len(gw.gateway.clients) == 1, 20, what="every fuzzing client to be gone")
+        await good.close()

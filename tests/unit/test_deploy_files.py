@@ -1184,3 +1184,62 @@ def test_the_readme_overlay_renders_as_described(tmp_path: Path) -> None:
     (rule,) = policies["klines-to-kafka"]["spec"]["egress"]
     assert kafka_ports <= {p["port"] for p in rule["ports"]}
     assert "namespaceSelector" in rule["to"][0]
+
+
+# --- Kubernetes and compose: least-privilege ClickHouse logins ---------------------------------------------------
+
+
+def _secret_refs(container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Env name -> (Secret name without kustomize's content hash, key)."""
+    return {
+        item["name"]: (
+            re.sub(r"-[a-z0-9]{10}$", "", item["valueFrom"]["secretKeyRef"]["name"]),
+            item["valueFrom"]["secretKeyRef"]["key"],
+        )
+        for item in container.get("env", [])
+        if "secretKeyRef" in item.get("valueFrom", {})
+    }
+
+
+def test_each_pod_gets_only_its_own_clickhouse_login(manifests: list[dict[str, Any]]) -> None:
+    deployments = _deployments_by_service(manifests)
+    gateway = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert _secret_refs(gateway) == {
+        "KLINES_CLICKHOUSE__USERNAME": ("klines-clickhouse-reader", "username"),
+        "KLINES_CLICKHOUSE__PASSWORD": ("klines-clickhouse-reader", "password"),
+    }
+    resolved = _resolved_env(gateway, manifests)
+    assert resolved["KLINES_CLICKHOUSE__USERNAME"] == "klines_reader"
+    assert not any("WRITER" in key for key in resolved), "the gateway never sees the writer's login"
+    for writer in ("finalized_writer", "snapshot_writer"):
+        container = deployments[writer]["spec"]["template"]["spec"]["containers"][0]
+        assert {secret for secret, _ in _secret_refs(container).values()} == {"klines-clickhouse-writer"}, writer
+        assert _resolved_env(container, manifests)["KLINES_CLICKHOUSE__USERNAME"] == "klines_writer"
+    for service in ("ingest", "aggregator"):
+        container = deployments[service]["spec"]["template"]["spec"]["containers"][0]
+        assert _secret_refs(container) == {}, service
+    job = next(doc for doc in manifests if doc["kind"] == "Job")
+    schema = job["spec"]["template"]["spec"]["initContainers"][0]
+    refs = _secret_refs(schema)
+    assert refs["KLINES_CLICKHOUSE__USERNAME"] == ("klines-clickhouse", "username")  # the admin
+    assert refs["KLINES_CLICKHOUSE__READER_PASSWORD"][0] == "klines-clickhouse-reader"
+    assert refs["KLINES_CLICKHOUSE__WRITER_PASSWORD"][0] == "klines-clickhouse-writer"
+    env = _resolved_env(schema, manifests)
+    assert env["KLINES_CLICKHOUSE__READER_USERNAME"] == resolved["KLINES_CLICKHOUSE__USERNAME"]
+    assert env["KLINES_CLICKHOUSE__READER_PASSWORD"] == resolved["KLINES_CLICKHOUSE__PASSWORD"]
+
+
+def test_compose_gives_each_service_only_its_own_clickhouse_login(compose: dict[str, Any]) -> None:
+    expected = {
+        "gateway": "klines_reader",
+        "finalized_writer": "klines_writer",
+        "snapshot_writer": "klines_writer",
+        "init": "klines",  # the admin (CLICKHOUSE_USER in .env)
+    }
+    for name in _klines_services(compose):
+        env = _compose_environment(compose, name)
+        assert env.get("KLINES_CLICKHOUSE__USERNAME") == expected.get(name), name
+        assert ("KLINES_CLICKHOUSE__WRITER_PASSWORD" in env) == (name == "init"), name
+    gateway = _compose_environment(compose, "gateway")
+    assert gateway["KLINES_CLICKHOUSE__PASSWORD"] == "klines-reader"  # CLICKHOUSE_READER_PASSWORD in .env
+    assert compose["services"]["clickhouse"]["environment"]["CLICKHOUSE_DEFAULT_ACCESS_MANAGEMENT"] == 1
