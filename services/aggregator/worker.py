@@ -272,10 +272,11 @@ async def _partition_count(settings: Settings, topic: str, wait_s: float = 10.0)
         await admin.close()
 
 
-async def run(settings: Settings, clock: Clock, *, instance_id: str | None = None) -> int:
-    """Run one worker until SIGTERM/SIGINT; the process exit code."""
-    shutdown = Shutdown(settings.service.shutdown_grace_s)
-    shutdown.install()
+async def run(settings: Settings, clock: Clock, shutdown: Shutdown, *, instance_id: str | None = None) -> int:
+    """Run one worker until ``shutdown`` is requested; the process exit code (0 stopped, 1 the app crashed).
+
+    Raises :class:`~services.shared.kafka.KafkaUnreachable` when Kafka does not answer at start.
+    """
     worker = AggregatorWorker(settings, clock, shutdown=shutdown, instance_id=instance_id)
     try:
         await worker.start()

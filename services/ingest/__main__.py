@@ -1,39 +1,26 @@
 """``python -m services.ingest [--config PATH]``: run the ingest service until SIGTERM/SIGINT.
 
-Exit status: 0 after a graceful stop that flushed everything, 1 on a fatal error (Kafka unreachable, a send
-not acknowledged in time, ...), 2 for a bad setting (one line naming the key).
+Exit status (:mod:`services.shared.lifecycle`): 0 after a graceful stop that flushed everything, 1 on a fatal
+error while running (a send not acknowledged in time, ...), 2 for a startup error (a bad setting, Kafka
+unreachable: one line naming the key or the address).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from pathlib import Path
 
 from services.ingest.service import IngestService
-from services.shared.lifecycle import Shutdown
-from services.shared.logs import setup_logging
-from services.shared.settings import ConfigError, Settings, load_settings
+from services.shared.lifecycle import Shutdown, run_service
+from services.shared.settings import Settings
 
 
-async def _main(settings: Settings) -> int:
-    shutdown = Shutdown(settings.service.shutdown_grace_s)
-    shutdown.install()
+async def _ingest(settings: Settings, shutdown: Shutdown, _args: argparse.Namespace) -> int:
     return await IngestService(settings, shutdown=shutdown).run()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.ingest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=None, help="TOML file (default $KLINES_CONFIG)")
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
-        return 2
-    setup_logging("ingest", settings.service.log_level, settings.service.log_format)
-    return asyncio.run(_main(settings))
+    return run_service("ingest", _ingest, description="Run the ingest service until SIGTERM/SIGINT.", argv=argv)
 
 
 if __name__ == "__main__":

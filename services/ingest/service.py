@@ -428,10 +428,14 @@ class IngestService:
 
     # ------------------------------------------------------------------ run
     async def run(self) -> int:
-        """Run until a stop is requested (exit code 0) or a fatal error (non-zero)."""
+        """Run until a stop is requested (exit code 0) or a fatal error (1).
+
+        Raises :class:`~services.shared.kafka.KafkaUnreachable` when no broker answers at start (a startup
+        error, exit code 2 in :func:`services.shared.lifecycle.run_service`).
+        """
         kafka = self.settings.kafka
+        await check_reachable(kafka, timeout_s=min(10.0, kafka.send_timeout_s * 2))
         try:
-            await check_reachable(kafka, timeout_s=min(10.0, kafka.send_timeout_s * 2))
             wanted_topics = {kafka.topics.trades, kafka.topics.dead_letter}
             await ensure_topics(kafka, [s for s in topic_specs(kafka) if s.name in wanted_topics])
         except Exception as exc:

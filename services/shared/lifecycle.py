@@ -7,14 +7,37 @@ the orchestrator gives (compose 10 s, Kubernetes 30 s).
 ``HealthServer`` serves ``/healthz`` (the process is alive), ``/readyz`` (it does its job: connected, assigned,
 schema checked), ``/metrics`` (the Prometheus text exposition, see :mod:`services.shared.metrics`) and
 ``/metrics.json`` (the same figures as one JSON object, for people and the local runner) on a small aiohttp app.
+
+``run_service`` is every service's entry point: it parses the command line (``--config`` plus the service's own
+flags), loads the settings, sets up logging, installs the SIGTERM/SIGINT handlers of one ``Shutdown``, runs the
+service's coroutine and turns how it ended into the process exit code:
+
+====  ==========================================================================================================
+code  meaning
+====  ==========================================================================================================
+0     clean stop: SIGTERM/SIGINT, everything flushed and committed within ``service.shutdown_grace_s``
+1     crash: the service failed while running, or a stop could not finish its work in the grace period
+2     startup error, one line on stderr naming the setting or server: a bad setting or command line
+      (:class:`ConfigInvalid`), Kafka or ClickHouse unreachable (:class:`DependencyUnreachable`), a table
+      without the expected schema (:class:`SchemaMismatch`), the gateway's HTTP port taken (:class:`StartupError`)
+====  ==========================================================================================================
+
+A service reports a startup error by raising a :class:`StartupError` (each subclass carries its
+``exit_code``); the shared checks' own exceptions (:class:`~services.shared.settings.ConfigError`,
+:class:`~services.shared.kafka.KafkaUnreachable`, :class:`~services.shared.clickhouse.SchemaError`) are
+mapped onto the same classes by :func:`as_startup_error`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
 import signal
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -23,7 +46,15 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from services.shared.kafka import KafkaUnreachable
+from services.shared.logs import setup_logging
 from services.shared.metrics import Readiness, ServiceMetrics
+from services.shared.settings import ConfigError, Settings, load_settings
+
+#: Exit codes of every service process (see the module docstring).
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_STARTUP = 2
 
 
 class Shutdown:
@@ -143,3 +174,88 @@ class HealthServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+class StartupError(Exception):
+    """The service cannot start; ``str(error)`` is one line naming the setting or server to fix."""
+
+    exit_code = EXIT_STARTUP
+
+
+class ConfigInvalid(StartupError):
+    """A setting (or the command line) is wrong or names something missing."""
+
+
+class DependencyUnreachable(StartupError):
+    """A server the service needs (Kafka, ClickHouse) does not answer within a bounded time."""
+
+
+class SchemaMismatch(StartupError):
+    """A table is missing or lacks what the service relies on (``klines schema apply`` creates it)."""
+
+
+def as_startup_error(exc: BaseException) -> StartupError | None:
+    """``exc`` as a :class:`StartupError` when it is one of the shared startup checks' exceptions, else None."""
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, ConfigError):
+        return ConfigInvalid(str(exc))
+    if isinstance(exc, KafkaUnreachable):
+        return DependencyUnreachable(str(exc))
+    clickhouse = sys.modules.get("services.shared.clickhouse")  # only a process that loaded it can raise these
+    if clickhouse is not None and isinstance(exc, clickhouse.SchemaError):
+        return SchemaMismatch(str(exc))
+    return None
+
+
+#: A service's body: runs until ``shutdown`` is requested (or it fails) and returns 0 or 1. It may raise a
+#: :class:`StartupError` (or a shared check's exception, see :func:`as_startup_error`) before it starts.
+ServiceMain = Callable[[Settings, Shutdown, argparse.Namespace], Awaitable[int]]
+
+
+def run_service(
+    name: str,
+    service: ServiceMain,
+    *,
+    description: str,
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+) -> int:
+    """Run one service process from its command line to its exit code (0, 1 or 2: see the module docstring).
+
+    ``name`` is the log component and the prefix of the one-line startup error on stderr; ``arguments`` adds the
+    service's own flags next to ``--config``; ``service`` gets the settings, the installed :class:`Shutdown`
+    and the parsed arguments. A usage error on the command line exits 2 (argparse's own convention).
+    """
+    parser = argparse.ArgumentParser(prog=prog or f"python -m services.{name}", description=description)
+    parser.add_argument(
+        "--config", type=Path, default=None, help="TOML settings file (default: $KLINES_CONFIG or config/klines.toml)"
+    )
+    if arguments is not None:
+        arguments(parser)
+    args = parser.parse_args(argv)
+    logged = False
+    try:
+        settings = load_settings(args.config)
+        setup_logging(name, settings.service.log_level, settings.service.log_format)
+        logged = True
+        return asyncio.run(_serve(service, settings, args))
+    except Exception as exc:
+        startup = as_startup_error(exc)
+        if startup is not None:
+            print(f"{name}: {startup}", file=sys.stderr, flush=True)
+            return startup.exit_code
+        if logged:
+            logging.getLogger(f"services.{name}").critical(
+                f"{name} failed", exc_info=exc, extra={"error": f"{type(exc).__name__}: {exc}"[:500]}
+            )
+        else:
+            print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CRASH
+
+
+async def _serve(service: ServiceMain, settings: Settings, args: argparse.Namespace) -> int:
+    shutdown = Shutdown(settings.service.shutdown_grace_s)
+    shutdown.install()
+    return await service(settings, shutdown, args)

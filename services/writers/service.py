@@ -1,6 +1,6 @@
 """Start, serve and stop one or both writers: startup checks, Kafka clients, health endpoints, signals.
 
-Startup applies nothing: it checks that Kafka answers and that each writer's table exists with a version
+Startup applies nothing: it checks that Kafka and ClickHouse answer and that each writer's table exists with a version
 column and insert deduplication (``klines schema apply`` creates them), and refuses to start otherwise with
 one line on stderr and exit code 2. Exit code 0 means every buffered batch was stored and committed before the
 process ended; 1 means a writer failed or its last batch could not be stored within the shutdown grace period
@@ -13,19 +13,19 @@ import argparse
 import asyncio
 import gc
 import logging
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
+
+from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from services import finalized_writer, snapshot_writer
 from services.shared import clickhouse
 from services.shared.embedded import EmbeddedClient
-from services.shared.kafka import KafkaUnreachable, check_reachable, make_consumer, make_producer
-from services.shared.lifecycle import HealthServer, Shutdown
-from services.shared.logs import log_event, setup_logging
+from services.shared.kafka import check_reachable, make_consumer, make_producer
+from services.shared.lifecycle import DependencyUnreachable, HealthServer, Shutdown, run_service
+from services.shared.logs import log_event
 from services.shared.metrics import Observed, ServiceMetrics
-from services.shared.settings import ConfigError, Settings, load_settings
+from services.shared.settings import Settings
 from services.shared.writer import (
     COUNTER_FIGURES,
     InsertFn,
@@ -61,13 +61,20 @@ async def serve(
 ) -> int:
     """Run the writers named in ``kinds`` until ``shutdown`` is requested; return the process exit code.
 
-    Raises :class:`KafkaUnreachable` or :class:`clickhouse.SchemaError` before anything starts when a startup
-    check fails. ``consumer_options`` / ``engine_options`` / ``wrap_insert`` exist for tests and benchmarks
-    (small timeouts, an insert that fails on purpose); ``started`` is called once everything runs.
+    Raises :class:`KafkaUnreachable`, :class:`DependencyUnreachable` (ClickHouse) or
+    :class:`clickhouse.SchemaError` before anything starts when a startup check fails. ``consumer_options`` /
+    ``engine_options`` / ``wrap_insert`` exist for tests and benchmarks (small timeouts, an insert that fails on
+    purpose); ``started`` is called once everything runs.
     """
     specs = [WRITER_KINDS[kind][1](settings) for kind in kinds]
     await check_reachable(settings.kafka)
-    client = clickhouse.connect(settings.clickhouse)  # one client per process, shared by the writers
+    try:
+        client = clickhouse.connect(settings.clickhouse)  # one client per process, shared by the writers
+    except ClickHouseError as exc:
+        raise DependencyUnreachable(
+            f"cannot reach ClickHouse at {settings.clickhouse.dsn} ({type(exc).__name__}); check clickhouse.dsn "
+            "in the config or CLICKHOUSE_DSN"
+        ) from None
     for spec in specs:
         clickhouse.check_table(client, settings.clickhouse, spec.table)
     if not isinstance(client, EmbeddedClient):  # an embedded engine's own process warms itself up
@@ -248,29 +255,16 @@ async def _run_all(engines: list[WriterEngine], shutdown: Shutdown) -> bool:
     return clean
 
 
-async def _main_async(settings: Settings, kinds: Sequence[str]) -> int:
-    shutdown = Shutdown(settings.service.shutdown_grace_s)
-    shutdown.install()
-    return await serve(settings, kinds, shutdown)
-
-
 def main(kinds: Sequence[str], argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m services.{writers,finalized_writer,snapshot_writer}``."""
-    component = _component(kinds)
-    parser = argparse.ArgumentParser(
-        prog=f"python -m services.{component}",
+    """Entry point of ``python -m services.{writers,finalized_writer,snapshot_writer}`` (exit codes: see the module
+    docstring and :mod:`services.shared.lifecycle`)."""
+
+    async def writers(settings: Settings, shutdown: Shutdown, _args: argparse.Namespace) -> int:
+        return await serve(settings, kinds, shutdown)
+
+    return run_service(
+        _component(kinds),
+        writers,
         description=f"Persist {' and '.join(kinds)} klines from Kafka into ClickHouse.",
+        argv=argv,
     )
-    parser.add_argument("--config", type=Path, help="TOML config (default: $KLINES_CONFIG or config/klines.toml)")
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"{component}: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(component, settings.service.log_level, settings.service.log_format)
-    try:
-        return asyncio.run(_main_async(settings, kinds))
-    except (KafkaUnreachable, clickhouse.SchemaError, clickhouse.EmbeddedEngineMissing) as exc:
-        print(f"{component}: {exc}", file=sys.stderr)
-        return 2

@@ -33,7 +33,7 @@ from services.ingest.backfill import BackfillOptions
 from services.ingest.connections import ConnectionOptions
 from services.ingest.service import IngestService, IngestTuning
 from services.replay import GeneratorFeed, ReplayConfig, ReplayExchange
-from services.shared.kafka import make_consumer
+from services.shared.kafka import KafkaUnreachable, make_consumer
 from services.shared.messages import Gap, TradeBatch, decode_trades_value
 from services.shared.settings import Settings
 
@@ -618,12 +618,13 @@ async def test_discovered_symbols_follow_exchange_info(settings: Settings) -> No
     assert metrics["trades_published"] == sum(len(ex.trades(sym)) for sym in ("BTCUSDT", "SOLUSDT"))
 
 
-async def test_unreachable_kafka_exits_non_zero(settings: Settings) -> None:
+async def test_unreachable_kafka_is_a_startup_error(settings: Settings) -> None:
     s = settings.model_copy(
         update={"kafka": settings.kafka.model_copy(update={"bootstrap": f"127.0.0.1:{_free_port()}"})}
     )
     started = time.monotonic()
-    assert await IngestService(s, FAST).run() == 1
+    with pytest.raises(KafkaUnreachable, match=r"cannot reach Kafka at 127\.0\.0\.1:"):
+        await IngestService(s, FAST).run()  # exit code 2 in the process (tests/integration/test_service_startup.py)
     assert time.monotonic() - started < 15
 
 
