@@ -47,6 +47,7 @@ from services.gateway.protocol import (
     combined,
     error_reply,
     kline_event,
+    origin_allowed,
     parse_request,
     result_reply,
     streams_from_url,
@@ -397,6 +398,10 @@ class Gateway:
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         if not self.accepting:
             return web.json_response({"error": "server shutting down"}, status=503)
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, request.headers.get("Host"), self.limits.allowed_origins):
+            self.counters.inc("connections_rejected")
+            return web.json_response({"error": f"origin {origin} is not allowed (gateway.allowed_origins)"}, status=403)
         if len(self.clients) >= self.limits.max_connections:
             self.counters.inc("connections_rejected")
             return web.json_response(
