@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 
-from services.shared.kafka import make_consumer
+from services.shared.kafka import make_consumer, partitions_of
 from services.shared.settings import KafkaSettings
 
 log = logging.getLogger("services.ingest.recovery")
@@ -104,10 +104,7 @@ async def recover_last_ids(
     result = Recovery()
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic)
+        partitions = await partitions_of(consumer, topic)
         if not partitions:
             raise RecoveryFailed(f"topic {topic!r} has no partitions (does it exist? `klines topics create`)")
         count = len(partitions)

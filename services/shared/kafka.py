@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -141,15 +142,26 @@ async def delete_topics(settings: KafkaSettings, names: list[str]) -> None:
         await admin.close()
 
 
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str, wait_s: float = 10.0) -> set[int]:
+    """The partitions of ``topic``, asking the broker again (up to ``wait_s``) while it shows none: a topic just
+    created reaches the metadata of every broker connection a moment later. Empty if it never shows any."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        parts: set[int] = consumer.partitions_for_topic(topic) or set()
+        if parts or time.monotonic() >= deadline:
+            return parts
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic) or set()
+        if parts:
+            return parts
+        await asyncio.sleep(0.2)
+
+
 async def _end_offsets(consumer: AIOKafkaConsumer, topic: str) -> dict[Any, int]:
     """The end offset of every partition of ``topic`` (empty if it has none)."""
     from aiokafka import TopicPartition
 
-    parts = consumer.partitions_for_topic(topic) or set()
-    if not parts:
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    tps = [TopicPartition(topic, p) for p in sorted(await partitions_of(consumer, topic, wait_s=2.0))]
     return dict(await consumer.end_offsets(tps)) if tps else {}
 
 
