@@ -69,5 +69,7 @@ def setup_logging(component: str, level: str = "INFO", fmt: str = "json") -> Non
 
 
 def log_event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
-    """Log ``message`` with ``fields`` as structured keys (``component`` overrides the process default)."""
-    logger.log(level, message, extra=fields)
+    """Log ``message`` with ``fields`` as structured keys (``component`` overrides the process default); an
+    ``exc_info`` field is the exception to log with its traceback, as in :meth:`logging.Logger.log`."""
+    exc_info = fields.pop("exc_info", None)
+    logger.log(level, message, exc_info=exc_info, extra=fields)
