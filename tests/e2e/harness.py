@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ports import free_port
 
 from services.replay.config import parse_utc_ms
 from services.runner import LocalPipeline
@@ -34,12 +35,6 @@ COLUMNS = (
 )  # fmt: skip
 
 Row = tuple[Any, ...]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def isolated_env(kafka_bootstrap: str, state: Path) -> dict[str, str]:

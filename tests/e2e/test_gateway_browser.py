@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from ports import free_port
 
 from services.core.intervals import close_time
 from services.core.models import Kline
@@ -46,12 +46,6 @@ def _find(env: str, *names: str) -> str | None:
     if os.environ.get(env):
         return os.environ[env]
     return next((path for name in names if (path := shutil.which(name))), None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def kline(symbol: str, t: int, close: str, *, final: bool, n: int = 5) -> Kline:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import socket
 import subprocess
 import sys
 import uuid
@@ -23,6 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from services.shared import clickhouse
 from services.shared.settings import ClickHouseSettings
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 SYMBOLS = "BTCUSDT,ETHUSDT,SOLUSDT"
 INTERVALS = "1m,3m,5m,15m"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_env(kafka_bootstrap: str, state: Path) -> dict[str, str]:

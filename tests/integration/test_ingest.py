@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiokafka import TopicPartition
+from ports import free_port
 
 from services.ingest.backfill import BackfillOptions
 from services.ingest.connections import ConnectionOptions
@@ -620,7 +620,7 @@ async def test_discovered_symbols_follow_exchange_info(settings: Settings) -> No
 
 async def test_unreachable_kafka_is_a_startup_error(settings: Settings) -> None:
     s = settings.model_copy(
-        update={"kafka": settings.kafka.model_copy(update={"bootstrap": f"127.0.0.1:{_free_port()}"})}
+        update={"kafka": settings.kafka.model_copy(update={"bootstrap": f"127.0.0.1:{free_port()}"})}
     )
     started = time.monotonic()
     with pytest.raises(KafkaUnreachable, match=r"cannot reach Kafka at 127\.0\.0\.1:"):
@@ -629,12 +629,6 @@ async def test_unreachable_kafka_is_a_startup_error(settings: Settings) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- process
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _start_ingest(settings: Settings, ex: ReplayExchange, port: int, log_path: Path) -> subprocess.Popen[bytes]:
@@ -692,7 +686,7 @@ async def test_sigterm_sigkill_and_restarts_publish_every_id_once(settings: Sett
     the feed is in the topic exactly once."""
     log_path = tmp_path / "ingest.log"
     async with ReplayExchange(exchange_config(minutes=8, speed=90)) as ex:
-        port = _free_port()
+        port = free_port()
         first = _start_ingest(settings, ex, port, log_path)
         try:
             await _ready(port, first)
