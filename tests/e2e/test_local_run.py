@@ -12,16 +12,15 @@ must equal Binance's own published klines exactly, and its summary must report n
 from __future__ import annotations
 
 import csv
-import os
 import re
 import subprocess
 import sys
-import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from harness import isolated_env
 from ports import free_port
 
 from services.shared import clickhouse
@@ -34,29 +33,9 @@ SYMBOLS = "BTCUSDT,ETHUSDT,SOLUSDT"
 INTERVALS = "1m,3m,5m,15m"
 
 
-def run_env(kafka_bootstrap: str, state: Path) -> dict[str, str]:
-    """The environment of a run with its own state, ClickHouse directory, topics and free ports."""
-    name = uuid.uuid4().hex[:8]
-    return dict(
-        os.environ,
-        KAFKA_BOOTSTRAP=kafka_bootstrap,
-        CLICKHOUSE_DSN=f"chdb://{state / 'chdb'}",
-        KLINES_SERVICE__STATE_DIR=str(state),
-        KLINES_KAFKA__TOPICS__TRADES=f"e2e-{name}.trades",
-        KLINES_KAFKA__TOPICS__FINALIZED=f"e2e-{name}.klines.finalized",
-        KLINES_KAFKA__TOPICS__SNAPSHOTS=f"e2e-{name}.klines.snapshots",
-        KLINES_KAFKA__TOPICS__DEAD_LETTER=f"e2e-{name}.dead-letter",
-        KLINES_KAFKA__CLIENT_ID=f"e2e-{name}",
-        KLINES_AGGREGATOR__HTTP_PORT=str(free_port()),
-        KLINES_SERVICE__INGEST_HTTP_PORT=str(free_port()),
-        KLINES_SERVICE__WRITERS_HTTP_PORT=str(free_port()),
-        KLINES_GATEWAY__HTTP_PORT=str(free_port()),
-    )
-
-
 @pytest.fixture(scope="module")
 def local_run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
-    env = run_env(kafka_bootstrap, tmp_path_factory.mktemp("run-state"))
+    env = isolated_env(kafka_bootstrap, tmp_path_factory.mktemp("run-state"))
     argv = [
         sys.executable, "-m", "services.cli", "run", "--offline",
         "--symbols", SYMBOLS, "--intervals", INTERVALS,
@@ -139,7 +118,7 @@ def trx_run(env: dict[str, str], data_dir: Path, intervals: str) -> subprocess.C
 @pytest.fixture(scope="module")
 def trx_runs(kafka_bootstrap: str, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrxRuns:
     """Two runs one after the other in the same state, ClickHouse directory, topic names and ports."""
-    env = run_env(kafka_bootstrap, tmp_path_factory.mktemp("trx-state"))
+    env = isolated_env(kafka_bootstrap, tmp_path_factory.mktemp("trx-state"))
     first = trx_run(env, data_dir, "1m")
     second = trx_run(env, data_dir, "3m,5m")
     return TrxRuns(first, second, env["CLICKHOUSE_DSN"])
