@@ -111,6 +111,7 @@ from services.core.book import KlineBook, KlineBooks, TradeColumns
 from services.core.models import AggTrade, InvalidInput, Kline
 from services.shared.logs import log_event
 from services.shared.messages import Gap, TradeBatch, encode_trade_batch
+from services.shared.metrics import Distribution
 
 __all__ = ["SEQ_LEASE", "Aggregator", "CheckpointSource", "GroupConsumer", "PartitionState", "Phase", "Stats"]
 
@@ -694,6 +695,11 @@ class Aggregator:
                 return None
             total += max(0, highwater - part.read_position())
         return total
+
+    @property
+    def close_to_produced(self) -> Mapping[str, Distribution]:
+        """Per interval: how long after its interval ended a finalized kline was acknowledged by the broker."""
+        return self._out.close_to_produced
 
     def metrics(self) -> dict[str, Any]:
         stats = self.stats

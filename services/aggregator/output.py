@@ -35,6 +35,7 @@ from services.aggregator.state import KlineIdent, PartitionState, Stats
 from services.core.models import Kline
 from services.shared.logs import log_event
 from services.shared.messages import dead_letter_value, encode_kline, kline_key
+from services.shared.metrics import CLOSE_LATENCY_MS_BUCKETS, Distribution
 
 log = logging.getLogger("services.aggregator")
 
@@ -59,9 +60,13 @@ class Output:
         dead_letter_topic: str,
         stats: Stats,
         monotonic: Callable[[], float] = time.monotonic,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self.stats = stats
         self._monotonic = monotonic
+        self._wall_ms = wall_ms
+        #: Per interval: milliseconds from a finalized kline's interval end until the broker acknowledged it.
+        self.close_to_produced: dict[str, Distribution] = {}
         self.finalized: Outbox[Finalized] = Outbox(finalized, finalized_topic, _encode_finalized, name="finalized")
         self.snapshots: Outbox[tuple[Kline, int]] = Outbox(
             snapshots, snapshots_topic, _encode_snapshot, name="snapshots"
@@ -135,8 +140,12 @@ class Output:
         part.dirty.add(kline.s)
         if error is not None:  # the producer can never take it (step 4 of the outbox): really lost
             self._data_loss(kline, str(error))
-        else:
-            self.stats.finalized_confirmed += 1
+            return
+        self.stats.finalized_confirmed += 1
+        latency = self.close_to_produced.get(kline.i)
+        if latency is None:
+            latency = self.close_to_produced[kline.i] = Distribution(CLOSE_LATENCY_MS_BUCKETS, scale=0.001)
+        latency.observe(max(0, self._wall_ms() - kline.T - 1))  # T is the interval's last millisecond
 
     def _data_loss(self, kline: Kline, reason: str) -> None:
         self.stats.data_loss += 1

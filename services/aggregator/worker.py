@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -42,7 +42,7 @@ from services.aggregator.state import Stats
 from services.shared.kafka import TopicSpec, check_reachable, ensure_topics, make_producer
 from services.shared.lifecycle import HealthServer, Shutdown
 from services.shared.logs import log_event
-from services.shared.metrics import ServiceMetrics
+from services.shared.metrics import Observed, ServiceMetrics
 from services.shared.settings import Settings
 
 log = logging.getLogger("services.aggregator")
@@ -62,9 +62,26 @@ COUNTER_FIGURES = frozenset(
 )
 
 
-def aggregator_exporter(metrics: Callable[[], Mapping[str, Any]]) -> ServiceMetrics:
-    """``/metrics``: the engine's figures as ``klines_aggregator_*``; each partition's read offset labelled."""
-    return ServiceMetrics("aggregator", metrics, counters=COUNTER_FIGURES, labels={"read_offsets": "partition"})
+def aggregator_exporter(engine: Aggregator) -> ServiceMetrics:
+    """``/metrics``: the engine's figures as ``klines_aggregator_*``; each partition's read offset labelled; the
+    close -> acknowledged latency of finalized klines per interval as a histogram."""
+
+    def histograms() -> Iterator[Observed]:
+        for interval, dist in sorted(engine.close_to_produced.items()):
+            yield Observed(
+                "close_to_produced_seconds",
+                "Seconds from a finalized kline's interval end until the broker acknowledged it (wall clock)",
+                {"interval": interval},
+                dist,
+            )
+
+    return ServiceMetrics(
+        "aggregator",
+        engine.metrics,
+        counters=COUNTER_FIGURES,
+        labels={"read_offsets": "partition"},
+        histograms=histograms,
+    )
 
 
 class AggregatorWorker:
@@ -177,7 +194,7 @@ class AggregatorWorker:
             self._http_port,
             ready=lambda: engine.ready,
             metrics=engine.metrics,
-            exporter=aggregator_exporter(engine.metrics),
+            exporter=aggregator_exporter(engine),
             routes=routes,
         )
         await self.http.start()

@@ -36,6 +36,13 @@ from prometheus_client.utils import floatToGoString
 PREFIX = "klines"
 
 
+#: Buckets (milliseconds) of a closed kline's latency from its interval's end: to acknowledged by the broker
+#: (aggregator), to stored in ClickHouse (writers).
+CLOSE_LATENCY_MS_BUCKETS = (
+    50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000
+)  # fmt: skip
+
+
 class Distribution:
     """Counts of observations per bucket plus their sum, for one histogram series.
 

@@ -51,7 +51,7 @@ from services.shared.clickhouse import Decimals, KlineEntry, KlineRows, insert_k
 from services.shared.lifecycle import Counters, Shutdown
 from services.shared.logs import log_event
 from services.shared.messages import DecodedKline, KlineWire, dead_letter_value, decode_kline_record, decode_kline_run
-from services.shared.metrics import Distribution
+from services.shared.metrics import CLOSE_LATENCY_MS_BUCKETS, Distribution
 from services.shared.settings import ClickHouseSettings
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,7 @@ _METRICS = (*sorted(COUNTER_FIGURES), "lag", "paused", "last_flush_latency_ms", 
 #: milliseconds (exported in seconds).
 INSERT_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_ROWS_BUCKETS = (1, 10, 100, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000)
-CLOSE_TO_STORED_MS_BUCKETS = (
-    50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000
-)  # fmt: skip
+CLOSE_TO_STORED_MS_BUCKETS = CLOSE_LATENCY_MS_BUCKETS
 
 Row = tuple[Any, ...]
 InsertFn = Callable[[Sequence[Row], str], None]

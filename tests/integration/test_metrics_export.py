@@ -118,9 +118,12 @@ async def test_aggregator_exports_its_counters_lag_and_partition_offsets(agg_set
             "klines_aggregator_lag": "gauge",
             "klines_aggregator_read_offsets": "gauge",
             "klines_aggregator_in_flight": "gauge",
+            "klines_aggregator_close_to_produced_seconds": "histogram",
         },
     )
     trades = sum(len(v) for v in streams.values())
+    acknowledged = sum(scraped.values("klines_aggregator_close_to_produced_seconds_count"))
+    assert acknowledged == scraped.value("klines_aggregator_finalized_confirmed_total") >= len(oracle(streams))
     assert scraped.value("klines_aggregator_trades_applied_total") == trades
     assert scraped.value("klines_aggregator_klines_finalized_total") >= len(oracle(streams))
     assert scraped.value("klines_aggregator_data_loss_total") == 0

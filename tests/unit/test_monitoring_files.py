@@ -96,7 +96,7 @@ def _exporters(settings: Settings) -> Iterator[ServiceMetrics]:
         max_in_flight=10,
     )
     aggregator.attach(placeholder)  # in a group (with no partition yet): its lag is known, 0
-    yield aggregator_exporter(aggregator.metrics)
+    yield aggregator_exporter(aggregator)
     yield IngestService(settings, IngestTuning()).exporter()
     gateway = Gateway(settings, Counters(), source="memory")
     gateway.feed = _Feed()  # type: ignore[assignment]
