@@ -506,6 +506,7 @@ class IngestService:
                 metrics=self.metrics,
                 exporter=self.exporter(),
                 routes=[web.post("/symbols", self._post_symbols), web.get("/symbols", self._get_symbols)],
+                admin_token=service.admin_token(),  # POST /symbols needs it (services/shared/admin.py)
             )
             await self.health.start()
         assert self.publisher is not None

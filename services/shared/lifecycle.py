@@ -7,6 +7,8 @@ the orchestrator gives (compose 10 s, Kubernetes 30 s).
 ``HealthServer`` serves ``/healthz`` (the process is alive), ``/readyz`` (it does its job: connected, assigned,
 schema checked), ``/metrics`` (the Prometheus text exposition, see :mod:`services.shared.metrics`) and
 ``/metrics.json`` (the same figures as one JSON object, for people and the local runner) on a small aiohttp app.
+Its state-changing routes (any method but GET, HEAD and OPTIONS) sit behind one
+:class:`~services.shared.admin.AdminGuard`: a bearer token from ``service.admin_token_file``, or loopback only.
 
 ``run_service`` is every service's entry point: it parses the command line (``--config`` plus the service's own
 flags), loads the settings, sets up logging, installs the SIGTERM/SIGINT handlers of one ``Shutdown``, runs the
@@ -45,7 +47,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
+from pydantic import SecretStr
 
+from services.shared.admin import SAFE_METHODS, AdminGuard
 from services.shared.kafka import KafkaUnreachable
 from services.shared.logs import setup_logging
 from services.shared.metrics import Readiness, ServiceMetrics
@@ -117,6 +121,10 @@ class HealthServer:
     ``metrics()`` is the service's figures as a dict (``/metrics.json``); ``exporter`` turns the same figures into
     Prometheus families for ``/metrics``, next to ``klines_service_ready`` and the process's own
     (``process_cpu_seconds_total``, ``process_resident_memory_bytes``, ``python_gc_*``).
+
+    A route in ``routes`` that changes state (POST, PUT, PATCH, DELETE) needs ``Authorization: Bearer
+    <admin_token>`` (the content of ``service.admin_token_file``); without a token it is served only when
+    ``host`` is loopback (see :mod:`services.shared.admin`). Refusals are counted as ``admin_auth_failures``.
     """
 
     def __init__(
@@ -128,15 +136,22 @@ class HealthServer:
         metrics: Callable[[], Mapping[str, Any]],
         exporter: ServiceMetrics,
         routes: list[web.RouteDef] | None = None,
+        admin_token: SecretStr | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._ready = ready
-        self._metrics = metrics
+        self.admin = AdminGuard(host, admin_token)
+        guarded = [r for r in routes or [] if r.method.upper() not in SAFE_METHODS]
+        self._metrics = metrics if not guarded else self._with_admin_figures(metrics)
         # A registry per server, not the process-wide default: tests run several services in one process.
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(exporter)
         self.registry.register(Readiness(exporter.service, ready))
+        if guarded:
+            self.registry.register(
+                ServiceMetrics(exporter.service, self._admin_figures, counters={"admin_auth_failures"})
+            )
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self._app = web.Application()
@@ -147,9 +162,20 @@ class HealthServer:
                 web.get("/metrics", make_aiohttp_handler(self.registry, disable_compression=True)),
                 web.get("/metrics.json", self._metrics_json),
             ]
-            + (routes or [])
+            + [
+                web.RouteDef(r.method, r.path, self.admin.wrap(r.handler), r.kwargs)
+                if r.method.upper() not in SAFE_METHODS
+                else r
+                for r in routes or []
+            ]
         )
         self._runner: web.AppRunner | None = None
+
+    def _admin_figures(self) -> dict[str, int]:
+        return {"admin_auth_failures": self.admin.failures}
+
+    def _with_admin_figures(self, metrics: Callable[[], Mapping[str, Any]]) -> Callable[[], Mapping[str, Any]]:
+        return lambda: {**metrics(), **self._admin_figures()}
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})

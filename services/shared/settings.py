@@ -26,6 +26,7 @@ from pydantic_settings import (
 )
 
 from services.core.intervals import INTERVALS, validate_interval
+from services.shared.admin import read_token_file
 
 ENV_PREFIX = "KLINES_"
 DEFAULT_CONFIG_PATH = Path("config/klines.toml")
@@ -192,6 +193,27 @@ class ServiceSettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     state_dir: Path = Path(".state")
+    # A file holding the bearer token that state-changing endpoints (ingest's POST /symbols) require; "" = none,
+    # and then those endpoints answer only when http_host is loopback (services/shared/admin.py).
+    admin_token_file: Path | None = None
+
+    @field_validator("admin_token_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def admin_token(self) -> SecretStr | None:
+        """The content of ``admin_token_file`` (None when it is not set), read when the service starts serving.
+
+        Raises :class:`ConfigError` naming the key when the file cannot be read or is empty. (Not checked when
+        the settings load: every process loads them, and only the one that serves the endpoints has the file.)
+        """
+        if self.admin_token_file is None:
+            return None
+        try:
+            return read_token_file(self.admin_token_file)
+        except ValueError as exc:
+            raise ConfigError(f"service.admin_token_file: {exc}") from None
 
 
 class Settings(BaseSettings):

@@ -583,6 +583,98 @@ async def test_symbols_added_and_removed_at_run_time(settings: Settings) -> None
     assert len(btc) <= removed_at < len(ex.trades("BTCUSDT"))
 
 
+ADMIN_TOKEN = "t0ken-for-the-admin-api-7f3a"
+
+
+def with_admin(settings: Settings, *, host: str, token_file: Path | None) -> Settings:
+    return settings.model_copy(
+        update={"service": settings.service.model_copy(update={"http_host": host, "admin_token_file": token_file})}
+    )
+
+
+async def _open_endpoints_answer(http: aiohttp.ClientSession, base: str) -> None:
+    """Health, readiness and metrics never ask for the token."""
+    for path in ("/healthz", "/readyz", "/metrics", "/metrics.json", "/symbols"):
+        async with http.get(base + path) as resp:
+            assert resp.status == 200, path
+
+
+async def _auth_failures(http: aiohttp.ClientSession, base: str) -> tuple[int, float]:
+    """admin_auth_failures in /metrics.json and in the Prometheus exposition."""
+    async with http.get(f"{base}/metrics.json") as resp:
+        figures = await resp.json()
+    async with http.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("klines_ingest_admin_auth_failures_total ")]
+    return figures["admin_auth_failures"], float(line.split()[1])
+
+
+async def test_post_symbols_needs_the_admin_token(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Token configured, bound to every interface (as in compose and Kubernetes): no token or a wrong one is
+    401 with WWW-Authenticate: Bearer, logged and counted, and changes nothing; the right one applies."""
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    async with ReplayExchange(exchange_config(symbols=SYMBOLS, minutes=2)) as ex:
+        s = with_admin(for_exchange(settings, ex, symbols=("BTCUSDT",)), host="0.0.0.0", token_file=token_file)
+        async with ingest(s) as service, aiohttp.ClientSession() as http:
+            assert service.health is not None
+            base = f"http://127.0.0.1:{service.health.port}"
+            await _open_endpoints_answer(http, base)
+            assert await _auth_failures(http, base) == (0, 0.0)
+            caplog.set_level(logging.WARNING, logger="services.shared.admin")
+            for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": ADMIN_TOKEN}):
+                async with http.post(f"{base}/symbols", json={"add": ["ETHUSDT"]}, headers=headers) as resp:
+                    assert resp.status == 401, headers
+                    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+                    assert (await resp.json())["ok"] is False
+            assert service.selection.wanted == {"BTCUSDT"}, "a refused request changes nothing"
+            assert await _auth_failures(http, base) == (3, 3.0)
+            refused = [r for r in caplog.records if r.getMessage() == "admin request refused"]
+            assert len(refused) == 3 and all(r.levelno == logging.WARNING for r in refused)
+            assert all(getattr(r, "remote", None) == "127.0.0.1" for r in refused)
+            assert all(ADMIN_TOKEN not in str(vars(r)) for r in caplog.records), "the token is never logged"
+            await _open_endpoints_answer(http, base)
+            headers = {"Authorization": f"bearer   {ADMIN_TOKEN}"}
+            async with http.post(f"{base}/symbols", json={"add": ["ETHUSDT"]}, headers=headers) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["symbols"] == ["BTCUSDT", "ETHUSDT"]
+            async with http.get(f"{base}/symbols") as resp:
+                assert (await resp.json())["symbols"] == ["BTCUSDT", "ETHUSDT"]
+            assert service.selection.wanted == {"BTCUSDT", "ETHUSDT"}
+            assert await _auth_failures(http, base) == (3, 3.0)
+
+
+async def test_post_symbols_is_off_without_a_token_on_every_interface(settings: Settings) -> None:
+    async with ReplayExchange(exchange_config(symbols=SYMBOLS, minutes=2)) as ex:
+        s = with_admin(for_exchange(settings, ex, symbols=("BTCUSDT",)), host="0.0.0.0", token_file=None)
+        async with ingest(s) as service, aiohttp.ClientSession() as http:
+            assert service.health is not None
+            base = f"http://127.0.0.1:{service.health.port}"
+            headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # no token configured: nothing opens it
+            async with http.post(f"{base}/symbols", json={"remove": ["BTCUSDT"]}, headers=headers) as resp:
+                assert resp.status == 403
+                assert "service.admin_token_file" in (await resp.json())["error"]
+            assert service.selection.wanted == {"BTCUSDT"}
+            assert await _auth_failures(http, base) == (1, 1.0)
+            await _open_endpoints_answer(http, base)
+
+
+async def test_post_symbols_is_open_on_loopback_without_a_token(settings: Settings) -> None:
+    """The local run: bound to 127.0.0.1, nothing configured, POST /symbols works as it always did."""
+    async with ReplayExchange(exchange_config(symbols=SYMBOLS, minutes=2)) as ex:
+        s = with_admin(for_exchange(settings, ex, symbols=("BTCUSDT",)), host="127.0.0.1", token_file=None)
+        async with ingest(s) as service, aiohttp.ClientSession() as http:
+            assert service.health is not None
+            base = f"http://127.0.0.1:{service.health.port}"
+            async with http.post(f"{base}/symbols", json={"add": ["ETHUSDT"]}) as resp:
+                assert resp.status == 200
+            assert service.selection.wanted == {"BTCUSDT", "ETHUSDT"}
+            assert await _auth_failures(http, base) == (0, 0.0)
+            await _open_endpoints_answer(http, base)
+
+
 async def test_discovered_symbols_follow_exchange_info(settings: Settings) -> None:
     """``discover = true``: every TRADING symbol quoted in USDT, nothing else; health endpoints answer."""
     listed = ("BTCUSDT", "ETHBTC", "SOLUSDT")

@@ -1243,3 +1243,43 @@ def test_compose_gives_each_service_only_its_own_clickhouse_login(compose: dict[
     gateway = _compose_environment(compose, "gateway")
     assert gateway["KLINES_CLICKHOUSE__PASSWORD"] == "klines-reader"  # CLICKHOUSE_READER_PASSWORD in .env
     assert compose["services"]["clickhouse"]["environment"]["CLICKHOUSE_DEFAULT_ACCESS_MANAGEMENT"] == 1
+
+
+# --- the admin token of ingest's POST /symbols ----------------------------------------------------------------
+
+
+def test_ingest_mounts_the_admin_token_secret_as_a_file(manifests: list[dict[str, Any]]) -> None:
+    """Kubernetes: the Secret klines-admin-token is a read-only file in ingest, named by admin_token_file; no
+    other workload gets it, and it never travels as an environment variable."""
+    deployments = _deployments_by_service(manifests)
+    pod = deployments["ingest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"] if "secret" in v}
+    (volume,) = [v for v in volumes.values() if v["secret"]["secretName"].startswith("klines-admin-token")]
+    secret_name = volume["secret"]["secretName"]
+    assert secret_name in _of_kind(manifests, "Secret"), "the demo kustomization generates it"
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    (item,) = volume["secret"]["items"]
+    path = _resolved_env(container, manifests)["KLINES_SERVICE__ADMIN_TOKEN_FILE"]
+    assert path == f"{mount['mountPath']}/{item['path']}"
+    assert volume["secret"]["defaultMode"] & 0o007 == 0, "not readable by other users"
+    for service, workload in deployments.items():
+        spec = workload["spec"]["template"]["spec"]
+        others = [v for v in spec.get("volumes", []) if v.get("secret", {}).get("secretName") == secret_name]
+        assert service == "ingest" or not others, service
+        for c in spec["containers"]:
+            assert "KLINES_SERVICE__ADMIN_TOKEN_FILE" not in _resolved_env(c, manifests) or service == "ingest"
+            assert all(ref[0] != "klines-admin-token" for ref in _secret_refs(c).values()), service
+
+
+def test_compose_gives_ingest_the_admin_token_as_a_secret_file(compose: dict[str, Any], dotenv: dict[str, str]) -> None:
+    ingest = compose["services"]["ingest"]
+    assert ingest["secrets"] == ["klines_admin_token"]
+    env = _compose_environment(compose, "ingest")
+    assert env["KLINES_SERVICE__ADMIN_TOKEN_FILE"] == "/run/secrets/klines_admin_token"
+    assert compose["secrets"]["klines_admin_token"]["file"] == dotenv["KLINES_ADMIN_TOKEN_FILE"]
+    for name in _klines_services(compose):
+        if name != "ingest":
+            assert "secrets" not in compose["services"][name], name
+            assert "KLINES_SERVICE__ADMIN_TOKEN_FILE" not in _compose_environment(compose, name), name
