@@ -183,10 +183,11 @@ def exchange(
 
 
 def rate_limited_backfill(p: FaultPipeline) -> None:
-    """REST limited to 12 weight per 3 s (three aggTrades pages), then every connection dropped: ingest must
-    backfill what it missed through 429s and their Retry-After; the limit is lifted 8 s later."""
+    """REST limited to 4 weight per 3 s (one aggTrades page), then every connection dropped: after a reconnect
+    ingest asks REST for every symbol's missed trades (three symbols: three requests at once), so it must get
+    through 429s and their Retry-After; the limit is lifted 8 s later."""
     before = p.metrics_of("ingest").get("rest_rate_limited", 0)
-    p.exchange_fault("rate_limit", {"weight_limit": 12, "window_s": 3.0})
+    p.exchange_fault("rate_limit", {"weight_limit": 4, "window_s": 3.0})
     p.exchange_fault("drop_connections")
     time.sleep(8)
     p.exchange_fault("rate_limit", {"weight_limit": None})
