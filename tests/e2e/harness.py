@@ -243,6 +243,10 @@ class FaultPipeline(LocalPipeline):
     def metrics_of(self, name: str) -> dict[str, Any]:
         return self._read(name) or {}
 
+    def engine_pids(self) -> list[int]:
+        """The writers' embedded ClickHouse processes (``python -m services.shared.embedded``, their children)."""
+        return child_pids(self.process("writers").pid, b"services.shared.embedded")
+
     # -- the replay exchange's fault API
 
     def exchange_fault(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -255,6 +259,25 @@ class FaultPipeline(LocalPipeline):
             result: dict[str, Any] = json.loads(response.read())
         assert result.get("ok"), f"the exchange refused {action}: {result}"
         return result
+
+
+def child_pids(parent: int, marker: bytes) -> list[int]:
+    """The children of ``parent`` whose command line has an argument equal to ``marker``."""
+    pids = []
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        try:
+            pids += [int(pid) for pid in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    found = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in argv:
+            found.append(pid)
+    return found
 
 
 def run_faulted(

@@ -120,26 +120,6 @@ def test_gateway_killed_does_not_touch_storage(state: Path, tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------------------ ClickHouse down
 
 
-def engine_pids(p: FaultPipeline) -> list[int]:
-    """The writers' embedded ClickHouse processes (``python -m services.shared.embedded``, their children)."""
-    parent = p.process("writers").pid
-    pids = []
-    for task in Path(f"/proc/{parent}/task").iterdir():
-        try:
-            pids += [int(pid) for pid in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    found = []
-    for pid in pids:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"services.shared.embedded" in argv:
-            found.append(pid)
-    return found
-
-
 def clickhouse_down(seconds: float) -> Callable[[FaultPipeline], None]:
     """Kill the writers' embedded engine, and every engine they start again, for ``seconds``: ClickHouse is
     unreachable that long (each insert fails), then comes back with the same directory."""
@@ -148,7 +128,7 @@ def clickhouse_down(seconds: float) -> Callable[[FaultPipeline], None]:
         deadline = time.monotonic() + seconds
         killed = 0
         while True:
-            for pid in engine_pids(p):
+            for pid in p.engine_pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     killed += 1
