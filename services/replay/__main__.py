@@ -5,6 +5,9 @@ Generated market::
     python -m services.replay --port 9443 --symbols BTCUSDT,ETHUSDT --speed 60 --seed 1 \\
         --start 2026-01-01T00:00:00Z --duration 15m
 
+With ``--zipf 1`` the symbols trade at Zipf rates by their position in ``--symbols`` (a whole exchange's
+shape: the first trades ``--zipf-top`` orders a second, the k-th 1/k as often).
+
 Recorded files (data.binance.vision aggTrades CSV; ``--file PATH:SYMBOL`` may repeat; a bare path takes the
 symbol from ``--symbol`` or from the file name's first dash-separated part)::
 
@@ -53,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=1)
     gen.add_argument("--start", default="2026-01-01T00:00:00Z", help="ISO 8601 UTC or epoch ms")
     gen.add_argument("--duration", default="15m", help="like 90s, 15m, 2h, 1d")
+    gen.add_argument(
+        "--zipf",
+        type=float,
+        default=None,
+        metavar="S",
+        help="Zipf activity: the k-th symbol trades 1/k**S as often as the first (default: each symbol's profile)",
+    )
+    gen.add_argument(
+        "--zipf-top", type=float, default=20.0, metavar="RATE", help="with --zipf: the first symbol's orders per second"
+    )
     rec = p.add_argument_group("recorded files")
     rec.add_argument("--file", action="append", default=[], metavar="PATH[:SYMBOL]")
     rec.add_argument("--symbol", help="symbol of a single --file given without :SYMBOL")
@@ -93,6 +106,8 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Replay
                 seed=args.seed,
                 start_ms=parse_utc_ms(args.start),
                 duration_ms=parse_duration_ms(args.duration),
+                zipf=args.zipf,
+                zipf_top_orders_per_s=args.zipf_top,
             )
         return ReplayConfig(
             feed=feed,

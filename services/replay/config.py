@@ -60,6 +60,11 @@ class GeneratorFeed(_Frozen):
     seed: int = 1
     start_ms: int = Field(default=1_767_225_600_000, ge=0)  # 2026-01-01T00:00:00Z
     duration_ms: int = Field(default=15 * 60_000, gt=0)
+    #: Zipf activity (:class:`~services.replay.generator.ZipfActivity`): the k-th symbol trades ``1/k**zipf`` as
+    #: often as the first, which trades ``zipf_top_orders_per_s`` taker orders a second; None: each symbol's
+    #: own profile (majors like Binance, other names from their hash).
+    zipf: float | None = Field(default=None, gt=0)
+    zipf_top_orders_per_s: float = Field(default=20.0, gt=0)
 
     @field_validator("symbols")
     @classmethod

@@ -13,6 +13,11 @@ Per symbol, independently (so adding a symbol never changes another one's trades
   lot size; both are exact decimal strings (spot: 8 decimals like Binance spot, USD-M: the tick's decimals);
 * ``a`` is contiguous; each aggTrade covers 1..n raw trades and ``f``/``l`` are contiguous across aggTrades.
 
+A market of many symbols can instead be given **Zipf activity** (:class:`ZipfActivity`, what a whole exchange looks
+like: a few symbols carry most trades, a long tail trades now and then): the symbol at rank ``k`` of the list
+(the first is rank 1) trades ``1 / k**exponent`` as often as the first. Only the rate changes; everything else
+is drawn exactly as above, so without the option every trade is the same as before.
+
 Everything here is pure: no clock, no I/O.
 """
 
@@ -88,6 +93,27 @@ def profile_for(symbol: str) -> SymbolProfile:
     notional = Decimal(rng.choice((50, 200, 1000)))
     qty = max(lot, (notional / price).quantize(lot))
     return SymbolProfile(symbol, base, quote, price.quantize(tick), tick, lot, rng.uniform(1.0, 6.0), qty)
+
+
+@dataclass(frozen=True)
+class ZipfActivity:
+    """Taker orders per second (in a normal minute) by rank: ``top_orders_per_s / k**exponent`` at rank ``k``.
+
+    With 2,000 symbols and the defaults the first symbol trades like BTCUSDT (about 20 orders/s), the 100th
+    once every 5 s and the last about once every 100 s (so some of its minutes are empty); the whole market
+    is about 160 orders (about 190 aggTrades) per market second.
+    """
+
+    exponent: float = 1.0
+    top_orders_per_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not self.exponent > 0 or not self.top_orders_per_s > 0:
+            raise ValueError(f"Zipf exponent and top rate must be > 0, got {self.exponent}, {self.top_orders_per_s}")
+
+    def orders_per_s(self, rank: int) -> float:
+        """The rate of the symbol at ``rank`` (1 = the most active)."""
+        return self.top_orders_per_s / rank**self.exponent
 
 
 def _decimals(step: Decimal) -> int:
@@ -167,13 +193,24 @@ class _TradeMaker:
             self.fill(t_ms, self.price_ticks, lots, taker_sells)
 
 
-def generate_trades(symbol: str, *, seed: int, start_ms: int, end_ms: int, venue: str = "spot") -> list[AggTrade]:
-    """All aggTrades of ``symbol`` with ``start_ms <= T < end_ms``, ordered by ``a`` (and so by ``T``)."""
+def generate_trades(
+    symbol: str,
+    *,
+    seed: int,
+    start_ms: int,
+    end_ms: int,
+    venue: str = "spot",
+    orders_per_s: float | None = None,
+) -> list[AggTrade]:
+    """All aggTrades of ``symbol`` with ``start_ms <= T < end_ms``, ordered by ``a`` (and so by ``T``).
+
+    ``orders_per_s`` replaces the profile's taker orders per second in a normal minute (a Zipf rank's rate).
+    """
     if end_ms <= start_ms:
         return []
     rng = random.Random(f"{seed}:{symbol}")
     maker = _TradeMaker(symbol, rng, venue)
-    profile = maker.profile
+    base_rate = maker.profile.orders_per_s if orders_per_s is None else orders_per_s
     forced_quiet = rng.randrange(10)  # one whole quiet minute in every ten, at a per-symbol position
     minute = start_ms - start_ms % MINUTE_MS
     while minute < end_ms:
@@ -186,7 +223,7 @@ def generate_trades(symbol: str, *, seed: int, start_ms: int, end_ms: int, venue
         minute += MINUTE_MS
         if multiplier == 0.0:
             continue
-        rate_per_ms = profile.orders_per_s * multiplier / 1000.0
+        rate_per_ms = base_rate * multiplier / 1000.0
         expected_orders = max(1.0, rate_per_ms * MINUTE_MS)
         # ~0.04% price move per minute whatever the activity: spread it over the expected orders.
         sigma = max(0.3, maker.price_ticks * 0.0004 / math.sqrt(expected_orders))
@@ -269,7 +306,20 @@ def generate_sparse_trades(
 
 
 def generate_market(
-    symbols: tuple[str, ...] | list[str], *, seed: int, start_ms: int, end_ms: int, venue: str = "spot"
+    symbols: tuple[str, ...] | list[str],
+    *,
+    seed: int,
+    start_ms: int,
+    end_ms: int,
+    venue: str = "spot",
+    zipf: ZipfActivity | None = None,
 ) -> dict[str, list[AggTrade]]:
-    """:func:`generate_trades` for each symbol."""
-    return {s: generate_trades(s, seed=seed, start_ms=start_ms, end_ms=end_ms, venue=venue) for s in symbols}
+    """:func:`generate_trades` for each symbol; with ``zipf``, each at the rate of its rank in ``symbols``."""
+    if zipf is None:
+        return {s: generate_trades(s, seed=seed, start_ms=start_ms, end_ms=end_ms, venue=venue) for s in symbols}
+    return {
+        s: generate_trades(
+            s, seed=seed, start_ms=start_ms, end_ms=end_ms, venue=venue, orders_per_s=zipf.orders_per_s(rank)
+        )
+        for rank, s in enumerate(symbols, start=1)
+    }

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from services.core.models import AggTrade
 from services.core.reference import read_aggtrades_csv
 from services.replay.config import FileFeed, GeneratorFeed, ReplayConfig, Venue
-from services.replay.generator import generate_market, split_symbol
+from services.replay.generator import ZipfActivity, generate_market, split_symbol
 
 
 def event_time(trade: AggTrade) -> int:
@@ -164,8 +164,9 @@ def load_tape(config: ReplayConfig) -> MarketTape:
     feed = config.feed
     if isinstance(feed, GeneratorFeed):
         end_ms = feed.start_ms + feed.duration_ms
+        zipf = None if feed.zipf is None else ZipfActivity(feed.zipf, feed.zipf_top_orders_per_s)
         trades = generate_market(
-            feed.symbols, seed=feed.seed, start_ms=feed.start_ms, end_ms=end_ms, venue=config.venue
+            feed.symbols, seed=feed.seed, start_ms=feed.start_ms, end_ms=end_ms, venue=config.venue, zipf=zipf
         )
         # The generated window ends at its last millisecond: market time stops there.
         return MarketTape(trades, venue=config.venue, start_ms=feed.start_ms, end_ms=end_ms - 1)
