@@ -157,6 +157,13 @@ class RunOptions:
     keep_broker: bool = False
     fresh: bool | None = None  # None: fresh for a replay run, continuing for a live one
     drain_stall_s: float = 60.0
+    #: Zipf activity of a generated market (the k-th symbol trades 1/k**zipf as often as the first, which
+    #: trades ``zipf_top`` taker orders a second); None: each symbol's own profile.
+    zipf: float | None = None
+    zipf_top: float = 20.0
+    #: How long the replay exchange may take to answer. It generates (or reads) the whole market before it
+    #: answers: a few seconds for a few symbols, about 20-30 s per million trades on a busy 2-core machine.
+    replay_start_timeout_s: float = 600.0
 
 
 @dataclass
@@ -513,16 +520,14 @@ class LocalPipeline:
         else:
             argv += ["--symbols", ",".join(symbols), "--seed", str(o.seed), "--start", o.start]
             argv += ["--duration", o.market_duration]
+            if o.zipf is not None:
+                argv += ["--zipf", str(o.zipf), "--zipf-top", str(o.zipf_top)]
         self.replay = Service("replay exchange", argv, None, self.logs / "replay.log")
         self.replay.start(self.env)
         base = f"127.0.0.1:{o.replay_port}"
         self.rest_url = f"http://{base}"
-        deadline = time.monotonic() + 30
-        while not self._replay_status():
-            if not self.replay.alive or time.monotonic() > deadline:
-                raise RuntimeError(f"the replay exchange did not start:\n{self.replay.tail()}")
-            time.sleep(0.2)
-        feed = ", ".join(Path(f).name for f in o.files) if o.files else f"generated {','.join(symbols)}"
+        self._wait_replay(o.replay_start_timeout_s)
+        feed = ", ".join(Path(f).name for f in o.files) if o.files else f"generated {_listed(symbols)}"
         self.say(f"market: local replay exchange on {base} ({why}; {feed}; {venue}; speed ×{o.speed:g})")
         self.env.update(
             KLINES_MARKET__WS_URL=f"ws://{base}",
@@ -533,6 +538,27 @@ class LocalPipeline:
         if o.files:
             status = self._replay_status() or {}
             self.env["KLINES_MARKET__SYMBOLS"] = json.dumps(sorted(status.get("symbols", {})))
+
+    def _wait_replay(self, timeout_s: float) -> None:
+        """Wait until the exchange answers: it generates (or reads) the whole market first, which takes time in
+        proportion to the trades (a large generated market takes minutes), so the wait lasts as long as the
+        process is alive, up to ``timeout_s``, and says every 10 s that it is still waiting."""
+        assert self.replay is not None
+        started = time.monotonic()
+        said = started
+        while not self._replay_status():
+            now = time.monotonic()
+            if not self.replay.alive:
+                raise RuntimeError(f"the replay exchange exited during its start:\n{self.replay.tail()}")
+            if now - started > timeout_s:
+                raise RuntimeError(
+                    f"the replay exchange did not answer within {timeout_s:.0f} s (a market that large takes "
+                    f"longer to generate: raise RunOptions.replay_start_timeout_s):\n{self.replay.tail()}"
+                )
+            if now - said >= 10:
+                said = now
+                self.say(f"waiting for the replay exchange: it generates the market first ({now - started:.0f} s)")
+            time.sleep(0.2)
 
     def _replay_status(self) -> dict[str, Any] | None:
         try:
@@ -985,6 +1011,13 @@ async def _topic_names(settings: Settings) -> list[str]:
         await admin.close()
 
 
+def _listed(symbols: list[str], shown: int = 10) -> str:
+    """The symbols, comma-separated; beyond ``shown`` only the first ones and how many more."""
+    if len(symbols) <= shown:
+        return ",".join(symbols)
+    return f"{','.join(symbols[:shown])} and {len(symbols) - shown:,} more"
+
+
 def _short(value: Any) -> str:
     text = format(value, "f").rstrip("0").rstrip(".") if hasattr(value, "as_tuple") else str(value)
     return text or "0"
@@ -1046,6 +1079,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--market-duration", default="2h", help="replay: generated market length (e.g. 30m, 2h)")
     p.add_argument("--start", default="2026-01-01T00:00:00Z", help="replay: generated market start (UTC)")
     p.add_argument("--seed", type=int, default=1, help="replay: generator seed")
+    p.add_argument(
+        "--zipf",
+        type=float,
+        default=None,
+        metavar="S",
+        help="replay: Zipf activity, the k-th symbol trades 1/k**S as often as the first (default: own profiles)",
+    )
     p.add_argument("--file", action="append", default=[], metavar="PATH[:SYMBOL]", help="replay recorded files")
     p.add_argument("--symbols", help="comma-separated symbols (default: market.symbols)")
     p.add_argument("--intervals", help="comma-separated intervals (default: market.intervals)")
@@ -1080,6 +1120,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         market_duration=args.market_duration,
         start=args.start,
         seed=args.seed,
+        zipf=args.zipf,
         files=args.file,
         symbols=[s.strip().upper() for s in args.symbols.split(",")] if args.symbols else [],
         intervals=[i.strip() for i in args.intervals.split(",")] if args.intervals else [],

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from services.runner import LocalPipeline, RunOptions, RunSummary, Service, apply_env, fresh_namespace
 from services.shared.settings import Settings
@@ -150,3 +153,46 @@ def test_verify_asks_the_futures_paths_for_usdm_and_fails_in_one_line() -> None:
         http_json("http://127.0.0.1:1/fapi/v1/time")
     with pytest.raises(VerifyError, match="did not answer a list of klines"):
         exchange_klines("http://x", "usdm", "TRXUSDT", "1m", 0, 1, lambda _url: {"code": -1121, "msg": "Invalid"})
+
+
+def test_a_generated_market_with_zipf_activity_reaches_the_exchange(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    symbols = ["BTCUSDT", *(f"X{k:03d}USDT" for k in range(1999))]
+    out = io.StringIO()
+    pipeline = LocalPipeline(Settings(), RunOptions(offline=True, symbols=symbols, zipf=1.2), out)
+    pipeline.mode, pipeline.logs = "replay", tmp_path
+    started: list[list[str]] = []
+    monkeypatch.setattr(Service, "start", lambda self, env: started.append(self.argv))
+    monkeypatch.setattr(LocalPipeline, "_wait_replay", lambda self, timeout_s: None)
+    pipeline._start_market()
+    argv = started[0]
+    assert argv[argv.index("--zipf") + 1] == "1.2" and argv[argv.index("--zipf-top") + 1] == "20.0"
+    assert argv[argv.index("--symbols") + 1] == ",".join(symbols)
+    assert "generated BTCUSDT,X000USDT," in out.getvalue() and "and 1,990 more" in out.getvalue()
+    started.clear()
+    plain = LocalPipeline(Settings(), RunOptions(offline=True, symbols=["BTCUSDT"]), out)
+    plain.mode, plain.logs = "replay", tmp_path
+    plain._start_market()
+    assert "--zipf" not in started[0]  # without the option the exchange generates what it always did
+
+
+def _replay(tmp_path: Path, argv: list[str]) -> LocalPipeline:
+    pipeline = LocalPipeline(Settings(), RunOptions(offline=True, replay_port=free_port()), io.StringIO())
+    pipeline.replay = Service("replay exchange", argv, None, tmp_path / "replay.log")
+    pipeline.replay.start({})
+    return pipeline
+
+
+def test_the_run_waits_for_a_slow_exchange_while_it_lives_and_gives_up_at_the_timeout(tmp_path: Path) -> None:
+    # A large generated market takes minutes before the exchange answers; a fixed wait failed such runs.
+    pipeline = _replay(tmp_path, [sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(RuntimeError, match="did not answer within 1 s"):
+            pipeline._wait_replay(1.0)
+    finally:
+        assert pipeline.replay is not None
+        pipeline.replay.stop(2)
+    gone = _replay(tmp_path, [sys.executable, "-c", "print('no market here')"])
+    with pytest.raises(RuntimeError, match=r"exited during its start[\s\S]*no market here"):
+        gone._wait_replay(30.0)
