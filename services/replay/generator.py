@@ -113,7 +113,7 @@ class ZipfActivity:
 
     def orders_per_s(self, rank: int) -> float:
         """The rate of the symbol at ``rank`` (1 = the most active)."""
-        return self.top_orders_per_s / rank**self.exponent
+        return self.top_orders_per_s / math.pow(rank, self.exponent)
 
 
 def _decimals(step: Decimal) -> int:
