@@ -1,47 +1,64 @@
 """A fast path for :func:`services.shared.messages.decode_trades_value`, with exactly its verdicts.
 
-The ``trades`` contract is :mod:`services.shared.messages`; this module only makes reading its commonest kind,
-the per-symbol batch ingest writes, cheaper, and hands it on as columns (:data:`~services.core.book.TradeColumns`)
-so that no object is built per trade (:meth:`KlineBook.apply_columns
+The ``trades`` contract is :mod:`services.shared.messages`; this module only makes reading its common kinds
+cheaper — ingest's per-symbol batch, and Binance's own aggTrade payload, bare or in the combined-stream
+envelope, one trade per record — and hands them on as columns (:data:`~services.core.book.TradeColumns`) so
+that no object is built per trade (:meth:`KlineBook.apply_columns
 <services.core.book.KlineBook.apply_columns>`).
 
-1. msgspec parses the record into typed structs in C: ``type``, ``s`` and a list of trades with exactly the
-   fields ``a p q f l T m``. The structs forbid any other field (the contract checks some extra ones, such as
-   ``E``, ``M`` or ``s``), and their types and bounds are the contract's: ``a f l`` integers in ``0..2**63-1``,
-   ``T`` an integer in the contract's time range, ``m`` a boolean, ``p q`` strings. Like :func:`json.loads`
-   it takes the last of duplicate keys and refuses what is not strict JSON.
-2. What a struct cannot say is checked column-wise, with the contract's own rules: ``type`` is ``trades``,
-   the symbol is the record's key (capital letters and digits), the list is not empty (:meth:`TradesDecoder.items`),
-   ``f <= l`` (:meth:`TradesDecoder.columns_of`), and every price and quantity is a plain decimal
-   (``[0-9]{1,24}(.[0-9]{1,18})?``) greater than zero (:meth:`TradesDecoder.checked`). The engine checks a
-   symbol's consecutive records as one run and leaves the decimals of a run to :meth:`KlineBook.extend
-   <services.core.book.KlineBook.extend>`, which applies the same rule while it converts them.
+1. The layout is told by the record's first bytes (``{"type":"trades"``, ``{"e":"aggTrade"``, ``{"stream":``);
+   a record that starts otherwise is tried against each layout in turn. msgspec parses the record into typed
+   structs in C; every trade becomes a :class:`TradeFields` with ``a p q f l T m``, whose types and bounds are
+   the contract's: ``a f l`` integers in ``0..2**63-1``, ``T`` an integer in the contract's time range, ``m`` a
+   boolean, ``p q`` strings. Like :func:`json.loads` it takes the last of duplicate keys and refuses what is
+   not strict JSON.
 
-Anything else — a gap event, a raw aggTrade, extra fields, and every record that fails a check — goes through
-the contract's own decoder, which either accepts it or raises :class:`~services.core.models.InvalidInput` with
-the reason. So the fast path can only accept what the contract accepts, with the same values, and every
-rejection carries the contract's reason (a property test holds the two together).
+   * a batch (:class:`Trade`): ``type``, ``s`` and a list of trades with exactly those fields; the structs
+     forbid any other field (the contract checks some extra ones, such as ``E``, ``M`` or ``s``);
+   * a bare payload (:class:`Payload`): the contract ignores unknown fields, so the struct skips them too; as
+     msgspec does not check the UTF-8 of what it skips, only an ASCII record takes this way. ``E`` (an
+     integer) and ``M`` (a boolean) are checked when present, as the contract does, and a ``type`` field sends
+     the record to the contract (``type`` decides the kind before ``e`` does);
+   * an envelope (``stream``, ``data``: a :class:`Payload`; no top-level ``type`` or ``e``, which would make it
+     another kind), ASCII only, likewise.
+2. What a struct cannot say is checked with the contract's own rules: the record's key is the symbol (capital
+   letters and digits) and is the batch's ``s``, the payload's ``s``, or the envelope stream's symbol (which
+   ``data.s``, when present, repeats exactly); ``type`` is ``trades``, ``e`` is ``aggTrade``, the stream is
+   ``<symbol>@aggTrade``; the list is not empty (:meth:`TradesDecoder.items`), ``f <= l``
+   (:meth:`TradesDecoder.columns_of`), and every price and quantity is a plain decimal
+   (``[0-9]{1,24}(.[0-9]{1,18})?``) greater than zero (:meth:`TradesDecoder.checked`). The engine checks a
+   symbol's consecutive records — batches and payloads alike — as one run and leaves the decimals of a run to
+   :meth:`KlineBook.extend <services.core.book.KlineBook.extend>`, which applies the same rule while it
+   converts them.
+
+Anything else — a gap event, a payload whose symbol is not its key, a lower-case symbol, extra top-level
+fields of a batch, a record that is not ASCII where that matters, and every record that fails a check — goes
+through the contract's own decoder, which either accepts it or raises :class:`~services.core.models.InvalidInput`
+with the reason. So the fast path can only accept what the contract accepts, with the same values, and every
+rejection carries the contract's reason (a property test holds the two together, for every layout).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from itertools import repeat
 from operator import le
 from typing import Annotated, Final
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from services.core.book import TradeColumns
 from services.core.models import MAX_DECIMALS, MAX_ID, MAX_INTEGER_DIGITS, MAX_TIME_MS, MIN_TIME_MS, AggTrade
-from services.shared.messages import Gap, TradeBatch, decode_trades_value
+from services.shared.messages import AGG_TRADE_STREAM, Gap, TradeBatch, decode_trades_value
 
 _Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
 _Time = Annotated[int, msgspec.Meta(ge=MIN_TIME_MS, le=MAX_TIME_MS)]
 
 
-class Trade(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """One trade of a batch as parsed (step 1): types and bounds checked, the rest not yet."""
+class TradeFields(msgspec.Struct, gc=False):
+    """One trade as parsed (step 1), whatever the layout: types and bounds checked, the rest not yet."""
 
     a: _Id
     p: str
@@ -52,21 +69,48 @@ class Trade(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     m: bool
 
 
+class Trade(TradeFields, forbid_unknown_fields=True, gc=False):
+    """One trade of a batch: exactly ``a p q f l T m``."""
+
+
+class Payload(TradeFields, gc=False):
+    """A Binance aggTrade payload (bare, or an envelope's ``data``); unknown fields skipped, as the contract does."""
+
+    e: str | UnsetType = UNSET
+    s: str | UnsetType = UNSET
+    E: int | UnsetType = UNSET
+    M: bool | UnsetType = UNSET
+
+
+class _Bare(Payload, gc=False):
+    type: UnsetType = UNSET  # present: the contract reads ``type`` first, so let it decide
+
+
 class _Batch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     type: str
     s: str
     trades: list[Trade]
 
 
-_DECODE: Final = msgspec.json.Decoder(_Batch).decode
+class _Envelope(msgspec.Struct, gc=False):
+    stream: str
+    data: Payload
+    type: UnsetType = UNSET  # either present: the record is another kind for the contract
+    e: UnsetType = UNSET
+
+
+_BATCH: Final = msgspec.json.Decoder(_Batch).decode
+_BARE: Final = msgspec.json.Decoder(_Bare).decode
+_ENVELOPE: Final = msgspec.json.Decoder(_Envelope).decode
 _SYMBOL: Final = re.compile(r"[A-Z0-9]{1,40}")
 _ONE: Final = rf"[0-9]{{1,{MAX_INTEGER_DIGITS}}}(?:\.[0-9]{{1,{MAX_DECIMALS}}})?"
 #: Plain decimals (services.core.models._PLAIN_DECIMAL) joined by commas.
 _DECIMALS: Final = re.compile(rf"{_ONE}(?:,{_ONE})*")
+_STREAM_SUFFIX: Final = "@" + AGG_TRADE_STREAM
 
 
 class TradesDecoder:
-    """Decode ``trades`` records: the fast path for ingest's batches, the contract's decoder for the rest."""
+    """Decode ``trades`` records: the fast path for the common layouts, the contract's decoder for the rest."""
 
     def __init__(self) -> None:
         self.fast = 0
@@ -88,33 +132,77 @@ class TradesDecoder:
         return decode_trades_value(raw, key)
 
     def columns(self, raw: bytes | None, symbol: str) -> TradeColumns | None:
-        """The trades of a per-symbol batch for ``symbol`` (its key) as columns, or None: use :meth:`decode`.
+        """The trades of a record keyed ``symbol`` as columns, or None: use :meth:`decode`.
 
         ``None`` says nothing about validity. The same as :meth:`checked` of :meth:`items`.
         """
         items = self.items(raw, symbol)
         return None if items is None else self.checked(items)
 
-    def items(self, raw: bytes | None, symbol: str) -> list[Trade] | None:
-        """Step 1: the record parsed, if it is a non-empty batch of ``symbol`` (its key), else None.
+    def items(self, raw: bytes | None, symbol: str) -> Sequence[TradeFields] | None:
+        """Step 1: the record's trades as parsed, if it is one of the fast layouts for ``symbol`` (its key).
 
         The engine's hot path: it joins the items of consecutive records of one symbol and runs
         :meth:`checked` once on them all.
         """
         if raw is None:
             return None
-        try:
-            batch = _DECODE(raw)
-        except msgspec.DecodeError:
-            return None
-        items = batch.trades
-        if batch.type != "trades" or batch.s != symbol or not items or not self._known(symbol):
+        head = raw[:16]
+        items: Sequence[TradeFields] | None
+        if head == b'{"type":"trades"':
+            items = self._batch(raw, symbol)
+        elif head == b'{"e":"aggTrade",':
+            items = self._bare(raw, symbol)
+        elif head[:10] == b'{"stream":':
+            items = self._envelope(raw, symbol)
+        else:  # another key order, spaces: try each layout
+            items = self._batch(raw, symbol) or self._bare(raw, symbol) or self._envelope(raw, symbol)
+        if items is None or not self._known(symbol):
             return None
         self.fast += 1
         return items
 
     @staticmethod
-    def columns_of(items: list[Trade]) -> TradeColumns | None:
+    def _batch(raw: bytes, symbol: str) -> list[Trade] | None:
+        try:
+            batch = _BATCH(raw)
+        except msgspec.DecodeError:
+            return None
+        items = batch.trades
+        return items if batch.type == "trades" and batch.s == symbol and items else None
+
+    @staticmethod
+    def _bare(raw: bytes, symbol: str) -> list[Payload] | None:
+        if not raw.isascii():  # msgspec does not check the UTF-8 of the fields it skips
+            return None
+        try:
+            payload = _BARE(raw)
+        except msgspec.DecodeError:
+            return None
+        return [payload] if payload.e == "aggTrade" and payload.s == symbol else None
+
+    @staticmethod
+    def _envelope(raw: bytes, symbol: str) -> list[Payload] | None:
+        if not raw.isascii():
+            return None
+        try:
+            envelope = _ENVELOPE(raw)
+        except msgspec.DecodeError:
+            return None
+        name, suffix = envelope.stream[: -len(_STREAM_SUFFIX)], envelope.stream[-len(_STREAM_SUFFIX) :]
+        payload = envelope.data
+        if (
+            suffix != _STREAM_SUFFIX
+            or name.upper() != symbol
+            or not (name.isascii() and name.isalnum())
+            or (payload.s is not UNSET and payload.s != symbol)
+            or (payload.e is not UNSET and payload.e != "aggTrade")
+        ):
+            return None
+        return [payload]
+
+    @staticmethod
+    def columns_of(items: Sequence[TradeFields]) -> TradeColumns | None:
         """``items`` as columns if ``f <= l`` for every trade, else None; prices and quantities unchecked.
 
         For :meth:`KlineBook.extend <services.core.book.KlineBook.extend>`, which folds a batch only if every
@@ -131,7 +219,7 @@ class TradesDecoder:
         )  # fmt: skip
 
     @classmethod
-    def checked(cls, items: list[Trade]) -> TradeColumns | None:
+    def checked(cls, items: Sequence[TradeFields]) -> TradeColumns | None:
         """Step 2: ``items`` (of one or more records) as columns if every trade passes the checks, else None.
 
         The checks are per trade, so a list of several records passes exactly when each record would.

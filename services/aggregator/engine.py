@@ -104,7 +104,7 @@ from services.aggregator.checkpointer import (
     wait_quietly,
 )
 from services.aggregator.clock import Clock
-from services.aggregator.decode import Trade, TradesDecoder
+from services.aggregator.decode import TradeFields, TradesDecoder
 from services.aggregator.output import Output
 from services.aggregator.state import PartitionState, Phase, Stats
 from services.core.book import KlineBook, KlineBooks, TradeColumns
@@ -366,15 +366,17 @@ class Aggregator:
     def _apply_partition(self, part: PartitionState, batch: Sequence[ConsumerRecord[Any, Any]]) -> None:
         """The hot loop: one partition's records, in offset order.
 
-        A symbol's consecutive batch records (ingest's layout) are parsed one by one but checked and folded as
-        one run: :meth:`_apply_run`. Any other record first applies its symbol's run so far, then itself
-        (:meth:`_apply_record`). Books are independent, so only the order within a symbol matters.
+        A symbol's consecutive records of the decoder's fast layouts (ingest's batches, and Binance's own
+        aggTrade payloads, bare or in the combined-stream envelope, one trade per record) are parsed one by one
+        but checked and folded as one run of columns: :meth:`_apply_run`. So a symbol's raw payloads cost the
+        book what one batch of the same trades costs. Any other record first applies its symbol's run so far,
+        then itself (:meth:`_apply_record`). Books are independent, so only the order within a symbol matters.
         """
         items_of = self._decoder.items
         books = part.books
         next_offsets = part.next_offsets
         skip_below = next_offsets.get
-        runs: dict[str, tuple[list[ConsumerRecord[Any, Any]], list[list[Trade]]]] = {}
+        runs: dict[str, tuple[list[ConsumerRecord[Any, Any]], list[Sequence[TradeFields]]]] = {}
         touched: dict[str, KlineBook] = {}
         last_offset: dict[str, int] = {}
         replayed = 0
@@ -402,7 +404,7 @@ class Aggregator:
                     run[0].append(record)
                     run[1].append(items)
                 continue
-            # Not ingest's batch layout: the contract decides (and gives the reason).
+            # Not a fast layout (or not for this key): the contract decides (and gives the reason).
             try:
                 decoded = self._decoder.decode(record.value, key)
             except InvalidInput as exc:
@@ -427,9 +429,11 @@ class Aggregator:
             if closed:
                 self._out.finalize(part, symbol, closed)
 
-    def _apply_run(self, book: KlineBook, records: list[ConsumerRecord[Any, Any]], parts: list[list[Trade]]) -> None:
-        """One symbol's consecutive batch records: checked and folded at once when they simply continue its
-        stream (nearly always), else record by record."""
+    def _apply_run(
+        self, book: KlineBook, records: list[ConsumerRecord[Any, Any]], parts: list[Sequence[TradeFields]]
+    ) -> None:
+        """One symbol's consecutive records of the fast layouts (batches, Binance payloads, in any mix):
+        checked and folded at once when they simply continue its stream (nearly always), else record by record."""
         checked = self._decoder.checked
         # Prices and quantities are checked by extend() itself (it refuses a text the contract would refuse).
         columns = self._decoder.columns_of(parts[0] if len(parts) == 1 else list(chain.from_iterable(parts)))

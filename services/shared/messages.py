@@ -8,8 +8,12 @@
        "trades": [{"a": 26129, "p": "0.01633102", "q": "4.70443515", "f": 27781, "l": 27781,
                    "T": 1498793709153, "m": true}, ...]}
 
-* a single Binance aggTrade payload exactly as the WebSocket sends it (``{"e": "aggTrade", ...}``), accepted so
-  that anyone can inject a trade by hand;
+* a single Binance aggTrade payload exactly as the WebSocket sends it: bare (``{"e": "aggTrade", ...}``, a raw
+  ``/ws`` stream) or in the combined-stream envelope (``{"stream": "btcusdt@aggTrade", "data": {"e": "aggTrade",
+  ...}}``; the stream's symbol and ``data.s`` must agree), accepted so that anyone can pipe Binance's own frames
+  into the topic or inject a trade by hand. Its symbol is the payload's (or the stream's), upper-cased; the
+  record's key is not compared (the aggregator applies a record to its key's book, which refuses another
+  symbol's trade with a reason);
 * an explicit gap that backfill could not repair: ``{"type": "gap", "s": "BTCUSDT", "from_a": 10, "to_a": 19,
   "reason": "..."}`` (ids ``from_a..to_a`` inclusive will never arrive).
 
@@ -116,7 +120,34 @@ def decode_trades_value(raw: bytes | None, key: bytes | None = None) -> TradeBat
     if obj.get("e") == "aggTrade":
         trade = parse_agg_trade(obj)
         return TradeBatch(trade.s, [trade])
-    raise InvalidInput(f"unknown record type {kind!r}: expected 'trades', 'gap' or an aggTrade payload")
+    if "stream" in obj or "data" in obj:
+        trade = _enveloped_trade(obj)
+        return TradeBatch(trade.s, [trade])
+    raise InvalidInput(
+        f"unknown record type {kind!r}: expected 'trades', 'gap', an aggTrade payload or a combined-stream envelope"
+    )
+
+
+#: The stream type of an envelope's ``stream`` (``<symbol>@aggTrade``).
+AGG_TRADE_STREAM = "aggTrade"
+
+
+def _enveloped_trade(obj: dict[str, Any]) -> AggTrade:
+    """The aggTrade in a combined-stream envelope ``{"stream": "<symbol>@aggTrade", "data": {...}}``."""
+    stream, data = obj.get("stream"), obj.get("data")
+    if not isinstance(stream, str):
+        raise InvalidInput(f"combined-stream envelope: 'stream' must be a string, got {type(stream).__name__}")
+    if not isinstance(data, dict):
+        raise InvalidInput(f"combined-stream envelope: 'data' must be an object, got {type(data).__name__}")
+    name, at, kind = stream.partition("@")
+    if not at or kind != AGG_TRADE_STREAM:
+        raise InvalidInput(f"combined-stream envelope: stream {stream[:60]!r} is not an aggTrade stream")
+    if not (name.isascii() and name.isalnum()):
+        raise InvalidInput(f"combined-stream envelope: stream {stream[:60]!r} does not name a symbol")
+    try:
+        return parse_agg_trade(data, name.upper())
+    except InvalidInput as exc:
+        raise InvalidInput(f"data: {exc.reason}") from None
 
 
 def _symbol(obj: dict[str, Any], key: bytes | None) -> str:

@@ -1,4 +1,9 @@
-"""The aggregator's fast ``trades`` decoder gives exactly the contract's verdicts (property test)."""
+"""The aggregator's fast ``trades`` decoder gives exactly the contract's verdicts (property tests).
+
+Every layout the fast path reads is generated valid and then (usually) broken in one way: ingest's batches,
+Binance's bare aggTrade payloads and its combined-stream envelopes. The contract
+(:func:`~services.shared.messages.decode_trades_value`) is the oracle for the verdict, the values and the reason.
+"""
 
 from __future__ import annotations
 
@@ -95,6 +100,82 @@ def records(draw: st.DrawFn) -> tuple[bytes | None, bytes | None]:
     return raw, key
 
 
+STREAM_NAMES = ["btcusdt@aggTrade", "BTCUSDT@aggTrade", "BtcUsdt@aggTrade", "btcusdt@trade", "btcusdt",
+                "ethusdt@aggTrade", "btc usdt@aggTrade", "b\u0131tcusdt@aggTrade", "@aggTrade", "btcusdt@aggTrade@x",
+                "x" * 41 + "@aggTrade", "btc_usdt@aggTrade", 5, None, ["btcusdt@aggTrade"]]  # fmt: skip
+
+
+def binance_layout(symbol: str, item: dict[str, Any]) -> dict[str, Any]:
+    """A payload in the order Binance sends its fields: ``e E s a p q f l T m M``."""
+    return {"e": "aggTrade", "E": item["T"] + 3, "s": symbol, **item, "M": True}
+
+
+@st.composite
+def payload_records(draw: st.DrawFn) -> tuple[bytes | None, bytes | None]:
+    """A Binance aggTrade payload, bare or in a combined-stream envelope, with (usually) one thing wrong."""
+    symbol: Any = "BTCUSDT"
+    key: bytes | None = symbol.encode()
+    payload: dict[str, Any] = binance_layout(symbol, draw(trade_items()))
+    mutation = draw(
+        st.sampled_from(
+            ["none"] * 3 + ["value"] * 3 + ["missing", "extra", "f>l", "symbol", "key", "E", "M", "e", "order"]
+        )
+    )
+    if mutation == "value":
+        name = draw(st.sampled_from(sorted(BAD)))
+        payload[name] = draw(st.sampled_from(BAD[name] + ANY_BAD))
+    elif mutation == "missing":
+        del payload[draw(st.sampled_from(sorted(payload)))]
+    elif mutation == "extra":
+        extra = draw(st.sampled_from(["type", "nq", "x", "stream", "data", "trades", "from_a"]))
+        payload[extra] = draw(st.sampled_from([1, True, "trades", "gap", "é", "\udc80", None, {"e": 1}, [], 1.5e300]))
+    elif mutation == "f>l":
+        payload["l"] = payload["f"] - 1
+    elif mutation == "symbol":
+        payload["s"] = draw(st.sampled_from(["btcusdt", "ETHUSDT", "BTC_USDT", "ÄBC", "ß", "", "X" * 41, 5, None]))
+    elif mutation == "key":
+        key = draw(st.sampled_from([None, b"ETHUSDT", b"btcusdt", b"\xff", b"", b"BTC_USDT"]))
+    elif mutation == "E":
+        payload["E"] = draw(st.sampled_from([1.5, "1", True, None, 2**70, -3, 0]))
+    elif mutation == "M":
+        payload["M"] = draw(st.sampled_from([1, "true", None, False, 0.0]))
+    elif mutation == "e":
+        payload["e"] = draw(st.sampled_from(["trade", "AGGTRADE", "", None, 1, "serverShutdown"]))
+    elif mutation == "order":
+        payload = dict(reversed(list(payload.items())))
+    obj: Any = payload
+    if draw(st.booleans()):  # the combined-stream envelope
+        stream: Any = draw(st.sampled_from(STREAM_NAMES[:1] * 8 + STREAM_NAMES))
+        obj = {"stream": stream, "data": payload}
+        wrapper = draw(st.sampled_from(["none"] * 6 + ["no s", "data", "top", "order", "no stream"]))
+        if wrapper == "no s":
+            payload.pop("s", None)
+        elif wrapper == "data":
+            obj["data"] = draw(st.sampled_from([None, [], "x", 1, [payload]]))
+        elif wrapper == "top":
+            obj[draw(st.sampled_from(["type", "e", "x", "s"]))] = draw(st.sampled_from(["aggTrade", "trades", 1, "é"]))
+        elif wrapper == "order":
+            obj = {"data": payload, "stream": stream}
+        elif wrapper == "no stream":
+            del obj["stream"]
+    style = draw(st.sampled_from(["binance"] * 4 + ["spaces", "unicode", "text"]))
+    if style == "spaces":
+        raw = json.dumps(obj).encode()
+    elif style == "unicode":
+        raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    else:
+        raw = json.dumps(obj, separators=(",", ":")).encode()
+        if style == "text":  # one byte-level edit of Binance's layout
+            at = draw(st.integers(0, len(raw)))
+            edits = [b" ", b"0", b"-", b"e", b".", b",", b"}", b"\n", b"", b'"', b"\\u0031", b"\xc3"]
+            edit = draw(st.sampled_from(edits))
+            raw = raw[:at] + edit + raw[at + draw(st.integers(0, 2)) :]
+    return raw, key
+
+
+any_records = st.one_of(records(), payload_records())
+
+
 def verdict(decode: Any, raw: bytes | None, key: bytes | None) -> TradeBatch | Gap | str:
     try:
         result: TradeBatch | Gap = decode(raw, key)
@@ -103,8 +184,8 @@ def verdict(decode: Any, raw: bytes | None, key: bytes | None) -> TradeBatch | G
     return result
 
 
-@settings(max_examples=500, deadline=None)
-@given(records())
+@settings(max_examples=1500, deadline=None)
+@given(any_records)
 def test_fast_path_agrees_with_the_contract(record: tuple[bytes | None, bytes | None]) -> None:
     raw, key = record
     decoder = TradesDecoder()
@@ -113,6 +194,13 @@ def test_fast_path_agrees_with_the_contract(record: tuple[bytes | None, bytes | 
     canonical = isinstance(expected, TradeBatch) and raw == encode_trade_batch(expected.symbol, expected.trades)
     if canonical and key is not None and expected.symbol.isupper() and expected.symbol.isascii():  # type: ignore[union-attr]
         assert decoder.fast == 1, "ingest's own layout must take the fast path"
+    if isinstance(expected, TradeBatch) and len(expected.trades) == 1 and key == expected.symbol.encode():
+        trade = expected.trades[0]
+        item = {"a": trade.a, "p": trade.p, "q": trade.q, "f": trade.f, "l": trade.l, "T": trade.T, "m": trade.m}
+        payload = json.dumps(binance_layout(trade.s, item), separators=(",", ":"))
+        envelope = f'{{"stream":"{trade.s.lower()}@aggTrade","data":{payload}}}'
+        if raw in (payload.encode(), envelope.encode()):
+            assert decoder.fast == 1, "Binance's own layout must take the fast path"
 
 
 def test_the_ingest_layout_takes_the_fast_path() -> None:
@@ -158,11 +246,12 @@ def test_first_id_after_last_id_is_rejected() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(records(), min_size=1, max_size=4))
+@given(st.lists(any_records, min_size=1, max_size=4))
 def test_a_run_of_records_passes_the_checks_exactly_when_each_record_does(
     run: list[tuple[bytes | None, bytes | None]],
 ) -> None:
-    """The engine checks a symbol's consecutive records at once: the same verdict, the same columns."""
+    """The engine checks a symbol's consecutive records at once (batches and payloads mixed): the same verdict,
+    the same columns."""
     decoder = TradesDecoder()
     parsed = [items for raw, _key in run if (items := decoder.items(raw, "BTCUSDT")) is not None]
     assume(parsed)
@@ -177,8 +266,8 @@ def test_a_run_of_records_passes_the_checks_exactly_when_each_record_does(
         )
 
 
-@settings(max_examples=500, deadline=None)
-@given(records())
+@settings(max_examples=800, deadline=None)
+@given(any_records)
 def test_what_the_book_folds_unchecked_the_contract_accepts(record: tuple[bytes | None, bytes | None]) -> None:
     """The engine hands a run's prices and quantities to KlineBook.extend unchecked: whatever it folds, the
     contract accepts, with the same trades; whatever the contract refuses, it refuses."""
@@ -208,3 +297,29 @@ def columns_of(trades: list[AggTrade]) -> tuple[list[Any], ...]:
         [t.a for t in trades], [t.T for t in trades], [t.p for t in trades], [t.q for t in trades],
         [t.f for t in trades], [t.l for t in trades], [t.m for t in trades],
     )  # fmt: skip
+
+
+def test_binance_payloads_bare_and_enveloped_are_trades_of_the_contract() -> None:
+    trade = AggTrade("BTCUSDT", 26129, "0.01633102", "4.70443515", 27781, 27781, T0, True)
+    item = {"a": 26129, "p": "0.01633102", "q": "4.70443515", "f": 27781, "l": 27781, "T": T0, "m": True}
+    payload = binance_layout("BTCUSDT", item)
+    for raw in (
+        json.dumps(payload).encode(),
+        json.dumps({"stream": "btcusdt@aggTrade", "data": payload}).encode(),
+        json.dumps({"stream": "btcusdt@aggTrade", "data": {k: v for k, v in payload.items() if k != "s"}}).encode(),
+    ):
+        decoder = TradesDecoder()
+        assert decode_trades_value(raw, b"BTCUSDT") == TradeBatch("BTCUSDT", [trade])
+        assert decoder.decode(raw, b"BTCUSDT") == TradeBatch("BTCUSDT", [trade]) and decoder.fast == 1
+    reasons = {
+        json.dumps({"stream": "ethusdt@aggTrade", "data": payload}): "data: field 's' (symbol) = 'BTCUSDT' does "
+        "not match the stream's symbol 'ETHUSDT'",
+        json.dumps({"stream": "btcusdt@trade", "data": payload}): "combined-stream envelope: stream "
+        "'btcusdt@trade' is not an aggTrade stream",
+        json.dumps({"stream": "btcusdt@aggTrade", "data": [payload]}): "combined-stream envelope: 'data' must be "
+        "an object, got list",
+        json.dumps({"data": payload}): "combined-stream envelope: 'stream' must be a string, got NoneType",
+    }
+    for raw_text, reason in reasons.items():
+        assert verdict(decode_trades_value, raw_text.encode(), b"BTCUSDT") == "rejected: " + reason
+        assert verdict(TradesDecoder().decode, raw_text.encode(), b"BTCUSDT") == "rejected: " + reason

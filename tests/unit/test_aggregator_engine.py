@@ -675,3 +675,70 @@ async def test_a_restore_refuses_other_intervals_and_keeps_the_checkpointed_grac
     assert any("keep the grace_ms" in r.getMessage() for r in caplog.records)
     with pytest.raises(RuntimeError, match=r"market\.intervals"):
         await Harness(broker, clock, intervals=("1m", "1h")).assign()
+
+
+def binance_payload(trade: AggTrade, *, envelope: bool = False) -> bytes:
+    """``trade`` as Binance sends it on a raw stream, or in a combined-stream envelope."""
+    m = "true" if trade.m else "false"
+    payload = (
+        f'{{"e":"aggTrade","E":{trade.T + 2},"s":"{trade.s}","a":{trade.a},"p":"{trade.p}","q":"{trade.q}",'
+        f'"f":{trade.f},"l":{trade.l},"T":{trade.T},"m":{m},"M":true}}'
+    )
+    return (f'{{"stream":"{trade.s.lower()}@aggTrade","data":{payload}}}' if envelope else payload).encode()
+
+
+async def test_binance_payloads_one_per_record_are_folded_as_runs_with_the_oracles_klines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Raw payloads and envelopes of a symbol, one trade per record and mixed with batches, reach the book as
+    one run of columns per fetch (one fold, no trade object), with exactly the oracle's klines."""
+    broker, clock = Broker(), ManualClock()
+    streams = {s: make_trades(s, 60, seed) for seed, s in enumerate(["BTCUSDT", "ETHUSDT", "XRPUSDT"])}
+    for k, (symbol, chunk) in enumerate(interleave(streams, 1)):
+        value = encode_trade_batch(symbol, chunk) if k % 7 == 0 else binance_payload(chunk[0], envelope=k % 2 == 1)
+        broker.logs[(TRADES, partition_of(symbol))].append((symbol.encode(), value))
+    folds: list[int] = []
+    original = engine_module.KlineBook.extend
+
+    def extend(book: Any, columns: Any) -> bool:
+        folds.append(len(columns[0]))
+        return original(book, columns)
+
+    monkeypatch.setattr(engine_module.KlineBook, "extend", extend)
+    h = Harness(broker, clock)
+    await h.assign()
+    for p in range(PARTITIONS):
+        await h.fetch(p, 1000)
+    clock.set(end_of(streams))
+    h.engine.tick()
+    await asyncio.sleep(0.01)
+    assert_exact(broker, streams)
+    stats = h.engine.stats
+    assert stats.trades_applied == 180 and stats.dead_letters == 0
+    assert h.engine.metrics()["decoded_fast"] == 180 and h.engine.metrics()["decoded_slow"] == 0
+    assert sorted(folds) == [60, 60, 60], "each symbol's records of one fetch are one run"
+
+
+async def test_a_binance_payload_of_another_symbol_than_its_key_is_dead_lettered_by_the_book() -> None:
+    """The contract reads a payload's symbol from the payload; the record's key picks the book, which refuses
+    another symbol's trade with its reason (as before the fast path)."""
+    broker, clock = Broker(), ManualClock()
+    p = partition_of("BTCUSDT")
+    eth = make_trades("ETHUSDT", 1, 0)[0]
+    btc = make_trades("BTCUSDT", 3, 0)
+    broker.logs[(TRADES, p)] += [
+        (b"BTCUSDT", binance_payload(btc[0])),
+        (b"BTCUSDT", binance_payload(eth, envelope=True)),
+        (b"BTCUSDT", binance_payload(btc[1], envelope=True)),
+        (b"BTCUSDT", binance_payload(btc[2]).replace(b'"a":', b'"a":-')),
+    ]
+    h = Harness(broker, clock)
+    await h.assign()
+    await h.drain()
+    letters = [(json.loads(v)["offset"], json.loads(v)["reason"]) for v in broker.values(DLQ)]
+    assert letters == [
+        (1, "trade of symbol 'ETHUSDT' given to the book of 'BTCUSDT'"),
+        (3, "field 'a' (aggregate trade id) = -1002 is outside [0, 9223372036854775807]"),
+    ]
+    book = h.engine.parts[p].books.book("BTCUSDT")
+    assert book.last_a == btc[1].a and book.rejected == 1
