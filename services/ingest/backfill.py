@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from services.ingest.frames import wire_trade
 from services.ingest.rest import Banned, ExchangeRest, RateLimited, RestError
 from services.ingest.sequencer import Sequencer
 from services.shared.logs import log_event
@@ -159,7 +160,7 @@ class Backfiller:
                     await asyncio.sleep(opts.retry_s * failures)
                     continue
                 failures = 0
-                accepted = seq.offer_backfill(symbol, trades, self._clock())
+                accepted = seq.offer_backfill(symbol, map(wire_trade, trades), self._clock())
                 if catch_up and to_a is None and len(trades) < opts.page_limit and (accepted or not trades):
                     caught_up = True
                 if accepted:

@@ -25,10 +25,10 @@ sends its own keepalive pings and drops a connection whose pongs stop), so a con
 never misses Binance's 20 s ping / 60 s pong deadline. A connection paused by backpressure reads no pings
 either; if the pause outlives the server's patience the server closes it, and the gap is backfilled.
 
-Text frames are handed, undecoded, to a :class:`FrameSink` as the event loop reads them (no per-message await
-and no per-frame generator: see :class:`_DirectConnection`); the sink validates and sequences them
-synchronously and says whether the queue is full, in which case the connection stops reading its socket until
-the sink has room again.
+Text frames are handed, undecoded, to a :class:`FrameSink` as the event loop reads them, every complete frame
+of a chunk read from the socket in one call (no per-message await, no per-frame generator, no per-frame call
+chain: see :class:`_DirectConnection`); the sink validates and sequences them synchronously and says whether
+the queue is full, in which case the connection stops reading its socket until the sink has room again.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ SUBSCRIBE_CHUNK = 200
 class FrameSink(Protocol):
     """Receives every frame of every connection (synchronously) and applies backpressure."""
 
-    def on_frame(self, raw: bytes, conn: StreamConnection) -> bool:
-        """Handle one frame; True when the queue is full and the connection must stop reading."""
+    def on_frames(self, raws: list[bytes], conn: StreamConnection) -> bool:
+        """Handle frames, in the order received; True when the queue is full and the connection must stop
+        reading."""
         ...
 
     async def wait_for_room(self) -> None:
@@ -134,7 +135,7 @@ _MAX_HANDSHAKE_BYTES = 64 * 1024
 
 
 class _DirectConnection(ClientConnection):
-    """websockets' client connection, handing each text message to ``on_text`` on the read path.
+    """websockets' client connection, handing the text messages of each chunk read to ``on_texts``.
 
     The stock connection parses frames with a generator per frame and queues every message for ``recv()``, a
     chain of awaits per message: at tens of thousands of frames per second that costs more than validating
@@ -142,19 +143,20 @@ class _DirectConnection(ClientConnection):
 
     * the handshake (the HTTP response) is the library's: bytes up to the end of the response go to it;
     * after it, :meth:`data_received` splits the byte stream into complete frames itself. An unfragmented,
-      unmasked text frame (``0x81``, nearly every frame Binance sends) goes straight to ``on_text``; any other
+      unmasked text frame (``0x81``, nearly every frame Binance sends) is collected, and the chunk's text frames
+      go to ``on_texts`` in one call at the end of the chunk (also with none: every chunk shows the connection
+      alive), or before any other frame, so the order of frames is kept. Any other
       complete frame - ping (the library answers it), pong (its keepalive), close, binary, fragments, a frame
       over ``max_size`` or a masked one (both protocol errors the library reports) - is fed to the library
       unchanged and in order. The library therefore only ever sees whole frames and its parser is always at
       a frame boundary; an incomplete frame at the end of a chunk waits here for the rest;
-    * messages the library assembles (fragmented ones) reach ``on_text`` through :meth:`process_event`.
+    * messages the library assembles (fragmented ones) reach ``on_texts`` through :meth:`process_event`.
 
-    ``on_text`` is a class attribute because the library builds the connection itself
+    ``on_texts`` is a class attribute because the library builds the connection itself
     (``connect(create_connection=...)``): one subclass per connection.
     """
 
-    on_text: Callable[[bytes], None]
-    on_data: Callable[[], None]
+    on_texts: Callable[[list[bytes]], None]
     _pending: bytes = b""
     _framing: bool = False
 
@@ -162,11 +164,11 @@ class _DirectConnection(ClientConnection):
         if not self._framing:
             self._handshake_received(data)
             return
-        self.on_data()
         buf = self._pending + data if self._pending else data
         n = len(buf)
         pos = 0
-        on_text = self.on_text
+        texts: list[bytes] = []
+        add_text = texts.append
         limit = self.protocol.max_message_size
         while n - pos >= 2:
             first = buf[pos]
@@ -185,6 +187,7 @@ class _DirectConnection(ClientConnection):
                 header = 10
             if second & 0x80 or (limit is not None and length > limit):
                 # A masked frame or one over max_size: the library fails the connection with the right code.
+                self.on_texts(texts)
                 self._framing = False
                 self._pending = b""
                 super().data_received(buf[pos:])
@@ -193,11 +196,16 @@ class _DirectConnection(ClientConnection):
             if end > n:
                 break
             if first == _TEXT_FIN:
-                on_text(buf[pos + header : end])
+                add_text(buf[pos + header : end])
             else:
+                if texts:  # the frames before it first: order is kept
+                    self.on_texts(texts)
+                    texts = []
+                    add_text = texts.append
                 super().data_received(buf[pos:end])
             pos = end
         self._pending = buf[pos:] if pos < n else b""
+        self.on_texts(texts)
 
     def _handshake_received(self, data: bytes) -> None:
         """Until the handshake is done, bytes go to the library; frames after the response are split here."""
@@ -242,7 +250,7 @@ class _DirectConnection(ClientConnection):
         self._fragments.append(bytes(frame.data))
         if frame.fin:
             message, self._fragments = b"".join(self._fragments), None
-            self.on_text(message)
+            self.on_texts([message])
 
 
 _ASSEMBLED = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
@@ -294,9 +302,7 @@ class StreamConnection:
     async def open(self) -> None:
         """Connect and start delivering frames; raises on failure (the caller backs off and retries)."""
         opts = self._options
-        connection_class = type(
-            "DirectConnection", (_DirectConnection,), {"on_text": self._on_text, "on_data": self._on_data}
-        )
+        connection_class = type("DirectConnection", (_DirectConnection,), {"on_texts": self._on_texts})
         self.ws = await connect(
             self.url,
             open_timeout=opts.open_timeout_s,
@@ -309,21 +315,22 @@ class StreamConnection:
             create_connection=connection_class,
         )
         if self.muted:  # muted while connecting (the pool is stopping)
-            self.ws.on_text = _ignore  # type: ignore[attr-defined]
+            self.ws.on_texts = _ignore  # type: ignore[attr-defined]
         self.opened_at = self.last_frame_at = self._clock()
         self._watcher = asyncio.create_task(self._watch_close(self.ws), name=f"ws-{self.name}")
 
-    def _on_text(self, data: bytes) -> None:
-        self.frames += 1
-        self._stats.frames += 1
-        if self.frames == 1:
-            self.first_frame.set()
-        if self.sink.on_frame(data, self) and not self.paused:
-            self._pause()
-
-    def _on_data(self) -> None:
-        """Once per chunk read from the socket (not per frame: a chunk holds hundreds)."""
+    def _on_texts(self, texts: list[bytes]) -> None:
+        """Once per chunk read from the socket (a chunk holds up to hundreds of frames), with its text frames."""
         self.last_frame_at = self._clock()
+        if not texts:
+            return
+        count = len(texts)
+        self.frames += count
+        self._stats.frames += count
+        if self.frames == count:
+            self.first_frame.set()
+        if self.sink.on_frames(texts, self) and not self.paused:
+            self._pause()
 
     def _pause(self) -> None:
         """Backpressure: stop reading; the socket buffers fill and the exchange holds the data."""
@@ -389,7 +396,7 @@ class StreamConnection:
         self.muted = True
         ws = self.ws
         if ws is not None:
-            ws.on_text = _ignore  # type: ignore[attr-defined]
+            ws.on_texts = _ignore  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         """Close the connection (no frame reaches the sink afterwards)."""
@@ -408,7 +415,7 @@ class StreamConnection:
         self.done.set()
 
 
-def _ignore(_data: bytes) -> None:
+def _ignore(_texts: list[bytes]) -> None:
     """Frames still arriving on a connection being closed (its replacement already delivers them)."""
 
 

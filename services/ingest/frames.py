@@ -4,10 +4,12 @@ Pure and total: :func:`parse_frame` accepts any ``str`` or ``bytes`` and never r
 ``parse_agg_trade``'s; frames in Binance's exact layout take a shortcut proven to agree with it
 (:func:`fast_trade`). What it returns:
 
-* a validated :class:`~services.core.models.AggTrade` (itself, no wrapper: this runs for every trade).
-  Accepted shapes are the combined stream wrapper ``{"stream": "btcusdt@aggTrade", "data": {"e": "aggTrade",
-  ...}}`` (the stream's symbol and ``data.s`` must agree) and a bare ``{"e": "aggTrade", ...}`` payload (raw
-  ``/ws`` connections);
+* a validated trade as a :class:`WireTrade`: its symbol, its id ``a`` and its JSON object exactly as ingest
+  publishes it in a batch record (what the sequencer and the publisher need, nothing more: this runs for every
+  trade, and a trade in Binance's layout is never decoded into fields and encoded again). Accepted shapes are
+  the combined stream wrapper ``{"stream": "btcusdt@aggTrade", "data": {"e": "aggTrade", ...}}`` (the
+  stream's symbol and ``data.s`` must agree) and a bare ``{"e": "aggTrade", ...}`` payload (raw ``/ws``
+  connections);
 * :class:`ControlFrame` - not market data but meaningful to the connection: the answer to a
   ``SUBSCRIBE``/``UNSUBSCRIBE`` (``{"result": null, "id": 1}``), an error answer (``{"error": {...}}``) or a
   ``serverShutdown`` event (top level, inside a combined wrapper, or inside ``{"event": {...}}``), which tells
@@ -21,9 +23,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 from services.core.models import MAX_ID, MAX_TIME_MS, MIN_TIME_MS, AggTrade, InvalidInput, parse_agg_trade
+from services.shared.messages import encode_trade_batch
 
 #: The stream type ingest subscribes to; the suffix of every stream name it expects.
 AGG_TRADE_SUFFIX: Final = "@aggTrade"
@@ -44,7 +47,51 @@ class RejectedFrame:
     symbol: str | None = None
 
 
-Frame = AggTrade | ControlFrame | RejectedFrame
+class WireTrade(NamedTuple):
+    """One validated aggTrade as ingest publishes it.
+
+    ``fields`` are the members of its JSON object in a ``trades`` batch record, without the braces:
+    ``"a":26129,"p":"0.01633102","q":"4.70443515","f":27781,"l":27781,"T":1767225600100,"m":true``, byte for
+    byte what :func:`~services.shared.messages.encode_trade_batch` writes for the same trade (the contract of the
+    ``trades`` topic; tests prove the equality). For a frame in Binance's layout they are a slice of the frame
+    itself: Binance sends exactly these members in this order, with canonical integers and the decimal strings
+    that are kept verbatim anyway.
+
+    A named tuple because the fast path builds one per trade: ``tuple.__new__`` is a single C call, where a
+    class's ``__init__`` is a Python frame that sets each attribute.
+    """
+
+    s: str
+    a: int
+    fields: bytes
+
+    def trade(self) -> AggTrade:
+        """The trade as the core's :class:`~services.core.models.AggTrade` (for checks and tests, not the hot path)."""
+        return parse_agg_trade(json.loads(b"{" + self.fields + b"}"), self.s)
+
+
+def wire_trade(trade: AggTrade) -> WireTrade:
+    """A validated trade (from REST, or a frame off the fast path) in the form ingest publishes.
+
+    The fields come from the topic's own encoder, so the two ways into a batch record cannot drift apart.
+    """
+    value = encode_trade_batch(trade.s, (trade,))
+    start = len(_BATCH_HEAD) + len(trade.s) + len(_BATCH_MID)
+    return WireTrade(trade.s, trade.a, value[start:-3])
+
+
+_BATCH_HEAD: Final = b'{"type":"trades","s":"'
+_BATCH_MID: Final = b'","trades":[{'
+_BATCH_TAIL: Final = b"}]}"
+
+
+def batch_value(symbol: bytes, trades: list[bytes]) -> bytes:
+    """A ``trades`` batch record from the trades' ``fields``: byte for byte ``encode_trade_batch`` of the same
+    trades (tests prove it), without a trade being formatted again."""
+    return _BATCH_HEAD + symbol + _BATCH_MID + b"},{".join(trades) + _BATCH_TAIL
+
+
+Frame = WireTrade | ControlFrame | RejectedFrame
 
 
 def stream_name(symbol: str) -> str:
@@ -57,30 +104,49 @@ def stream_name(symbol: str) -> str:
 # bounded digit counts); the remaining checks (ranges, f <= l, prices > 0, stream symbol == s) follow in
 # fast_trade. Anything else - other key order, spaces, unknown fields, any doubt - takes the general path.
 _FAST = re.compile(
-    rb'\{"stream":"([a-z0-9]{1,40})@aggTrade","data":\{"e":"aggTrade","E":(?:0|[1-9][0-9]{0,18}),'
-    rb'"s":"([A-Z0-9]{1,40})","a":(0|[1-9][0-9]{0,18}),"p":"([0-9]{1,24}(?:\.[0-9]{1,18})?)",'
-    rb'"q":"([0-9]{1,24}(?:\.[0-9]{1,18})?)","f":(0|[1-9][0-9]{0,18}),"l":(0|[1-9][0-9]{0,18}),'
-    rb'"T":([1-9][0-9]{12}),"m":(true|false)(?:,"M":(?:true|false))?\}\}'
+    rb'\{"stream":"([a-z0-9]{1,40}+)@aggTrade","data":\{"e":"aggTrade","E":(?:0|[1-9][0-9]{0,18}+),'
+    rb'"s":"([A-Z0-9]{1,40}+)",("a":(0|[1-9][0-9]{0,18}+),"p":"([0-9]{1,24}+(?:\.[0-9]{1,18}+)?+)",'
+    rb'"q":"([0-9]{1,24}+(?:\.[0-9]{1,18}+)?+)","f":(0|[1-9][0-9]{0,18}+),"l":(0|[1-9][0-9]{0,18}+),'
+    rb'"T":([1-9][0-9]{12}),"m":(?:true|false))(?:,"M":(?:true|false))?+\}\}'
 )
+# Possessive quantifiers (``{m,n}+``): no digit run can end anywhere but where it does (the next token is a
+# quote, comma, dot or brace), so they accept the same language without the backtracking bookkeeping.
+_MIN_T: Final = str(MIN_TIME_MS).encode()  # 13 digits, like every T the pattern accepts: compared as bytes
+_MAX_T: Final = str(MAX_TIME_MS).encode()
+_new_wire_trade: Final = tuple.__new__
+# Symbol bytes -> (the symbol, its stream name): decoded once per symbol, not once per trade.
+_SYMBOLS: dict[bytes, tuple[str, bytes]] = {}
 
 
-def fast_trade(raw: bytes) -> AggTrade | None:
+def fast_trade(raw: bytes) -> WireTrade | None:
     """The trade in a frame of Binance's exact combined-stream layout, or None (then use the general path).
 
     A shortcut, not a second validator: it accepts a strict subset of what ``json.loads`` + ``parse_agg_trade``
     accept and returns exactly the same trade (a property test checks this on generated and mutated frames).
-    It exists because the general path costs about twice as much, and ingest parses every trade.
+    It exists because the general path costs several times as much, and ingest parses every trade: one regular
+    expression match, then only the checks the pattern cannot express (stream name = symbol, prices and
+    quantities > 0, ids within 64 bits, ``f <= l``, ``T`` in range), without building the trade's fields.
     """
     match = _FAST.fullmatch(raw)
     if match is None:
         return None
-    name, symbol, a_, p, q, f_, l_, t_, maker = match.groups()
-    if symbol != name.upper() or not p.strip(b"0.") or not q.strip(b"0."):
+    name, symbol, fields, a_, p, q, f_, l_, t_ = match.groups()
+    known = _SYMBOLS.get(symbol)
+    if known is None:
+        if symbol.lower() != name or len(_SYMBOLS) >= 100_000:
+            return None
+        known = _SYMBOLS[symbol] = (symbol.decode(), name)
+    elif known[1] != name:
         return None
-    a, f, last, t = int(a_), int(f_), int(l_), int(t_)
-    if a > MAX_ID or f > last or last > MAX_ID or not MIN_TIME_MS <= t <= MAX_TIME_MS:
+    if not p.strip(b"0.") or not q.strip(b"0.") or not _MIN_T <= t_ <= _MAX_T:
         return None
-    return AggTrade(symbol.decode(), a, p.decode(), q.decode(), f, last, t, maker == b"true")
+    # f <= l on canonical integers (no leading zeros): shorter is smaller, equal lengths compare as text.
+    if len(f_) > len(l_) or (len(f_) == len(l_) and f_ > l_):
+        return None
+    a = int(a_)
+    if a > MAX_ID or (len(l_) == 19 and int(l_) > MAX_ID):  # 19 digits may exceed 2**63 - 1
+        return None
+    return _new_wire_trade(WireTrade, (known[0], a, fields))
 
 
 def parse_frame(raw: str | bytes) -> Frame:
@@ -94,6 +160,11 @@ def parse_frame(raw: str | bytes) -> Frame:
 
 def parse_frame_general(raw: str | bytes) -> Frame:
     """:func:`parse_frame` without the fast path: ``json.loads``, the wrapper checks, ``parse_agg_trade``."""
+    frame = _parse_general(raw)
+    return wire_trade(frame) if isinstance(frame, AggTrade) else frame
+
+
+def _parse_general(raw: str | bytes) -> AggTrade | ControlFrame | RejectedFrame:
     try:
         # Decoding first is cheaper than json.loads(bytes), which sniffs the encoding of every frame.
         obj = json.loads(raw.decode() if isinstance(raw, bytes | bytearray) else raw)
@@ -111,7 +182,7 @@ def parse_frame_general(raw: str | bytes) -> Frame:
         return RejectedFrame(f"unreadable frame ({type(exc).__name__}: {_short(str(exc))})", None)
 
 
-def _classify(obj: dict[str, Any]) -> Frame:
+def _classify(obj: dict[str, Any]) -> AggTrade | ControlFrame | RejectedFrame:
     if "stream" in obj or "data" in obj:
         return _combined(obj)
     event = obj.get("e")
@@ -131,7 +202,7 @@ def _classify(obj: dict[str, Any]) -> Frame:
     return RejectedFrame(f"unrecognised frame with keys {_short(', '.join(sorted(map(str, obj))))}")
 
 
-def _combined(obj: dict[str, Any]) -> Frame:
+def _combined(obj: dict[str, Any]) -> AggTrade | ControlFrame | RejectedFrame:
     stream = obj.get("stream")
     data = obj.get("data")
     if not isinstance(stream, str):

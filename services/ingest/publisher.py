@@ -31,9 +31,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from services.core.models import AggTrade
+from services.ingest.frames import batch_value
 from services.ingest.sequencer import Outbox, OutboxItem
-from services.shared.messages import Gap, encode_gap, encode_trade_batch
+from services.shared.messages import Gap, encode_gap
 
 log = logging.getLogger("services.ingest.publisher")
 
@@ -137,29 +137,26 @@ class TradePublisher:
     async def _send_symbol(self, symbol: str, entries: list[OutboxItem], handed: dict[str, int]) -> None:
         """Send one symbol's entries in order; ``handed[symbol]`` follows how many the producer holds."""
         key = symbol.encode()
-        run: list[AggTrade] = []
+        run: list[bytes] = []  # the trades' fields (frames.WireTrade): a batch record is their join
         limit = self.max_batch_trades
         for index, entry in enumerate(entries):
             if isinstance(entry, Gap):
                 if run:
-                    await self._send_trades(symbol, key, run)
+                    await self._send(self.trades_topic, key, batch_value(key, run), len(run))
                     run = []
                     handed[symbol] = index
                 await self._send(self.trades_topic, key, encode_gap(entry), 0)
                 self.gaps_published += 1
                 handed[symbol] = index + 1
                 continue
-            run.append(entry)
+            run.append(entry.fields)
             if len(run) >= limit:
-                await self._send_trades(symbol, key, run)
+                await self._send(self.trades_topic, key, batch_value(key, run), len(run))
                 run = []
                 handed[symbol] = index + 1
         if run:
-            await self._send_trades(symbol, key, run)
+            await self._send(self.trades_topic, key, batch_value(key, run), len(run))
         handed[symbol] = len(entries)
-
-    async def _send_trades(self, symbol: str, key: bytes, trades: list[AggTrade]) -> None:
-        await self._send(self.trades_topic, key, encode_trade_batch(symbol, trades), len(trades))
 
     async def _send(self, topic: str, key: bytes | None, value: bytes, trades: int) -> None:
         future = await self.producer.send(topic, value, key=key)

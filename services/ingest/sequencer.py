@@ -34,10 +34,10 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from services.core.models import AggTrade
+from services.ingest.frames import WireTrade
 from services.shared.messages import Gap
 
-OutboxItem = AggTrade | Gap
+OutboxItem = WireTrade | Gap
 
 
 class Verdict(enum.Enum):
@@ -56,7 +56,7 @@ class Outbox:
         self._items: dict[str, list[OutboxItem]] = {}
         self.trades = 0
 
-    def add_trade(self, trade: AggTrade) -> None:
+    def add_trade(self, trade: WireTrade) -> None:
         items = self._items.get(trade.s)
         if items is None:
             self._items[trade.s] = [trade]
@@ -78,7 +78,7 @@ class Outbox:
             if not entries:
                 continue
             self._items[symbol] = entries + self._items.get(symbol, [])
-            self.trades += sum(1 for entry in entries if type(entry) is AggTrade)
+            self.trades += sum(1 for entry in entries if type(entry) is not Gap)
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -87,7 +87,7 @@ class Outbox:
 @dataclass(slots=True)
 class _SymbolState:
     last: int | None
-    held: dict[int, AggTrade] = field(default_factory=dict)
+    held: dict[int, WireTrade] = field(default_factory=dict)
     held_since: float | None = None
     backfilling: bool = False
 
@@ -161,7 +161,7 @@ class Sequencer:
         return 0 if state is None else len(state.held)
 
     # ------------------------------------------------------------------ live trades
-    def offer(self, trade: AggTrade, now: float) -> Verdict:
+    def offer(self, trade: WireTrade, now: float) -> Verdict:
         """Sequence one live trade (see the module docstring for the rules)."""
         state = self._states.get(trade.s)
         if state is None:
@@ -237,7 +237,7 @@ class Sequencer:
             return state.last + 1, None
         return state.last + 1, min(state.held) - 1
 
-    def offer_backfill(self, symbol: str, trades: Iterable[AggTrade], now: float) -> int:
+    def offer_backfill(self, symbol: str, trades: Iterable[WireTrade], now: float) -> int:
         """Sequence trades fetched by REST (ordered by ``a``); returns how many were accepted."""
         state = self._states.get(symbol)
         if state is None or state.last is None:

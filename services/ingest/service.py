@@ -53,10 +53,9 @@ from typing import Any
 
 from aiohttp import web
 
-from services.core.models import AggTrade
 from services.ingest.backfill import Backfiller, BackfillOptions
 from services.ingest.connections import ConnectionOptions, ConnectionPool, StreamConnection
-from services.ingest.frames import ControlFrame, RejectedFrame, parse_frame
+from services.ingest.frames import ControlFrame, RejectedFrame, WireTrade, fast_trade, parse_frame_general
 from services.ingest.publisher import TradePublisher
 from services.ingest.recovery import recover_last_ids
 from services.ingest.rest import ExchangeRest, RestError
@@ -244,19 +243,33 @@ class IngestService:
             await asyncio.sleep(self.tuning.linger_s)
 
     # ------------------------------------------------------------------ frames
-    def on_frame(self, raw: bytes, conn: StreamConnection) -> bool:
-        """Validate and sequence one frame (on the connection's read path, synchronously); True when the
-        queue is full and the connection must stop reading."""
-        frame = parse_frame(raw)
-        if type(frame) is AggTrade:
+    def on_frames(self, raws: list[bytes], conn: StreamConnection) -> bool:
+        """Validate and sequence a chunk's frames (on the connection's read path, synchronously); True when the
+        queue is full and the connection must stop reading.
+
+        The per-trade path: the fast parser, one sequencer call; everything else (other layouts, control
+        frames, rejections, symbols no longer wanted) leaves the loop for :meth:`_other_frame`.
+        """
+        offer = self.sequencer.offer
+        now = conn.last_frame_at  # read once per chunk by the connection
+        trades = 0
+        for raw in raws:
+            frame = fast_trade(raw)
+            if frame is None:
+                self._other_frame(raw, conn, now)
+                continue
+            trades += 1
+            if offer(frame, now) is Verdict.UNKNOWN_SYMBOL:
+                self._unknown_symbol(frame, raw, conn, now)
+        self.trades_received += trades
+        return self.depth >= self.queue_size
+
+    def _other_frame(self, raw: bytes, conn: StreamConnection, now: float) -> None:
+        frame = parse_frame_general(raw)
+        if type(frame) is WireTrade:
             self.trades_received += 1
-            now = conn.last_frame_at  # read once per chunk by the connection
             if self.sequencer.offer(frame, now) is Verdict.UNKNOWN_SYMBOL:
-                removed = self._removed_at.get(frame.s)
-                if removed is not None and now - removed < self.tuning.removed_grace_s:
-                    self.counts["frames_unsubscribed"] += 1
-                else:
-                    self._reject(f"symbol {frame.s} is not subscribed", frame.s, raw, conn)
+                self._unknown_symbol(frame, raw, conn, now)
         elif type(frame) is ControlFrame:
             if frame.kind == "server_shutdown":
                 log_event(log, logging.INFO, "serverShutdown received", connection=conn.name)
@@ -267,7 +280,13 @@ class IngestService:
         else:
             assert type(frame) is RejectedFrame
             self._reject(frame.reason, frame.symbol, raw, conn)
-        return self.depth >= self.queue_size
+
+    def _unknown_symbol(self, trade: WireTrade, raw: bytes, conn: StreamConnection, now: float) -> None:
+        removed = self._removed_at.get(trade.s)
+        if removed is not None and now - removed < self.tuning.removed_grace_s:
+            self.counts["frames_unsubscribed"] += 1
+        else:
+            self._reject(f"symbol {trade.s} is not subscribed", trade.s, raw, conn)
 
     def _reject(self, reason: str, symbol: str | None, raw: bytes, conn: StreamConnection) -> None:
         self.counts["frames_rejected"] += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -9,8 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.core.models import AggTrade
-from services.ingest.frames import ControlFrame, RejectedFrame, parse_frame, stream_name
+from services.core.models import AggTrade, parse_agg_trade
+from services.ingest.frames import (
+    ControlFrame,
+    RejectedFrame,
+    WireTrade,
+    batch_value,
+    parse_frame,
+    stream_name,
+    wire_trade,
+)
+from services.shared.messages import encode_trade_batch
 
 pytestmark = pytest.mark.unit
 
@@ -35,8 +45,8 @@ def combined(data: Any, stream: Any = "btcusdt@aggTrade") -> str:
 
 def test_combined_frame_gives_the_trade() -> None:
     frame = parse_frame(combined(PAYLOAD))
-    assert isinstance(frame, AggTrade)
-    t = frame
+    assert isinstance(frame, WireTrade) and (frame.s, frame.a) == ("BTCUSDT", 26129)
+    t = frame.trade()
     assert (t.s, t.a, t.p, t.q, t.f, t.l, t.T, t.m) == (
         "BTCUSDT",
         26129,
@@ -50,10 +60,13 @@ def test_combined_frame_gives_the_trade() -> None:
 
 
 def test_bytes_and_raw_payloads_and_unknown_fields() -> None:
-    assert isinstance(parse_frame(combined(PAYLOAD).encode()), AggTrade)
-    assert isinstance(parse_frame(json.dumps(PAYLOAD)), AggTrade)
+    expected = parse_frame(combined(PAYLOAD))
+    assert parse_frame(combined(PAYLOAD).encode()) == expected
+    assert parse_frame(json.dumps(PAYLOAD)) == expected
     futures = {k: v for k, v in PAYLOAD.items() if k != "M"} | {"x": "ignored", "nested": {"y": 1}}
-    assert isinstance(parse_frame(combined(futures)), AggTrade)
+    assert parse_frame(combined(futures)) == expected
+    spaced = json.dumps({"stream": "btcusdt@aggTrade", "data": PAYLOAD}, indent=1).encode()
+    assert parse_frame(spaced) == expected, "another layout: the general path, the same published fields"
 
 
 def test_stream_name_is_lower_case() -> None:
@@ -111,7 +124,7 @@ def test_control_frames() -> None:
 
 
 def _check(frame: object) -> None:
-    assert isinstance(frame, AggTrade | ControlFrame | RejectedFrame)
+    assert isinstance(frame, WireTrade | ControlFrame | RejectedFrame)
     if isinstance(frame, RejectedFrame):
         assert isinstance(frame.reason, str) and frame.reason.strip()
 
@@ -146,8 +159,9 @@ def test_fuzz_mutated_payloads_are_valid_trades_or_rejected_with_reason(mutation
     data = PAYLOAD | mutation
     frame = parse_frame(combined(data) if wrap else json.dumps(data))
     _check(frame)
-    if isinstance(frame, AggTrade):  # whatever was accepted is a sane trade
-        t = frame
+    if isinstance(frame, WireTrade):  # whatever was accepted is a sane trade
+        t = frame.trade()
+        assert (t.s, t.a) == (frame.s, frame.a)
         assert t.a >= 0 and t.f <= t.l
         assert float(t.p) > 0 and float(t.q) > 0
         if wrap:
@@ -242,7 +256,8 @@ def test_fast_path_agrees_with_parse_agg_trade(frame: dict[str, str], mutations:
     fast = fast_trade(raw)
     general = parse_frame_general(raw)
     if fast is not None:
-        assert general == fast
+        assert general == fast  # the same symbol, id and published bytes
+        assert fast.trade() == parse_agg_trade(json.loads(raw)["data"])
     elif not mutations:
         raise AssertionError(f"a valid Binance frame missed the fast path: {raw!r}")
     assert parse_frame(raw) == general
@@ -268,5 +283,49 @@ def test_fast_path_takes_binance_frames() -> None:
     futures = _layout(
         "trxusdt", "TRXUSDT", "aggTrade", "1767225600123", "0", "0.28", "800", "0", "3", "1767225600100", "false", ""
     )
-    assert fast_trade(spot) == AggTrade("BTCUSDT", 26129, "0.01633102", "4.70443515", 27781, 27781, 1767225600100, True)
-    assert fast_trade(futures) == AggTrade("TRXUSDT", 0, "0.28", "800", 0, 3, 1767225600100, False)
+    btc = AggTrade("BTCUSDT", 26129, "0.01633102", "4.70443515", 27781, 27781, 1767225600100, True)
+    trx = AggTrade("TRXUSDT", 0, "0.28", "800", 0, 3, 1767225600100, False)
+    assert fast_trade(spot) == wire_trade(btc)
+    assert fast_trade(futures) == wire_trade(trx)
+
+
+# ------------------------------------------------------------------------------- the published bytes
+
+
+_trade = st.builds(
+    AggTrade,
+    st.sampled_from(["BTCUSDT", "1000PEPEUSDT", "X"]),
+    st.integers(min_value=0, max_value=2**63 - 1),
+    _valid_decimal,
+    _valid_decimal,
+    st.integers(min_value=0, max_value=2**62),
+    st.integers(min_value=2**62, max_value=2**63 - 1),
+    st.integers(min_value=1_262_304_000_000, max_value=4_102_444_800_000),
+    st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_trade, min_size=1, max_size=5))
+def test_batches_from_wire_trades_are_the_topics_own_encoding(trades: list[AggTrade]) -> None:
+    """Ingest builds batch records from each trade's published fields; they are byte for byte what the
+    ``trades`` contract's encoder (services.shared.messages) writes, and the fields read back as the trade."""
+    symbol = trades[0].s
+    trades = [AggTrade(symbol, *dataclasses.astuple(t)[1:]) for t in trades]
+    wire = [wire_trade(t) for t in trades]
+    assert batch_value(symbol.encode(), [w.fields for w in wire]) == encode_trade_batch(symbol, trades)
+    assert [w.trade() for w in wire] == trades
+    assert [(w.s, w.a) for w in wire] == [(t.s, t.a) for t in trades]
+
+
+@settings(max_examples=200, deadline=None)
+@given(_valid_frame())
+def test_fast_path_fields_are_the_encoders_bytes(frame: dict[str, str]) -> None:
+    """A frame in Binance's layout is published as a slice of itself: the same bytes the encoder would write."""
+    from services.ingest.frames import fast_trade
+
+    raw = _layout(*(frame[k] for k in _FIELDS))
+    fast = fast_trade(raw)
+    assert fast is not None
+    trade = parse_agg_trade(json.loads(raw)["data"])
+    assert batch_value(trade.s.encode(), [fast.fields]) == encode_trade_batch(trade.s, [trade])

@@ -104,8 +104,9 @@ class _Sink:
     def __init__(self) -> None:
         self.frames: list[bytes] = []
 
-    def on_frame(self, raw: bytes, conn: StreamConnection) -> bool:
-        self.frames.append(raw)
+    def on_frames(self, raws: list[bytes], conn: StreamConnection) -> bool:
+        assert raws, "the sink is only called with frames"
+        self.frames.extend(raws)
         return False
 
     async def wait_for_room(self) -> None:
@@ -213,12 +214,10 @@ def test_frames_for_symbols_not_followed() -> None:
 
     service.sequencer.track("BTCUSDT", 0)
     service.sequencer.track("SOLUSDT", 0)
-    service.on_frame(frame("BTCUSDT", 1), conn)  # type: ignore[arg-type]
-    service.on_frame(frame("ETHUSDT", 1), conn)  # type: ignore[arg-type]
+    service.on_frames([frame("BTCUSDT", 1), frame("ETHUSDT", 1)], conn)  # type: ignore[arg-type]
     service.sequencer.untrack("SOLUSDT")
     service._removed_at["SOLUSDT"] = 99.0
-    service.on_frame(frame("SOLUSDT", 1), conn)  # type: ignore[arg-type]
-    service.on_frame(b"\x00garbage", conn)  # type: ignore[arg-type]
+    service.on_frames([frame("SOLUSDT", 1), b"\x00garbage"], conn)  # type: ignore[arg-type]
     assert service.trades_received == 3 and service.sequencer.last("BTCUSDT") == 1
     assert service.counts["frames_unsubscribed"] == 1 and service.counts["frames_rejected"] == 2
     keys = [key for key, _ in letters.letters]

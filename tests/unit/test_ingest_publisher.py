@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from services.core.models import AggTrade
+from services.ingest.frames import WireTrade, wire_trade
 from services.ingest.publisher import TradePublisher
 from services.ingest.sequencer import Outbox
 from services.shared.messages import Gap, TradeBatch, decode_trades_value
@@ -40,8 +41,8 @@ class StubProducer:
         return future
 
 
-def trade(a: int, symbol: str = "BTCUSDT") -> AggTrade:
-    return AggTrade(symbol, a, "1.25", "0.5", a, a, 1_767_225_600_000 + a, False)
+def trade(a: int, symbol: str = "BTCUSDT") -> WireTrade:
+    return wire_trade(AggTrade(symbol, a, "1.25", "0.5", a, a, 1_767_225_600_000 + a, False))
 
 
 def publisher(producer: StubProducer, outbox: Outbox, fatal: list[str], **kw: Any) -> TradePublisher:

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from services.core.models import AggTrade
+from services.ingest.frames import WireTrade, wire_trade
 from services.ingest.backfill import Backfiller, BackfillOptions
 from services.ingest.rest import Banned, ExchangeRest, RateLimited, RestError, WeightBudget
 from services.ingest.sequencer import Outbox, Sequencer
@@ -175,7 +176,7 @@ async def run_backfill(
     seq = Sequencer(Outbox(), reorder_window_s=0.0, max_held_per_symbol=1000)
     seq.track("BTCUSDT", last)
     for a in held:
-        seq.offer(AggTrade("BTCUSDT", a, "1", "1", a, a, 1_767_225_600_000, False), clock())
+        seq.offer(wire_trade(AggTrade("BTCUSDT", a, "1", "1", a, a, 1_767_225_600_000, False)), clock())
     gaps: list[Gap] = []
 
     async def room() -> None:
@@ -210,7 +211,7 @@ async def test_backfill_repairs_across_pages(server: Any) -> None:
     assert gaps == [] and seq.last("BTCUSDT") == 2599  # the last page ran past the held trades
     assert seq.stats.gaps_repaired == 1 and seq.stats.backfilled == 2590
     items = seq.outbox.take()["BTCUSDT"]
-    got = [i.a for i in items if isinstance(i, AggTrade)]
+    got = [i.a for i in items if isinstance(i, WireTrade)]
     assert got == list(range(10, len(got) + 10))
 
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.core.models import AggTrade
+from services.ingest.frames import WireTrade, wire_trade
 from services.ingest.sequencer import Outbox, OutboxItem, Sequencer, Verdict
 from services.shared.messages import Gap
 
@@ -15,8 +16,8 @@ pytestmark = pytest.mark.unit
 T0 = 1_767_225_600_000
 
 
-def trade(a: int, symbol: str = "BTCUSDT") -> AggTrade:
-    return AggTrade(symbol, a, "1.5", "0.1", a * 2, a * 2 + 1, T0 + a, a % 2 == 0)
+def trade(a: int, symbol: str = "BTCUSDT") -> WireTrade:
+    return wire_trade(AggTrade(symbol, a, "1.5", "0.1", a * 2, a * 2 + 1, T0 + a, a % 2 == 0))
 
 
 def make(window: float = 0.1, max_held: int = 100) -> Sequencer:
@@ -28,7 +29,7 @@ def drain(seq: Sequencer, symbol: str = "BTCUSDT") -> list[OutboxItem]:
 
 
 def ids(items: list[OutboxItem]) -> list[int]:
-    return [i.a for i in items if isinstance(i, AggTrade)]
+    return [i.a for i in items if isinstance(i, WireTrade)]
 
 
 def test_contiguous_trades_pass_and_duplicates_drop() -> None:
@@ -125,7 +126,7 @@ def test_an_unrepairable_hole_becomes_a_gap_in_place() -> None:
     assert gap == Gap("BTCUSDT", 11, 19, "banned")
     seq.end_backfill("BTCUSDT", repaired=False, now=1)
     items = drain(seq)
-    assert [i.a if isinstance(i, AggTrade) else (i.from_a, i.to_a) for i in items] == [10, (11, 19), 20, 21]
+    assert [i.a if isinstance(i, WireTrade) else (i.from_a, i.to_a) for i in items] == [10, (11, 19), 20, 21]
     assert seq.stats.gaps_unrepaired == 1 and seq.stats.ids_unrepaired == 9
     assert seq.offer(trade(15), 2) is Verdict.DUPLICATE, "ids inside a published gap never come back"
 
@@ -165,7 +166,7 @@ def test_catch_up_range_is_open_ended_and_untrack_drops_held() -> None:
 
 
 def shape(items: list[OutboxItem]) -> list[int | tuple[int, int]]:
-    return [i.a if isinstance(i, AggTrade) else (i.from_a, i.to_a) for i in items]
+    return [i.a if isinstance(i, WireTrade) else (i.from_a, i.to_a) for i in items]
 
 
 def test_a_stop_ends_every_reorder_window_at_once() -> None:
