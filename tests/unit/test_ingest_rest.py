@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 
 from services.core.models import AggTrade
-from services.ingest.frames import WireTrade, wire_trade
 from services.ingest.backfill import Backfiller, BackfillOptions
+from services.ingest.frames import WireTrade, wire_trade
 from services.ingest.rest import Banned, ExchangeRest, RateLimited, RestError, WeightBudget
 from services.ingest.sequencer import Outbox, Sequencer
 from services.shared.messages import Gap
