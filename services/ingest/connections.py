@@ -1,7 +1,7 @@
-"""WebSocket connections to Binance's combined aggTrade streams: sharding, rotation, watchdog, reconnects.
+"""WebSocket connections to Binance's combined aggTrade streams: stream groups, rotation, watchdog, reconnects.
 
-The :class:`ConnectionPool` spreads the wanted symbols over :class:`Shard` s of at most
-``max_streams_per_connection`` (Binance: 1024) streams. Each shard keeps one connection open
+The :class:`ConnectionPool` spreads the wanted symbols over :class:`StreamGroup` s of at most
+``max_streams_per_connection`` (Binance: 1024) streams. Each group keeps one connection open
 (``{ws_url}/stream?streams=...`` on spot, the routed ``{ws_url}/market/stream?streams=...`` on USD-M futures;
 the URL carries at most ``max_url_streams`` names, the rest are subscribed by message) and supervises it:
 
@@ -14,10 +14,10 @@ the URL carries at most ``max_url_streams`` names, the rest are subscribed by me
   stalled and replaced. A quiet market keeps a healthy connection alive through its pings;
 * **reconnect** - after a close, error or staleness, with full-jitter exponential backoff capped at
   ``reconnect_cap_s`` (reset once a connection delivers); the sequencer notices the ids missed meanwhile when
-  the next frame of the symbol arrives, and ``on_reconnect`` lets the service check the shard's symbols by
+  the next frame of the symbol arrives, and ``on_reconnect`` lets the service check the group's symbols by
   REST at once (a symbol that went quiet right after the outage would otherwise hide its hole);
 * **subscriptions at run time** - symbols added or removed are ``SUBSCRIBE``/``UNSUBSCRIBE`` d on the live
-  connection(s), paced below the venue's control-message limit (spot 5/s, USD-M 10/s); a full shard makes
+  connection(s), paced below the venue's control-message limit (spot 5/s, USD-M 10/s); a full group makes
   the pool open a new one.
 
 Pings: every ping frame goes to the ``websockets`` library, which answers it with a pong at once (it also
@@ -420,7 +420,7 @@ def _ignore(_texts: list[bytes]) -> None:
 
 
 @dataclass(slots=True)
-class Shard:
+class StreamGroup:
     """Up to ``capacity`` streams on one supervised connection (two while rotating)."""
 
     name: str
@@ -438,7 +438,7 @@ class Shard:
 
 
 class ConnectionPool:
-    """Every shard of one venue; :meth:`update` changes the symbol set at run time."""
+    """Every stream group of one venue; :meth:`update` changes the symbol set at run time."""
 
     def __init__(
         self,
@@ -463,7 +463,7 @@ class ConnectionPool:
         self._control_interval_s = 1.0 / max(0.5, limit * 0.8)
         self.stale_after_s = options.stale_after_s or STALE_AFTER_S[venue]
         self.stats = ConnectionStats()
-        self.shards: list[Shard] = []
+        self.groups: list[StreamGroup] = []
         # Every connection opened and not yet collected, replacements included (closing one twice is harmless).
         self._live: weakref.WeakSet[StreamConnection] = weakref.WeakSet()
         self._counter = 0
@@ -472,61 +472,61 @@ class ConnectionPool:
     # ------------------------------------------------------------------ symbols
     @property
     def streams(self) -> set[str]:
-        return {s for shard in self.shards for s in shard.streams}
+        return {s for group in self.groups for s in group.streams}
 
     def update(self, symbols: Iterable[str]) -> None:
         """Make the pool carry exactly the aggTrade streams of ``symbols``."""
         wanted = {stream_name(s) for s in symbols}
-        for shard in self.shards:
-            gone = shard.streams - wanted
+        for group in self.groups:
+            gone = group.streams - wanted
             if gone:
-                shard.streams -= gone
-                self._poke(shard)
+                group.streams -= gone
+                self._poke(group)
         have = self.streams
         new = sorted(wanted - have)
-        for shard in self.shards:
+        for group in self.groups:
             if not new:
                 break
-            if shard.stopping or shard.room <= 0 or shard.task is None or shard.task.done():
+            if group.stopping or group.room <= 0 or group.task is None or group.task.done():
                 continue
-            take, new = new[: shard.room], new[shard.room :]
-            shard.streams.update(take)
-            self._poke(shard)
+            take, new = new[: group.room], new[group.room :]
+            group.streams.update(take)
+            self._poke(group)
         while new:
             take, new = new[: self.options.max_streams_per_connection], new[self.options.max_streams_per_connection :]
             self._counter += 1
-            shard = Shard(f"shard-{self._counter}", self.options.max_streams_per_connection, set(take))
-            shard.task = asyncio.create_task(self._supervise(shard), name=shard.name)
-            self.shards.append(shard)
-        self.shards = [s for s in self.shards if s.streams or (s.task is not None and not s.task.done())]
+            group = StreamGroup(f"group-{self._counter}", self.options.max_streams_per_connection, set(take))
+            group.task = asyncio.create_task(self._supervise(group), name=group.name)
+            self.groups.append(group)
+        self.groups = [s for s in self.groups if s.streams or (s.task is not None and not s.task.done())]
 
     @staticmethod
-    def _poke(shard: Shard) -> None:
-        shard.changed = True
-        shard.wake.set()
+    def _poke(group: StreamGroup) -> None:
+        group.changed = True
+        group.wake.set()
 
     @property
     def connected(self) -> bool:
-        """Every shard with streams has an open connection."""
-        return all(s.connection is not None and not s.connection.done.is_set() for s in self.shards if s.streams)
+        """Every group with streams has an open connection."""
+        return all(s.connection is not None and not s.connection.done.is_set() for s in self.groups if s.streams)
 
     @property
     def open_connections(self) -> int:
-        return sum(1 for s in self.shards if s.connection is not None and not s.connection.done.is_set())
+        return sum(1 for s in self.groups if s.connection is not None and not s.connection.done.is_set())
 
     async def stop(self) -> None:
         """Close every connection. No frame reaches the sink once this is called (not only once it returns):
         the connections are muted first, then closed concurrently."""
         self._stopping = True
         self._mute_all()
-        for shard in self.shards:
-            shard.stopping = True
-            shard.wake.set()
-        tasks = [s.task for s in self.shards if s.task is not None]
+        for group in self.groups:
+            group.stopping = True
+            group.wake.set()
+        tasks = [s.task for s in self.groups if s.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # Every connection still open: the shards' own, and any opened by a supervisor cancelled mid-way.
+        # Every connection still open: the groups' own, and any opened by a supervisor cancelled mid-way.
         await asyncio.gather(*(conn.close() for conn in list(self._live)), return_exceptions=True)
 
     def _mute_all(self) -> None:
@@ -534,33 +534,33 @@ class ConnectionPool:
             conn.mute()
 
     # ------------------------------------------------------------------ supervision
-    async def _supervise(self, shard: Shard) -> None:
-        """Keep the shard connected until it is stopped or empty; a bug in one round must not end it."""
+    async def _supervise(self, group: StreamGroup) -> None:
+        """Keep the group connected until it is stopped or empty; a bug in one round must not end it."""
         backoff = Backoff(self.options.reconnect_base_s, self.options.reconnect_cap_s, self._rng)
-        while not (self._stopping or shard.stopping) and shard.streams:
+        while not (self._stopping or group.stopping) and group.streams:
             try:
-                await self._supervise_once(shard, backoff)
+                await self._supervise_once(group, backoff)
                 return
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("supervisor of %s failed; reconnecting", shard.name)
+                log.exception("supervisor of %s failed; reconnecting", group.name)
                 self.stats.reconnects += 1
                 await asyncio.sleep(backoff.next_delay())
 
-    async def _supervise_once(self, shard: Shard, backoff: Backoff) -> None:
+    async def _supervise_once(self, group: StreamGroup, backoff: Backoff) -> None:
         try:
-            conn = await self._connect(shard, backoff)
+            conn = await self._connect(group, backoff)
             while conn is not None:
-                shard.connection = conn
-                outcome = await self._watch(shard, conn, backoff)
+                group.connection = conn
+                outcome = await self._watch(group, conn, backoff)
                 if outcome in ("stopping", "empty"):
                     await conn.close()
                     return
                 if outcome in ("rotate", "server_shutdown"):
                     self.stats.rotations += 1
-                    log_event(log, logging.INFO, "rotating connection", shard=shard.name, cause=outcome)
-                    replacement = await self._connect(shard, backoff)
+                    log_event(log, logging.INFO, "rotating connection", group=group.name, cause=outcome)
+                    replacement = await self._connect(group, backoff)
                     if replacement is not None:
                         await self._overlap(conn, replacement)
                     await conn.close()
@@ -572,29 +572,31 @@ class ConnectionPool:
                 else:
                     reason = conn.close_reason
                 self.stats.reconnects += 1
-                log_event(log, logging.WARNING, "reconnecting", shard=shard.name, cause=outcome, reason=reason)
+                log_event(log, logging.WARNING, "reconnecting", group=group.name, cause=outcome, reason=reason)
                 await conn.close()
-                conn = await self._connect(shard, backoff, first_delay=True)
+                conn = await self._connect(group, backoff, first_delay=True)
                 if conn is not None and self._on_reconnect is not None:
-                    self._on_reconnect({name.partition("@")[0].upper() for name in shard.streams})
+                    self._on_reconnect({name.partition("@")[0].upper() for name in group.streams})
         finally:
-            if shard.connection is not None:
-                await shard.connection.close()
+            if group.connection is not None:
+                await group.connection.close()
 
-    async def _connect(self, shard: Shard, backoff: Backoff, *, first_delay: bool = False) -> StreamConnection | None:
+    async def _connect(
+        self, group: StreamGroup, backoff: Backoff, *, first_delay: bool = False
+    ) -> StreamConnection | None:
         delay = backoff.next_delay() if first_delay else 0.0
-        while not (self._stopping or shard.stopping) and shard.streams:
+        while not (self._stopping or group.stopping) and group.streams:
             if delay > 0:
                 await asyncio.sleep(delay)
             conn = StreamConnection(
-                f"{shard.name}#{self.stats.opened + 1}",
+                f"{group.name}#{self.stats.opened + 1}",
                 self.base_url,
-                shard.streams,
+                group.streams,
                 self.sink,
                 clock=self._clock,
                 options=self.options,
                 control_interval_s=self._control_interval_s,
-                on_event=shard.wake.set,
+                on_event=group.wake.set,
                 stats=self.stats,
             )
             try:
@@ -602,7 +604,7 @@ class ConnectionPool:
                 await conn.open()
                 self.stats.opened += 1
                 # The URL may hold only part of the streams, and the set may have changed while connecting.
-                await conn.sync(set(shard.streams))
+                await conn.sync(set(group.streams))
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed, ConnectionError) as exc:
                 self.stats.connect_failures += 1
                 await conn.close()
@@ -611,7 +613,7 @@ class ConnectionPool:
                     log,
                     logging.WARNING,
                     "connect failed",
-                    shard=shard.name,
+                    group=group.name,
                     error=f"{type(exc).__name__}: {exc}",
                     retry_in_s=round(delay, 3),
                 )
@@ -620,13 +622,13 @@ class ConnectionPool:
             return conn
         return None
 
-    async def _watch(self, shard: Shard, conn: StreamConnection, backoff: Backoff) -> WatchOutcome:
+    async def _watch(self, group: StreamGroup, conn: StreamConnection, backoff: Backoff) -> WatchOutcome:
         stale_after_s = self.stale_after_s
         tick = max(0.01, min(0.5, stale_after_s / 4))
         while True:
-            if self._stopping or shard.stopping:
+            if self._stopping or group.stopping:
                 return "stopping"
-            if not shard.streams:
+            if not group.streams:
                 return "empty"
             if conn.done.is_set():
                 return "closed"
@@ -640,18 +642,18 @@ class ConnectionPool:
                 return "stale"
             if conn.frames:
                 backoff.reset()
-            if shard.changed:
-                shard.changed = False
+            if group.changed:
+                group.changed = False
                 try:
-                    await conn.sync(set(shard.streams))
+                    await conn.sync(set(group.streams))
                     continue
                 except (ConnectionClosed, ConnectionError) as exc:
                     # The connection is going away; its replacement subscribes to the current set.
-                    log_event(log, logging.WARNING, "subscription update failed", shard=shard.name, error=str(exc))
-            shard.wake.clear()
+                    log_event(log, logging.WARNING, "subscription update failed", group=group.name, error=str(exc))
+            group.wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(tick):
-                    await shard.wake.wait()
+                    await group.wake.wait()
 
     async def _overlap(self, old: StreamConnection, new: StreamConnection) -> None:
         """Let both connections deliver until the new one has (or the old one is gone, or time is up)."""

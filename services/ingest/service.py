@@ -1,15 +1,20 @@
 """The ingest service: composition root wiring connections, sequencer, backfill and publisher to Kafka.
 
+This process follows one shard of the symbol set (``[ingest] shard = "i/N"``, :mod:`services.ingest.shard`):
+the configured or discovered symbols, and the ``POST /symbols`` edits, of that shard only. Its log lines
+that concern symbols carry ``shard``, and ``/metrics`` exports ``shard_index``/``shard_count``.
+
 Start-up:
 
 1. check that Kafka answers and that the ``trades`` and dead-letter topics exist (created if missing);
-2. start the idempotent producer and the REST client; resolve the symbols (configured or discovered);
+2. start the idempotent producer and the REST client; resolve the symbols (configured or discovered), and
+   keep this shard's;
 3. **recover**: read each symbol's last published ``a`` from the tail of ``trades``
    (:mod:`services.ingest.recovery`);
-4. open the WebSocket shards, start the publisher, the tick loop (reorder windows → backfill) and, with
+4. open the WebSocket connections, start the publisher, the tick loop (reorder windows → backfill) and, with
    ``discover``, the ``exchangeInfo`` refresh; start a **catch-up** backfill from ``last + 1`` for every
    recovered symbol, so the trades that happened while ingest was down are published before the live ones;
-5. ready (``/readyz``) once recovery is done and every shard is connected.
+5. ready (``/readyz``) once recovery is done and every connection is open.
 
 Each frame is handled synchronously on its connection's reader: validated (bad → dead-letter topic with the
 reason, counted), sequenced (duplicate / accepted / held), and, if the bounded queue (held + outbox +
@@ -60,7 +65,8 @@ from services.ingest.publisher import TradePublisher
 from services.ingest.recovery import recover_last_ids
 from services.ingest.rest import ExchangeRest, RestError
 from services.ingest.sequencer import Outbox, Sequencer, Verdict
-from services.ingest.symbols import SymbolRequestError, SymbolSelection, tradable
+from services.ingest.shard import Shard
+from services.ingest.symbols import SymbolRequestError, SymbolSelection, WrongShard, tradable
 from services.shared.kafka import check_reachable, ensure_topics, make_producer, topic_specs
 from services.shared.lifecycle import HealthServer, Shutdown
 from services.shared.logs import log_event
@@ -184,7 +190,8 @@ class IngestService:
             rng=rng,
             on_reconnect=self._after_reconnect,
         )
-        self.selection = SymbolSelection(base=set(market.symbols))
+        self.shard = Shard(settings.ingest.shard_index, settings.ingest.shard_count)
+        self.selection = SymbolSelection(base=set(market.symbols), shard=self.shard)
         self.publisher: TradePublisher | None = None
         self.health: HealthServer | None = None
         self.fatal: str | None = None
@@ -304,6 +311,7 @@ class IngestService:
             logging.ERROR,
             "unrepairable gap published",
             log_type="DATA_LOSS",
+            shard=str(self.shard),
             symbol=gap.symbol,
             from_a=gap.from_a,
             to_a=gap.to_a,
@@ -313,7 +321,7 @@ class IngestService:
 
     def _after_reconnect(self, symbols: set[str]) -> None:
         """Trades missed during an outage show up at the symbol's next frame; a quiet symbol may have none
-        for a long time, so check every symbol of the reconnected shard by REST now."""
+        for a long time, so check every symbol of the reconnected connection by REST now."""
         if not self.tuning.catch_up_after_reconnect:
             return
         for symbol in sorted(symbols):
@@ -341,14 +349,14 @@ class IngestService:
                 if last is not None:
                     self._known_last[symbol] = last
                 self._removed_at[symbol] = now
-                log_event(log, logging.INFO, "symbol removed", symbol=symbol, last_a=last)
+                log_event(log, logging.INFO, "symbol removed", symbol=symbol, last_a=last, shard=str(self.shard))
             for symbol in sorted(wanted - current):
                 self._removed_at.pop(symbol, None)
                 last = self._known_last.get(symbol)
                 self.sequencer.track(symbol, last)
                 if last is not None and self.started:
                     self.backfiller.catch_up(symbol)
-                log_event(log, logging.INFO, "symbol added", symbol=symbol, last_a=last)
+                log_event(log, logging.INFO, "symbol added", symbol=symbol, last_a=last, shard=str(self.shard))
             self.pool.update(wanted)
             return wanted
 
@@ -359,6 +367,20 @@ class IngestService:
         if not symbols:
             raise RestError(f"exchangeInfo lists no TRADING symbol quoted in {self.settings.market.quote_asset}")
         self.selection.set_base(symbols)
+        self._log_share("exchangeInfo", len(symbols))
+
+    def _log_share(self, source: str, total: int) -> None:
+        own = len(self.selection.base)
+        level = logging.WARNING if total and not own else logging.INFO
+        log_event(
+            log,
+            level,
+            "symbols of this shard" if own else "no symbol of this shard: this process publishes nothing",
+            shard=str(self.shard),
+            source=source,
+            symbols=own,
+            other_shards=total - own,
+        )
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -377,10 +399,23 @@ class IngestService:
             if not isinstance(body, dict):
                 raise SymbolRequestError("the body must be a JSON object")
             self.selection.apply(body)
+        except WrongShard as exc:
+            # 409: the request is well-formed, but another process follows these symbols.
+            owners = {symbol: str(owner) for symbol, owner in sorted(exc.owners.items())}
+            log_event(log, logging.WARNING, "POST /symbols for another shard", shard=str(self.shard), owners=owners)
+            body = {"ok": False, "error": str(exc), "shard": str(self.shard), "owners": owners}
+            return web.json_response(body, status=409)
         except (ValueError, SymbolRequestError) as exc:
             return web.json_response({"ok": False, "error": str(exc)}, status=400)
         wanted = await self.apply_symbols()
-        return web.json_response({"ok": True, "symbols": sorted(wanted)})
+        return web.json_response(
+            {
+                "ok": True,
+                "symbols": sorted(wanted),
+                "shard": str(self.shard),
+                "other_shards": self.selection.elsewhere,
+            }
+        )
 
     async def _get_symbols(self, _request: web.Request) -> web.Response:
         return web.json_response(
@@ -389,6 +424,8 @@ class IngestService:
                 "added": sorted(self.selection.added),
                 "removed": sorted(self.selection.removed),
                 "discover": self.settings.market.discover,
+                "shard": str(self.shard),
+                "other_shards": self.selection.elsewhere,
             }
         )
 
@@ -436,6 +473,10 @@ class IngestService:
             queue_inflight=pub.inflight_trades if pub else 0,
             queue_size=self.queue_size,
             symbols=len(self.sequencer.symbols),
+            symbols_other_shards=self.selection.elsewhere,
+            shard=str(self.shard),
+            shard_index=self.shard.index,
+            shard_count=self.shard.count,
             ready=self.ready(),
             fatal=self.fatal,
         )
@@ -498,6 +539,8 @@ class IngestService:
             except RestError as exc:
                 log_event(log, logging.CRITICAL, "cannot discover symbols from exchangeInfo", error=str(exc))
                 return 1
+        else:
+            self._log_share("market.symbols", len(set(market.symbols)))
         wanted = self.selection.wanted
         recovery = await recover_last_ids(
             self.settings.kafka,
@@ -511,6 +554,7 @@ class IngestService:
             log,
             logging.INFO,
             "recovered last ids from the topic",
+            shard=str(self.shard),
             recovered=len(recovery.last),
             fresh=sorted(recovery.not_found)[:50],
             records_read=recovery.records_read,
@@ -538,7 +582,15 @@ class IngestService:
         for symbol in sorted(self.sequencer.symbols):
             if self.sequencer.last(symbol) is not None:
                 self.backfiller.catch_up(symbol)
-        log_event(log, logging.INFO, "ingest running", symbols=len(wanted), venue=market.venue, ws_url=market.ws_url)
+        log_event(
+            log,
+            logging.INFO,
+            "ingest running",
+            shard=str(self.shard),
+            symbols=len(wanted),
+            venue=market.venue,
+            ws_url=market.ws_url,
+        )
         stop = asyncio.create_task(self.shutdown.wait())
         fatal = asyncio.create_task(self._fatal_event.wait())
         try:
@@ -624,6 +676,7 @@ class IngestService:
                 "dropped_held": self.sequencer.held_total,
                 "unacknowledged": publisher.inflight_trades + self.outbox.trades,
             }
+            counts["shard"] = str(self.shard)
             if flushed:
                 log_event(log, logging.INFO, "flushed", **counts)
             else:
@@ -643,7 +696,9 @@ class IngestService:
             await self.health.stop()
         if self.fatal is not None:
             code = 1
-        log_event(log, logging.INFO, "ingest stopped", exit_code=code, reason=self.shutdown.reason)
+        log_event(
+            log, logging.INFO, "ingest stopped", shard=str(self.shard), exit_code=code, reason=self.shutdown.reason
+        )
         return code
 
     async def _repair_held(self, budget_s: float) -> None:

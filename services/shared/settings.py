@@ -14,6 +14,7 @@ A bad value stops the service at start with one line naming the key, where it ca
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,6 +153,35 @@ class MarketSettings(_Section):
         return tuple(validate_interval(i) for i in value)
 
 
+class IngestSettings(_Section):
+    """``services/ingest``: which shard of the symbol set this process follows (services/ingest/shard.py)."""
+
+    # "i/N": N ingest processes, this one is number i (0 <= i < N) and follows the symbols whose stable hash
+    # (SHA-256 of the symbol, mod N) is i. "0/1": one process follows every symbol.
+    shard: str = "0/1"
+
+    @field_validator("shard")
+    @classmethod
+    def _shard_i_of_n(cls, value: str) -> str:
+        match = re.fullmatch(r"\s*([0-9]{1,4})\s*/\s*([0-9]{1,4})\s*", value)
+        if match is None:
+            raise ValueError(f'expected "i/N" (this process is shard i of N, 0 <= i < N), like "0/2", got {value!r}')
+        i, n = int(match[1]), int(match[2])
+        if not 1 <= n <= 1024:
+            raise ValueError(f"the shard count N must be between 1 and 1024, got {n}")
+        if i >= n:
+            raise ValueError(f"the shard index i must be below the count N: shards of {n} are 0 to {n - 1}, got {i}")
+        return f"{i}/{n}"
+
+    @property
+    def shard_index(self) -> int:
+        return int(self.shard.partition("/")[0])
+
+    @property
+    def shard_count(self) -> int:
+        return int(self.shard.partition("/")[2])
+
+
 class AggregatorSettings(_Section):
     snapshot_interval_ms: int = Field(default=1000, gt=0)
     # "wall": the clock that closes quiet klines is the machine's UTC clock (live Binance).
@@ -227,6 +257,7 @@ class Settings(BaseSettings):
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     persistence: PersistenceSettings = PersistenceSettings()
     market: MarketSettings = MarketSettings()
+    ingest: IngestSettings = IngestSettings()
     aggregator: AggregatorSettings = AggregatorSettings()
     gateway: GatewaySettings = GatewaySettings()
     service: ServiceSettings = ServiceSettings()
