@@ -514,6 +514,10 @@ class LocalPipeline:
         symbols = o.symbols or list(self.settings.market.symbols)
         venue = o.venue or self.settings.market.venue
         argv = [PY, "-m", "services.replay", "--port", str(o.replay_port), "--speed", str(o.speed), "--venue", venue]
+        # Market time starts once ingest subscribed to every symbol: it subscribes in steps (200 streams in the
+        # URL, the rest by paced SUBSCRIBE messages, 1,024 per connection), and at --speed 0 a market started by
+        # the first subscription would be over before the last one, its trades never seen.
+        argv += ["--autostart", "on_all_subscribed"]
         if o.files:
             for spec in o.files:
                 argv += ["--file", spec]

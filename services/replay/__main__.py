@@ -47,9 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, default=1.0, help="market time per real time; 0 = as fast as possible")
     p.add_argument(
         "--autostart",
-        choices=("on_subscribe", "immediately", "never"),
+        choices=("on_subscribe", "on_all_subscribed", "immediately", "never"),
         default="on_subscribe",
-        help="when market time starts (never = on POST /_control/resume)",
+        help="when market time starts: at the first subscription, once every symbol is subscribed, at once, or "
+        "never (on POST /_control/resume)",
     )
     gen = p.add_argument_group("generated market")
     gen.add_argument("--symbols", default="BTCUSDT,ETHUSDT", help="comma-separated")

@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 Venue = Literal["spot", "usdm"]
 """``spot``: ``/stream``, ``/ws``, ``/api/v3``; ``usdm`` (futures): ``/market/stream``, ``/market/ws``, ``/fapi/v1``."""
 
-Autostart = Literal["on_subscribe", "immediately", "never"]
-"""When market time starts: at the first aggTrade subscription, at once, or only on ``resume``."""
+Autostart = Literal["on_subscribe", "on_all_subscribed", "immediately", "never"]
+"""When market time starts: at the first aggTrade subscription, once every listed symbol's aggTrade stream is
+subscribed (a client that subscribes in steps, over several connections, misses nothing at ``speed=0``), at
+once, or only on ``resume``."""
 
 _SYMBOL = re.compile(r"^[A-Z0-9]{2,30}$")
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")

@@ -114,7 +114,7 @@ class ReplayExchange:
         app.router.add_get(f"{prefix}/ws/{{streams:.+}}", handler)
 
     def _on_first_subscription(self) -> None:
-        if self.config.autostart == "on_subscribe" and self._publisher is not None:
+        if self.config.autostart in ("on_subscribe", "on_all_subscribed") and self._publisher is not None:
             self._publisher.start()
 
     @staticmethod

@@ -402,7 +402,17 @@ class StreamHub:
         self._background: set[asyncio.Task[None]] = set()
 
     def on_subscribed(self) -> None:
-        """A connection subscribed to a listed symbol: start the feed if it waits for that."""
+        """A connection subscribed to a listed symbol: start the feed if it waits for that (with
+        ``autostart="on_all_subscribed"``, for every listed symbol to be subscribed by some connection)."""
+        if self._on_first_subscription is None:
+            return
+        if self.config.autostart == "on_all_subscribed":
+            covered: set[int] = set()
+            for conn in self.connections:
+                if not conn.silent:
+                    covered |= conn.symbols
+            if len(covered) < len(self.tape.by_index):
+                return
         callback, self._on_first_subscription = self._on_first_subscription, None
         if callback is not None:
             callback()

@@ -1,15 +1,18 @@
-"""``klines run``'s end summary and exit status, and the namespace of a fresh run (no processes started)."""
+"""``klines run``: its end summary and exit status, a fresh run's namespace, and how it starts the replay market."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 from ports import free_port
 
+from services.replay import GeneratorFeed, ReplayConfig, ReplayExchange
 from services.runner import LocalPipeline, RunOptions, RunSummary, Service, apply_env, fresh_namespace
 from services.shared.settings import Settings
 
@@ -169,6 +172,7 @@ def test_a_generated_market_with_zipf_activity_reaches_the_exchange(
     argv = started[0]
     assert argv[argv.index("--zipf") + 1] == "1.2" and argv[argv.index("--zipf-top") + 1] == "20.0"
     assert argv[argv.index("--symbols") + 1] == ",".join(symbols)
+    assert argv[argv.index("--autostart") + 1] == "on_all_subscribed"
     assert "generated BTCUSDT,X000USDT," in out.getvalue() and "and 1,990 more" in out.getvalue()
     started.clear()
     plain = LocalPipeline(Settings(), RunOptions(offline=True, symbols=["BTCUSDT"]), out)
@@ -196,3 +200,27 @@ def test_the_run_waits_for_a_slow_exchange_while_it_lives_and_gives_up_at_the_ti
     gone = _replay(tmp_path, [sys.executable, "-c", "print('no market here')"])
     with pytest.raises(RuntimeError, match=r"exited during its start[\s\S]*no market here"):
         gone._wait_replay(30.0)
+
+
+def test_the_market_of_a_run_starts_once_every_symbol_is_subscribed() -> None:
+    """Ingest subscribes in steps, over connections of at most 1,024 streams: at --speed 0 a market started by
+    the first subscription was over before the last symbols were subscribed, and their trades were never seen."""
+
+    async def scenario() -> None:
+        feed = GeneratorFeed(symbols=("BTCUSDT", "ETHUSDT", "TRXUSDT"), duration_ms=60_000)
+        config = ReplayConfig(feed=feed, speed=0, autostart="on_all_subscribed", port=free_port())
+        async with ReplayExchange(config) as exchange, aiohttp.ClientSession() as http:
+            first = await http.ws_connect(exchange.stream_url(["BTCUSDT", "ETHUSDT"]))
+            await asyncio.sleep(0.3)
+            assert not exchange.status()["started"], "two of three symbols subscribed: the market waits"
+            second = await http.ws_connect(exchange.stream_url([]))
+            await second.send_str(json.dumps({"method": "SUBSCRIBE", "params": ["trxusdt@aggTrade"], "id": 1}))
+            for _ in range(50):
+                if exchange.status()["started"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert exchange.status()["started"]
+            await first.close()
+            await second.close()
+
+    asyncio.run(scenario())
