@@ -87,6 +87,8 @@ class Stats:
     checkpoints: int = 0
     checkpoint_failures: int = 0
     checkpoints_deferred: int = 0
+    #: Checkpoints not started yet because encoding them would take more than its share of the time.
+    checkpoints_spaced: int = 0
     commits: int = 0
     restores: int = 0
     restored_symbols: int = 0

@@ -1,4 +1,5 @@
-"""The checkpointer never writes a record larger than one may be, whatever the book holds; a burst defers it."""
+"""The checkpointer never writes a record larger than one may be, whatever the book holds; a burst defers it.
+Encoding checkpoints takes at most its share of the time, however many symbols are dirty."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import pytest
 from aiokafka import TopicPartition
 
 from services.aggregator.checkpoint import MARKER_KEY
-from services.aggregator.checkpointer import MAX_RECORD_BYTES, MAX_UNCONFIRMED_PER_RECORD, Checkpointer
+from services.aggregator.checkpointer import (
+    MAX_CHECKPOINT_INTERVAL_S,
+    MAX_RECORD_BYTES,
+    MAX_UNCONFIRMED_PER_RECORD,
+    Checkpointer,
+)
 from services.aggregator.state import PartitionState, Stats
 from services.core.book import MAX_ID_RANGES, KlineBooks
 from services.core.intervals import INTERVALS
@@ -110,3 +116,92 @@ async def test_a_record_over_the_byte_limit_defers_even_under_the_kline_count() 
         max_record_bytes=50_000,
     )
     assert ckpt.start(part) is None and producer.sent == [] and stats.checkpoints_deferred == 1
+
+
+class TimedCheckpointer(Checkpointer):
+    """Encoding a partition's dirty symbols takes ``cost_s`` of its clock per symbol."""
+
+    def __init__(self, producer: Producer, stats: Stats, cost_s: float) -> None:
+        self.now = 0.0
+        self.cost_s = cost_s
+        super().__init__(
+            producer=producer,
+            topic="ckpt",
+            reader=Reader(),
+            intervals=ALL,
+            grace_ms=0,
+            stats=stats,
+            time_share=0.1,
+            monotonic=lambda: self.now,
+        )
+
+    def _records(self, part: PartitionState) -> Any:
+        self.now += self.cost_s * len(part.dirty)
+        return super()._records(part)
+
+
+def dirty_partition(partition: int, symbols: int) -> PartitionState:
+    books = KlineBooks(("1m", "1h"), 0)
+    part = PartitionState(TopicPartition("trades", partition), books)
+    for n in range(symbols):
+        symbol = f"P{partition}S{n:03d}USDT"
+        books.apply(symbol, [AggTrade(symbol, 1, "1.5", "2", 1, 1, T0, False)])
+        part.next_offsets[symbol] = n + 1
+    part.dirty = set(books.symbols())
+    part.position = symbols
+    return part
+
+
+async def test_checkpoints_of_many_dirty_symbols_take_their_share_of_the_time_and_no_more() -> None:
+    stats = Stats()
+    ckpt = TimedCheckpointer(Producer(MAX_RECORD_BYTES), stats, cost_s=0.001)
+    parts = [dirty_partition(p, 100) for p in range(2)]  # 0.1 s to encode each partition
+    encoded = 0.0
+    for tick in range(60):  # a tick a second, every symbol dirty again every tick (a catch-up)
+        ckpt.now = max(ckpt.now, float(tick))
+        for part in parts:
+            before = ckpt.now
+            flight = ckpt.start(part)
+            encoded += ckpt.now - before
+            if flight is not None:
+                assert await flight
+            part.dirty = set(part.books.symbols())
+            part.position = (part.position or 0) + 1
+    # Both partitions: 0.2 s of encoding together, so each waits 2 s (3 ticks, as the ticks fall) between its
+    # checkpoints: about 20 each, not 60; neither is starved.
+    assert encoded == pytest.approx(0.1 * stats.checkpoints)
+    assert 40 <= stats.checkpoints <= 62 and stats.checkpoints_spaced >= 55
+    assert encoded / 60 <= 0.1  # the share, not the 20% a checkpoint per tick would take
+    assert all(p.checkpointed is not None and p.checkpointed >= p.position - 3 for p in parts)
+
+
+async def test_a_few_dirty_symbols_are_still_checkpointed_every_tick_and_a_forced_one_never_waits() -> None:
+    stats = Stats()
+    ckpt = TimedCheckpointer(Producer(MAX_RECORD_BYTES), stats, cost_s=0.0004)
+    part = dirty_partition(0, 20)  # 8 ms: a checkpoint may start every 80 ms
+    for tick in range(10):
+        ckpt.now = float(tick)
+        part.dirty = set(part.books.symbols())
+        part.position = tick + 100
+        flight = ckpt.start(part)
+        assert flight is not None and await flight
+    assert stats.checkpoints == 10 and stats.checkpoints_spaced == 0
+    part.dirty = set(part.books.symbols())
+    part.position = 200
+    assert ckpt.start(part) is None  # 8 ms later: not yet ...
+    assert await ckpt.final([part], 1.0) == {0}  # ... but a rebalance's or a stop's checkpoint is written now
+    assert part.checkpointed == 200
+
+
+async def test_the_wait_between_checkpoints_is_capped() -> None:
+    stats = Stats()
+    ckpt = TimedCheckpointer(Producer(MAX_RECORD_BYTES), stats, cost_s=0.1)
+    part = dirty_partition(0, 100)  # 10 s to encode: 100 s at a 10% share, capped
+    flight = ckpt.start(part)
+    assert flight is not None and await flight
+    part.dirty, part.position = set(part.books.symbols()), 500
+    ckpt.now = MAX_CHECKPOINT_INTERVAL_S - 0.5
+    assert ckpt.start(part) is None
+    ckpt.now = MAX_CHECKPOINT_INTERVAL_S
+    flight = ckpt.start(part)
+    assert flight is not None and await flight and part.checkpointed == 500
