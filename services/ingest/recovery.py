@@ -108,8 +108,9 @@ async def recover_last_ids(
         if not partitions:
             raise RecoveryFailed(f"topic {topic!r} has no partitions (does it exist? `klines topics create`)")
         count = len(partitions)
+        wanted_set = set(wanted)
         by_partition: dict[int, set[str]] = {}
-        for symbol in set(wanted):
+        for symbol in wanted_set:
             by_partition.setdefault(partition_for(symbol, count), set()).add(symbol)
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         begins = await consumer.beginning_offsets(tps)
@@ -124,7 +125,8 @@ async def recover_last_ids(
                 lo = max(floor, hi - chunk)
                 found = await _read_range(consumer, tp, lo, hi, result)
                 for symbol, last in found.items():
-                    if symbol not in result.last:
+                    # Only the wanted ones: a partition also holds other symbols (another shard's, removed ones).
+                    if symbol in wanted_set and symbol not in result.last:
                         result.last[symbol] = last
                 pending -= found.keys()
                 hi = lo

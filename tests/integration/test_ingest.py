@@ -32,6 +32,7 @@ from ports import free_port
 from services.ingest.backfill import BackfillOptions
 from services.ingest.connections import ConnectionOptions
 from services.ingest.service import IngestService, IngestTuning
+from services.ingest.shard import shard_of
 from services.replay import GeneratorFeed, ReplayConfig, ReplayExchange
 from services.shared.kafka import KafkaUnreachable, make_consumer
 from services.shared.messages import Gap, TradeBatch, decode_trades_value
@@ -723,7 +724,9 @@ async def test_unreachable_kafka_is_a_startup_error(settings: Settings) -> None:
 # --------------------------------------------------------------------------------------------------- process
 
 
-def _start_ingest(settings: Settings, ex: ReplayExchange, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def _start_ingest(
+    settings: Settings, ex: ReplayExchange, port: int, log_path: Path, **extra_env: str
+) -> subprocess.Popen[bytes]:
     kafka = settings.kafka
     env = dict(os.environ)
     env.update(
@@ -738,6 +741,7 @@ def _start_ingest(settings: Settings, ex: ReplayExchange, port: int, log_path: P
         KLINES_SERVICE__SHUTDOWN_GRACE_S="5",
         KLINES_SERVICE__LOG_FORMAT="json",
     )
+    env.update(extra_env)
     env.pop("KLINES_CONFIG", None)
     with log_path.open("ab") as log:
         return subprocess.Popen(
@@ -829,3 +833,95 @@ async def test_sigterm_sigkill_and_restarts_publish_every_id_once(settings: Sett
     assert all(line["component"] == "ingest" for line in lines)
     stops = [line for line in lines if line["message"] == "ingest stopped"]
     assert [line["exit_code"] for line in stops] == [0, 0]
+
+
+# --------------------------------------------------------------------------------------------------- shards
+
+SHARDED = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT")
+
+
+async def _get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    async with http.get(url) as resp:
+        assert resp.status == 200, url
+        return await resp.json()
+
+
+async def test_two_shards_split_the_symbols_and_take_over_from_one_process(settings: Settings, tmp_path: Path) -> None:
+    """Adding a replica: one ingest (shard 0/1) runs and is stopped; two processes with shards 0/2 and 1/2, both
+    discovering the symbols from exchangeInfo, take over. Each follows exactly its own shard's symbols (a
+    POST /symbols for the other's is refused with its owner); together, with the first run, they publish every
+    id of every symbol exactly once: no symbol published by both, none left out, nothing lost at the hand-over."""
+    own = {i: {s for s in SHARDED if shard_of(s, 2) == i} for i in (0, 1)}
+    assert own[0] and own[1], "the test's symbols must fall in both shards"
+    logs = {name: tmp_path / f"ingest-{name}.log" for name in ("single", "0", "1")}
+    discover = {"KLINES_MARKET__DISCOVER": "true", "KLINES_MARKET__SYMBOLS": "[]"}
+    async with ReplayExchange(exchange_config(symbols=SHARDED, minutes=8, speed=60)) as ex:
+        port = free_port()
+        single = _start_ingest(settings, ex, port, logs["single"], KLINES_INGEST__SHARD="0/1", **discover)
+        try:
+            await _ready(port, single)
+            ex.start_feed()
+            await until(lambda: published(ex, "BTCUSDT") > 300, 15, "trades")
+            single.send_signal(signal.SIGTERM)
+            assert await _exit_code(single, 8) == 0
+        finally:
+            if single.poll() is None:
+                single.kill()
+        ports = {i: free_port() for i in (0, 1)}
+        shards = {
+            i: _start_ingest(settings, ex, ports[i], logs[str(i)], KLINES_INGEST__SHARD=f"{i}/2", **discover)
+            for i in (0, 1)
+        }
+        try:
+            for i in (0, 1):
+                await _ready(ports[i], shards[i])
+            async with aiohttp.ClientSession() as http:
+                for i in (0, 1):
+                    listed = await _get_json(http, f"http://127.0.0.1:{ports[i]}/symbols")
+                    assert set(listed["symbols"]) == own[i], f"shard {i}/2"
+                    assert listed["shard"] == f"{i}/2" and listed["other_shards"] == len(own[1 - i])
+                foreign = sorted(own[1])[0]
+                async with http.post(f"http://127.0.0.1:{ports[0]}/symbols", json={"add": [foreign]}) as resp:
+                    assert resp.status == 409
+                    answer = await resp.json()
+                assert answer["owners"] == {foreign: "1/2"} and answer["shard"] == "0/2"
+                assert "send these to the ingest of their shard" in answer["error"]
+                await ex.wait_exhausted(40)
+                lasts = {s: ex.trades(s)[-1].a for s in SHARDED}
+
+                async def complete() -> bool:
+                    records = await published_by_symbol(settings)
+                    return all(ids_of(records.get(s, []))[-1:] == [lasts[s]] for s in SHARDED)
+
+                deadline = time.monotonic() + 30
+                while not await complete():
+                    assert time.monotonic() < deadline, "the shards did not catch up"
+                    await asyncio.sleep(0.3)
+                figures = {i: await _get_json(http, f"http://127.0.0.1:{ports[i]}/metrics.json") for i in (0, 1)}
+            for i in (0, 1):
+                shards[i].send_signal(signal.SIGTERM)
+            for i in (0, 1):
+                assert await _exit_code(shards[i], 8) == 0
+        finally:
+            for proc in shards.values():
+                if proc.poll() is None:
+                    proc.kill()
+        await assert_exactly_once(settings, ex, SHARDED)
+        total = sum(len(ex.trades(s)) for s in SHARDED)
+    for i in (0, 1):
+        assert (figures[i]["shard_index"], figures[i]["shard_count"]) == (i, 2)
+        assert figures[i]["symbols"] == len(own[i]) and figures[i]["symbols_other_shards"] == len(own[1 - i])
+    lines = {
+        name: [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+        for name, path in logs.items()
+    }
+    for i in (0, 1):
+        added = {line["symbol"] for line in lines[str(i)] if line["message"] == "symbol added"}
+        assert added == own[i], f"shard {i}/2 followed {sorted(added)}"
+        (running,) = [line for line in lines[str(i)] if line["message"] == "ingest running"]
+        assert running["shard"] == f"{i}/2"
+        (recovered,) = [line for line in lines[str(i)] if line["message"] == "recovered last ids from the topic"]
+        assert recovered["recovered"] == len(own[i]), "each shard resumes its symbols from the first run's records"
+    flushed = [line for name in lines for line in lines[name] if line["message"] == "flushed"]
+    assert len(flushed) == 3 and all(line["dropped_held"] == 0 for line in flushed)
+    assert sum(line["trades_published"] for line in flushed) == total, "every trade published once, by one process"
