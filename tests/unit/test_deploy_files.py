@@ -40,7 +40,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.shared.settings import Settings, load_settings
+from services.shared.settings import ConfigError, Settings, load_settings
 
 pytestmark = pytest.mark.unit
 
@@ -170,6 +170,15 @@ def _klines_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The services that run the klines image (the one service with ``build:`` builds it), init included."""
     (image,) = [svc["image"] for svc in compose["services"].values() if "build" in svc]
     return {name: svc for name, svc in compose["services"].items() if svc.get("image") == image}
+
+
+def _ingest_shards(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The compose services that run ingest: one per shard of the symbol set (``ingest``, ``ingest-1``, ...)."""
+    return {
+        name: svc
+        for name, svc in _klines_services(compose).items()
+        if svc.get("command") == ["python", "-m", "services.ingest"]
+    }
 
 
 def _modules_named_in_compose() -> list[str]:
@@ -346,7 +355,7 @@ def test_dotenv_documents_every_compose_variable(dotenv: dict[str, str]) -> None
 def test_compose_runs_every_service_from_one_image(compose: dict[str, Any]) -> None:
     """One build (init's), reused by every other klines service: parallel builds of one tag can collide."""
     services = _klines_services(compose)
-    assert set(SERVICE_PORTS) | {"init", "replay"} == set(services)
+    assert set(SERVICE_PORTS) | {"init", "replay"} | set(_ingest_shards(compose)) == set(services)
     builders = [name for name, svc in compose["services"].items() if "build" in svc]
     assert builders == ["init"], "exactly one service builds the klines image: init, which runs first"
     assert services["init"]["build"]["context"] == "."
@@ -355,6 +364,8 @@ def test_compose_runs_every_service_from_one_image(compose: dict[str, Any]) -> N
             assert "build" not in svc and svc.get("pull_policy") == "never", f"{name}: uses init's local image"
         if name in SERVICE_PORTS:
             assert svc["command"] == ["python", "-m", f"services.{name}"], name
+        elif name not in ("init", "replay"):
+            assert name in _ingest_shards(compose), f"{name}: an unexpected service"
     replay = services["replay"]
     assert replay["command"][:3] == ["python", "-m", "services.replay"]
     assert replay["profiles"] == ["offline"]
@@ -514,7 +525,13 @@ def test_kubernetes_runs_the_same_entry_points_as_compose(manifests: list[dict[s
     assert named <= set(_modules_named_in_compose()), "test_entry_point_exists_in_the_source_tree checks these"
 
 
-def _resolved_env(container: dict[str, Any], manifests: list[dict[str, Any]]) -> dict[str, str]:
+POD_INDEX_FIELD = "metadata.labels['apps.kubernetes.io/pod-index']"
+
+
+def _resolved_env(container: dict[str, Any], manifests: list[dict[str, Any]], *, ordinal: int = 0) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: ConfigMaps, values with ``$(VAR)`` expanded from
+    the variables before them, Secrets; a field of the pod as ``<fieldPath>``, except a StatefulSet pod's
+    ordinal label, which is ``ordinal``."""
     config_maps = _of_kind(manifests, "ConfigMap")
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
@@ -522,9 +539,11 @@ def _resolved_env(container: dict[str, Any], manifests: list[dict[str, Any]]) ->
     secrets = _of_kind(manifests, "Secret")
     for item in container.get("env", []):
         if "value" in item:
-            env[item["name"]] = item["value"]
+            # Kubernetes expands $(NAME) of a variable defined before; anything else stays as written.
+            env[item["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), item["value"])
         elif "fieldRef" in item["valueFrom"]:
-            env[item["name"]] = f"<{item['valueFrom']['fieldRef']['fieldPath']}>"  # the pod's own field
+            path = item["valueFrom"]["fieldRef"]["fieldPath"]
+            env[item["name"]] = str(ordinal) if path == POD_INDEX_FIELD else f"<{path}>"  # the pod's own field
         else:
             ref = item["valueFrom"]["secretKeyRef"]
             secret = secrets[ref["name"]]
@@ -641,7 +660,9 @@ def test_base_renders_without_infrastructure() -> None:
     kinds = {doc["kind"] for doc in documents}
     assert {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget", "ConfigMap", "Job"} <= kinds
     assert not kinds & {"Secret", "Namespace", "NetworkPolicy"}, "network policies: an opt-in component"
-    assert set(_of_kind(documents, "StatefulSet")) == {"klines-aggregator"}, "no Kafka or ClickHouse in base"
+    assert set(_of_kind(documents, "StatefulSet")) == {"klines-aggregator", "klines-ingest"}, (
+        "no Kafka or ClickHouse in base"
+    )
 
 
 # --- compose hardening ----------------------------------------------------------------------------------------
@@ -1274,12 +1295,68 @@ def test_ingest_mounts_the_admin_token_secret_as_a_file(manifests: list[dict[str
 
 
 def test_compose_gives_ingest_the_admin_token_as_a_secret_file(compose: dict[str, Any], dotenv: dict[str, str]) -> None:
-    ingest = compose["services"]["ingest"]
-    assert ingest["secrets"] == ["klines_admin_token"]
-    env = _compose_environment(compose, "ingest")
-    assert env["KLINES_SERVICE__ADMIN_TOKEN_FILE"] == "/run/secrets/klines_admin_token"
+    shards = _ingest_shards(compose)
+    assert "ingest" in shards
+    for name, ingest in shards.items():
+        assert ingest["secrets"] == ["klines_admin_token"], name
+        env = _compose_environment(compose, name)
+        assert env["KLINES_SERVICE__ADMIN_TOKEN_FILE"] == "/run/secrets/klines_admin_token", name
     assert compose["secrets"]["klines_admin_token"]["file"] == dotenv["KLINES_ADMIN_TOKEN_FILE"]
     for name in _klines_services(compose):
-        if name != "ingest":
+        if name not in shards:
             assert "secrets" not in compose["services"][name], name
             assert "KLINES_SERVICE__ADMIN_TOKEN_FILE" not in _compose_environment(compose, name), name
+
+
+# --- ingest shards --------------------------------------------------------------------------------------------
+
+
+def test_kubernetes_ingest_pods_are_the_shards_of_one_stateful_set(
+    manifests: list[dict[str, Any]], clean_environment: pytest.MonkeyPatch
+) -> None:
+    """A StatefulSet of N pods; pod i (its ordinal label) is shard i/N, with N = replicas: together exactly the
+    shards 0..N-1 of N. A pod beyond N (replicas raised without N) fails its settings instead of running."""
+    workload = _deployments_by_service(manifests)["ingest"]
+    assert workload["kind"] == "StatefulSet"
+    spec = workload["spec"]
+    replicas = spec["replicas"]
+    assert replicas >= 2, "the manifests show more than one shard"
+    assert spec["podManagementPolicy"] == "Parallel" and spec["updateStrategy"]["type"] == "RollingUpdate"
+    (container,) = spec["template"]["spec"]["containers"]
+    shards = []
+    for ordinal in range(replicas):
+        env = _resolved_env(container, manifests, ordinal=ordinal)
+        shards.append(_settings_with(env, clean_environment).ingest.shard)
+    assert shards == [f"{i}/{replicas}" for i in range(replicas)]
+    env = _resolved_env(container, manifests, ordinal=replicas)
+    with pytest.raises(ConfigError, match=r"ingest\.shard"):
+        _settings_with(env, clean_environment)
+    # The governing Service gives each shard a name of its own (POST /symbols must reach the symbol's shard).
+    headless = _of_kind(manifests, "Service")[spec["serviceName"]]["spec"]
+    assert headless["clusterIP"] == "None"
+    labels = spec["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in headless["selector"].items())
+
+
+def test_compose_ingest_services_are_the_shards_of_one_count(
+    compose: dict[str, Any], clean_environment: pytest.MonkeyPatch
+) -> None:
+    """Compose has no ordinals: one service per shard, ``ingest`` shard 0, ``ingest-<i>`` shard i, all of the
+    same N = the number of ingest services, otherwise configured alike, each on its own host port."""
+    shards = _ingest_shards(compose)
+    count = len(shards)
+    assert count >= 2, "compose shows more than one shard"
+    assert set(shards) == {"ingest"} | {f"ingest-{i}" for i in range(1, count)}
+    loaded = {}
+    for name in shards:
+        env = _compose_environment(compose, name)
+        loaded[name] = _settings_with(env, clean_environment)
+        index = 0 if name == "ingest" else int(name.removeprefix("ingest-"))
+        assert loaded[name].ingest.shard == f"{index}/{count}", name
+    others = [s.model_dump(exclude={"ingest"}) for s in loaded.values()]
+    assert all(o == others[0] for o in others), "the shards differ only in their shard"
+    host_ports = [port.rsplit(":", 1)[0] for svc in shards.values() for port in svc["ports"]]
+    assert len(set(host_ports)) == count, host_ports
+    for name, svc in shards.items():
+        assert svc["depends_on"] == compose["services"]["ingest"]["depends_on"], name
+        assert svc["healthcheck"] == compose["services"]["ingest"]["healthcheck"], name
