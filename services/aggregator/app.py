@@ -1,18 +1,16 @@
 """The Faust app: consumer group, rebalancing and lifecycle from Faust; trades handed over a batch at a time.
 
-What Faust does here, as it is (faust-streaming 0.15, aiokafka driver): the consumer group member (its
-aiokafka consumer runs in Faust's consumer thread), partition assignment, heartbeats, the rebalance callbacks
+What Faust does here, as it is (faust-streaming, aiokafka driver): the consumer group member (its aiokafka
+consumer runs in Faust's consumer thread), partition assignment, heartbeats, the rebalance callbacks
 (``app.on_partitions_revoked`` / ``app.on_partitions_assigned``, which this app connects to the engine),
 flow control during a rebalance (stop the flow, pause, seek to the committed offsets, resume), and start/stop.
 
-What is replaced, and why: Faust's fetcher (``Consumer._drain_messages``) hands every record to the streams
-one at a time — it awaits ``wait_first(callback(message), suspend_flow.wait())`` per message, which schedules
-new tasks per message and caps a Faust agent near 13k messages/s on this kind of machine (spec §7).
-:class:`BatchConsumer` keeps everything else of Faust's aiokafka consumer and overrides only that loop: it
-takes the batch Faust's consumer thread fetched (``_wait_next_records``, which honours flow control and
-paused partitions) and passes it whole to the aggregator's batch agent, :meth:`Aggregator.handle_batch
-<services.aggregator.engine.Aggregator.handle_batch>`. :class:`AggregatorApp` plugs it in through Faust's
-transport factory (``App._new_transport``).
+What is replaced: Faust's per-message fetch loop, which caps a Faust agent near 13k messages/s (spec §7).
+:class:`BatchFetcher` takes each batch Faust's consumer thread fetched (honouring flow control and paused
+partitions) and passes it whole to the aggregator's batch agent, :meth:`Aggregator.handle_batch
+<services.aggregator.engine.Aggregator.handle_batch>`. The private Faust hooks that make this possible are all in
+:mod:`services.aggregator.faust_seam` (pinned version, contract tests); this module uses only the seam's public
+names (a unit test checks that no other aggregator module touches a private Faust name).
 
 The ``trades`` topic is registered with ``acks=False``: Faust's own commit machinery commits only acked
 offsets, so it never commits a ``trades`` offset; the engine commits exactly the checkpointed offsets through
@@ -23,18 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any, Protocol, cast
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
-import faust
 from aiokafka import TopicPartition
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
-from faust.transport.drivers import aiokafka as faust_aiokafka
-from mode.types.signals import BaseSignalT
+from aiokafka.structs import ConsumerRecord
 
+from services.aggregator.faust_seam import SEAM_LOGGER, FetchSession, GroupMember, SeamApp, on_rebalance
 from services.shared.settings import Settings
 
+__all__ = ["AggregatorApp", "BatchAgent", "BatchFetcher", "FaustGroup", "checkpoint_topic", "group_id", "make_app"]
+
 log = logging.getLogger("services.aggregator")
+
+#: The aggregator's Faust app: Faust's app with the batch fetch loop (:class:`BatchFetcher`) plugged in.
+AggregatorApp = SeamApp
 
 #: Records per fetched batch (Faust's ``broker_max_poll_records``): large enough that each symbol's records
 #: in it form long runs (folded at once) and the hand-off is amortised; at full load one batch is about 0.1 s
@@ -67,58 +68,58 @@ class BatchAgent(Protocol):
     async def on_assigned(self, tps: set[TopicPartition]) -> None: ...
 
 
-class BatchConsumer(faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer with the per-message fetch loop replaced by one hand-off per batch."""
+class BatchFetcher:
+    """The consumer's fetch loop: one hand-off to the agent per fetched batch of ``topic``.
 
-    async def _drain_messages(self, fetcher: Any) -> None:
-        app = cast(AggregatorApp, self.app)
-        agent = app.batch_agent
-        topic = app.batch_topic
-        consumer_stopped = self._stopped.is_set
-        fetcher_stopped = fetcher._stopped.is_set
-        # One fetch is always in flight while the previous batch is applied, so the consumer thread's network
-        # round trips overlap the agent's work. Each fetch carries the epoch at which it started: a rebalance
-        # (or a seek back) while it is in flight changes the epoch, and the agent then re-reads instead of
-        # applying records that may predate the rebalance's seek.
-        #
-        # Flow control (recovery protocol step 3): a fetch starts only while the agent's output has room. When a
-        # batch closed more klines than the producers took at once, the next fetch waits until they drained;
-        # so a burst slows the input, and no output is dropped.
+    1. Before each fetch, wait until the agent's output has room (flow control, recovery protocol step 3):
+       when a batch closed more klines than the producers took at once, the next fetch waits until they
+       drained, so a burst slows the input and no output is dropped.
+    2. Keep one fetch in flight while the previous batch is applied, so the consumer thread's network round
+       trips overlap the agent's work. Each fetch carries the agent's epoch at its start: a rebalance (or a
+       seek back) while it is in flight changes the epoch, and the agent then re-reads instead of applying
+       records that may predate the rebalance's seek.
+    3. A batch fetched while the flow stopped (a rebalance began) is not applied. The rebalance seeks every
+       partition to its committed offset, but the fetch may have run after that seek and moved past the records
+       it returned: once the flow resumes, the agent seeks its partitions back to where they resume, so the
+       records are read again. The same holds for the rest of a batch the agent left unapplied because a
+       rebalance began while it yielded between slices.
+    4. Return when the consumer or the fetcher stops; a consumer stopped by the broker or a cancellation while
+       the app is stopping ends the loop quietly, else it propagates (Faust restarts or crashes the app).
+    """
+
+    def __init__(self, agent: BatchAgent, topic: str) -> None:
+        self.agent = agent
+        self.topic = topic
+
+    async def run(self, session: FetchSession) -> None:
+        agent = self.agent
+        topic = self.topic
         next_fetch: tuple[int, asyncio.Future[Any]] | None = None
         try:
-            while not (consumer_stopped() or fetcher_stopped()):
+            while not session.stopped():
                 if next_fetch is None:
                     await agent.wait_for_room()
-                    next_fetch = (agent.epoch, asyncio.ensure_future(self._wait_next_records(1.0)))
+                    next_fetch = (agent.epoch, asyncio.ensure_future(session.next_records(1.0)))
                 epoch, pending = next_fetch
-                records, _active = await pending
+                records = await pending
                 next_fetch = None
-                if not records or self.should_stop or not self.flow_active:
-                    # Flow stopped while fetching (a rebalance began): the batch is not applied. The rebalance
-                    # seeks every partition to its committed offset, but this fetch may have run after that
-                    # seek and moved past the records it returned: once the rebalance is over, the agent seeks
-                    # its partitions back to where they resume, so the records are read again.
-                    batch = {tp: recs for tp, recs in (records or {}).items() if tp.topic == topic and recs}
-                    await self._read_again_after_rebalance(batch)
+                if not records or session.should_stop or not session.flow_active:
+                    batch = {tp: recs for tp, recs in records.items() if tp.topic == topic and recs}
+                    await self._read_again_after_rebalance(session, batch)
                     await asyncio.sleep(0)
                     continue
-                # Not for a stale batch: the agent seeks back for it, which changes the epoch, so a fetch started
-                # now would be stale too, be sought back for in turn, and so on while records keep coming (a
-                # backlog after a rebalance kept the aggregator re-reading forever). The next fetch starts at
-                # the top of the loop, after the seek, with the new epoch.
-                if agent.has_room() and epoch == agent.epoch:
-                    next_fetch = (agent.epoch, asyncio.ensure_future(self._wait_next_records(1.0)))
+                if agent.has_room():
+                    next_fetch = (agent.epoch, asyncio.ensure_future(session.next_records(1.0)))
                 batch = {tp: recs for tp, recs in records.items() if tp.topic == topic}
                 if batch:
-                    # A rebalance that began while the agent yielded between slices leaves the rest unapplied.
-                    await self._read_again_after_rebalance(await agent.handle_batch(batch, epoch))
+                    await self._read_again_after_rebalance(session, await agent.handle_batch(batch, epoch))
                 await asyncio.sleep(0)
-        except self.consumer_stopped_errors:
-            if self.transport.app.should_stop:
+        except session.stopped_errors:
+            if session.app_stopping:
                 return
             raise
         except asyncio.CancelledError:
-            if self.transport.app.should_stop:
+            if session.app_stopping:
                 return
             raise
         finally:
@@ -126,29 +127,15 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 next_fetch[1].cancel()
 
     async def _read_again_after_rebalance(
-        self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]] | None
+        self, session: FetchSession, batch: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]] | None
     ) -> None:
         """Hand records that were not applied back to the agent to be read again, once the flow resumed."""
-        if not batch or self.should_stop:
+        if not batch or session.should_stop:
             return
-        if not self.flow_active:
-            await self.wait(self.can_resume_flow)  # type: ignore[arg-type]  # as Faust does
-        if not (self.should_stop or self._stopped.is_set()):
-            await cast(AggregatorApp, self.app).batch_agent.read_again(batch)
-
-
-class BatchTransport(faust_aiokafka.Transport):
-    Consumer = BatchConsumer
-
-
-class AggregatorApp(faust.App):
-    """A Faust app whose consumer hands fetched batches of ``batch_topic`` to ``batch_agent``."""
-
-    batch_agent: BatchAgent
-    batch_topic: str
-
-    def _new_transport(self) -> Any:
-        return BatchTransport(self.conf.broker_consumer, self)
+        if not session.flow_active:
+            await session.wait_flow_resumed()
+        if not (session.should_stop or session.consumer_stopped()):
+            await self.agent.read_again(batch)
 
 
 class FaustGroup:
@@ -158,33 +145,22 @@ class FaustGroup:
     the engine as an exception (it retries with the next checkpoint) instead of crashing Faust's thread.
     """
 
-    def __init__(self, app: faust.App) -> None:
-        self._app = app
+    def __init__(self, app: AggregatorApp) -> None:
+        self._member = GroupMember(app)
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
-        thread = cast(faust_aiokafka.Consumer, self._app.consumer)._thread
-        owned = thread.assignment()
-        to_commit = {
-            TopicPartition(tp.topic, tp.partition): OffsetAndMetadata(offset, "")
-            for tp, offset in offsets.items()
-            if tp in owned
-        }
+        owned = self._member.assignment()
+        to_commit = {tp: offset for tp, offset in offsets.items() if tp in owned}
         if not to_commit:
             return False
-        await thread.call_thread(thread._ensure_consumer().commit, to_commit)
+        await self._member.commit(to_commit)
         return True
 
     def highwater(self, tp: TopicPartition) -> int | None:
-        value = self._app.consumer.highwater(tp)
-        return None if value is None else int(value)
+        return self._member.highwater(tp)
 
     async def seek(self, tp: TopicPartition, offset: int | None) -> None:
-        thread = cast(faust_aiokafka.Consumer, self._app.consumer)._thread
-        target = TopicPartition(tp.topic, tp.partition)
-        if offset is None:
-            await thread.seek_to_beginning(target)
-        else:
-            await thread.seek_wait({target: offset})
+        await self._member.seek(tp, offset)
 
 
 def group_id(settings: Settings) -> str:
@@ -212,6 +188,8 @@ def make_app(
     timeout to expire the old member; it also does not leave the group on a graceful stop.
     """
     kafka = settings.kafka
+    # mode logs every service start/stop at INFO under the module of the Faust subclasses (the seam's).
+    logging.getLogger(SEAM_LOGGER).setLevel(max(logging.WARNING, logging.getLogger().level))
     app = AggregatorApp(
         group_id(settings),
         broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap.split(",")],
@@ -233,17 +211,7 @@ def make_app(
         stream_wait_empty=False,
         consumer_group_instance_id=instance_id,
     )
-    app.batch_agent = agent
-    app.batch_topic = kafka.topics.trades
+    app.fetch_loop = BatchFetcher(agent, kafka.topics.trades).run
     app.topics.add(app.topic(kafka.topics.trades, acks=False, key_serializer="raw", value_serializer="raw"))
-
-    # Faust sends these signals as receiver(app, partitions, signal=...).
-    def revoked(_app: Any, /, *partitions: Any, signal: BaseSignalT[Any], **_kwargs: Any) -> Awaitable[None]:
-        return agent.on_revoked(set(partitions[0]), rebalance_timeout_s)
-
-    def assigned(_app: Any, /, *partitions: Any, signal: BaseSignalT[Any], **_kwargs: Any) -> Awaitable[None]:
-        return agent.on_assigned(set(partitions[0]))
-
-    app.on_partitions_revoked.connect(revoked)
-    app.on_partitions_assigned.connect(assigned)
+    on_rebalance(app, lambda tps: agent.on_revoked(tps, rebalance_timeout_s), agent.on_assigned)
     return app
