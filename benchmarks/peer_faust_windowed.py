@@ -1,7 +1,8 @@
 """The peer for ``bench_aggregator.py``: the same klines the straightforward Faust way.
 
-One Faust agent iterates the ``trades`` stream message by message (Faust's default fetcher and stream), and
-for every trade updates one tumbling-window table per interval keyed by symbol (``Table.tumbling(size)``,
+One Faust agent iterates the ``trades`` stream message by message (Faust's default fetcher and stream), reads
+each message's trades (an ingest batch, a bare Binance payload or a combined-stream envelope), and for every
+trade updates one tumbling-window table per interval keyed by symbol (``Table.tumbling(size)``,
 windows relative to the message timestamp, which the benchmark sets to the batch's trade time; batches never
 straddle a minute, so every trade lands in its Binance window), with Decimal arithmetic: open/high/low/close,
 base and quote volume, taker-buy volumes, trade count, first and last trade id. Every update is a table write,
@@ -64,6 +65,13 @@ def fold(state: dict[str, Any] | None, trade: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def trades_of(value: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trades of one ``trades`` message: an ingest batch, a bare Binance payload or an envelope."""
+    if "trades" in value:
+        return list(value["trades"])
+    return [value["data"] if "data" in value else value]
+
+
 def main() -> None:
     topic, partitions, target, seconds, intervals = sys.argv[1:6]
     names = intervals.split(",")
@@ -98,13 +106,13 @@ def main() -> None:
         async for event in stream.events():
             if not state["first"]:
                 state["first"], state["cpu"] = time.perf_counter(), time.process_time()
-            batch = json.loads(event.value)
-            symbol = batch["s"]
-            for trade in batch["trades"]:
+            trades = trades_of(json.loads(event.value))
+            symbol = event.key.decode()
+            for trade in trades:
                 for table in tables:
                     table[symbol] = fold(table[symbol].current() or None, trade)
             state["messages"] += 1
-            state["trades"] += len(batch["trades"])
+            state["trades"] += len(trades)
             state["last"] = time.perf_counter()
             if state["trades"] >= int(target) or state["last"] - state["first"] >= float(seconds):
                 done.set()
