@@ -586,6 +586,9 @@ class Aggregator:
         deadline = self._monotonic() + timeout_s
         await self._out.flush_finalized(min(self._flush_timeout, timeout_s / 2))
         done = await self._checkpointer.final(ready, deadline - self._monotonic())
+        # The snapshot backlog too, while this member still owns the partitions: a kline closed since the last
+        # tick waits there, and a new owner restores books, not the backlog, so its last snapshot would be lost.
+        await self._out.flush_snapshots(ready, deadline)
         self._parked = {part.partition: part for part in ready if part.partition in done}
         self._out.disown(part for part in revoked if part.partition not in self._parked)
         log_event(
