@@ -6,9 +6,11 @@ Used by ``test_pipeline_equals_replay.py`` and the fault tests; see that module 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ from typing import Any
 from ports import free_port
 
 from services.replay.config import parse_utc_ms
-from services.runner import LocalPipeline
+from services.runner import LocalPipeline, Service
 from services.shared import clickhouse
 from services.shared.settings import ClickHouseSettings
 from services.tapes import write_tape
@@ -189,6 +191,9 @@ class FaultPipeline(LocalPipeline):
         super().__init__(*args, **kwargs)
         self.steps = steps
         self.done: list[str] = []
+        #: Processes a step started besides the pipeline's own (a second aggregator, a group member), by name;
+        #: the run's watch does not require them alive, and :func:`run_faulted` stops what is left of them.
+        self.extras: dict[str, Service] = {}
 
     def watch(self, stop_requested: Any) -> str:
         for step in self.steps:
@@ -242,6 +247,45 @@ class FaultPipeline(LocalPipeline):
 
     def metrics_of(self, name: str) -> dict[str, Any]:
         return self._read(name) or {}
+
+    # -- processes besides the pipeline's own
+
+    def start_extra(
+        self, name: str, argv: list[str], *, env: dict[str, str] | None = None, health_port: int | None = None
+    ) -> Service:
+        """Start ``argv`` with the pipeline's environment (plus ``env``), its log ``<state>/logs/<name>.log``
+        (checked by :func:`assert_no_loss` like the others); with ``health_port``, wait for its ``/readyz``."""
+        assert name not in self.extras or not self.extras[name].alive, f"{name} runs already"
+        service = Service(name, argv, health_port, self.logs / f"{name}.log")
+        service.start({**self.env, **(env or {})})
+        self.extras[name] = service
+        self._wait_ready(service, timeout=90)
+        return service
+
+    def start_second_aggregator(self, name: str = "aggregator-2") -> Service:
+        """A second aggregator worker process: it joins the aggregator's consumer group, which rebalances the
+        trades partitions between the two (each restores its new partitions from the checkpoint topic)."""
+        port = free_port()
+        argv = [sys.executable, "-m", "services.aggregator"]
+        return self.start_extra(name, argv, env={"KLINES_AGGREGATOR__HTTP_PORT": str(port)}, health_port=port)
+
+    def start_group_member(self, name: str, groups: dict[str, str]) -> Service:
+        """A plain consumer-group member (:func:`group_member`) in each ``{group id: topic}``."""
+        code = f"from harness import group_member; group_member({json.dumps(groups)!r})"
+        paths = os.pathsep.join(str(REPO / path) for path in ("", "tests", "tests/e2e"))
+        return self.start_extra(name, [sys.executable, "-c", code], env={"PYTHONPATH": paths})
+
+    def stop_extra(self, name: str, *, hard: bool) -> int | None:
+        """SIGKILL ``name`` (``hard``), or SIGTERM it and require exit 0 within the grace period."""
+        service = self.extras[name]
+        assert service.alive, f"{name} is not running:\n{service.tail(20)}"
+        if hard:
+            assert service.proc is not None
+            service.proc.kill()
+        code = service.stop(self.settings.service.shutdown_grace_s + 5)
+        if not hard:
+            assert code == 0, f"{name} exited {code} on SIGTERM:\n{service.tail(20)}"
+        return code
 
     def engine_pids(self) -> list[int]:
         """The writers' embedded ClickHouse processes (``python -m services.shared.embedded``, their children)."""
@@ -312,7 +356,7 @@ def run_faulted(
                 print(line, file=out)
             code = summary.exit_code
         finally:
-            for service in pipeline.services:
+            for service in [*pipeline.extras.values(), *pipeline.services]:
                 service.stop(2)
             if pipeline.replay is not None:
                 pipeline.replay.stop(5)
@@ -361,3 +405,73 @@ def check_snapshots(dsn: str, finalized_rows: dict[tuple[str, str, int], Row]) -
         assert not differing, f"{key}: the latest snapshot disagrees with the finalized row: " + "; ".join(differing)
         compared += 1
     return compared
+
+
+# ------------------------------------------------------------------------------------------------ group member
+
+
+def group_member(groups_json: str) -> None:
+    """A consumer-group member that joins each group of ``{group id: topic}`` (``json``), fetches what it is
+    assigned, never commits and stores nothing, until SIGTERM, when it leaves its groups and exits 0.
+
+    What a second writer process is to the writers' consumer groups up to its first insert (the embedded
+    engine lets only one process open the ClickHouse directory): its joining and leaving rebalance the real
+    writers, whose partitions move to it and back. Each line it prints is JSON: ``{"group", "assigned"}`` on
+    every assignment, ``{"fetched": {group: records}}`` once a second.
+    """
+    from services.shared.kafka import make_consumer
+    from services.shared.settings import load_settings
+
+    groups: dict[str, str] = json.loads(groups_json)
+
+    async def run() -> None:
+        from aiokafka import ConsumerRebalanceListener
+
+        kafka = load_settings(None).kafka
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        fetched = dict.fromkeys(groups, 0)
+
+        class Printer(ConsumerRebalanceListener):  # type: ignore[misc]
+            def __init__(self, group: str) -> None:
+                self.group = group
+
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                return None
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                print(json.dumps({"group": self.group, "assigned": sorted(tp.partition for tp in assigned)}),
+                      flush=True)  # fmt: skip
+
+        consumers = []
+        for group, topic in groups.items():
+            consumer = make_consumer(kafka, group_id=group, client_suffix="chaos-member")
+            consumer.subscribe([topic], listener=Printer(group))
+            await consumer.start()
+            consumers.append((group, consumer))
+        last_print = 0.0
+        while not stop.is_set():
+            for group, consumer in consumers:
+                batch = await consumer.getmany(timeout_ms=50, max_records=500)
+                fetched[group] += sum(len(records) for records in batch.values())
+            if time.monotonic() - last_print >= 1:
+                last_print = time.monotonic()
+                print(json.dumps({"fetched": fetched}), flush=True)
+        for _, consumer in consumers:
+            await consumer.stop()  # leaves the group at once (nothing is committed: enable_auto_commit is off)
+        print(json.dumps({"fetched": fetched, "left": True}), flush=True)
+
+    asyncio.run(run())
+
+
+def member_lines(service: Service) -> list[dict[str, Any]]:
+    """The JSON lines a :func:`group_member` printed so far."""
+    lines = []
+    for raw in service.log_path.read_text(errors="replace").splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(line, dict):
+            lines.append(line)
+    return lines

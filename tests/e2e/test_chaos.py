@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +40,7 @@ from harness import (
     free_port,
     generated_tape,
     isolated_env,
+    member_lines,
     run_faulted,
 )
 
@@ -115,6 +117,138 @@ def test_gateway_killed_does_not_touch_storage(state: Path, tmp_path: Path) -> N
     steps = [Step(8_000, "kill the gateway, 3 s down", restart("gateway", hard=True, down_s=3))]
     _, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
     verify(tape, state, tmp_path, out, code)
+
+
+# ------------------------------------------------------------------------------------------------ rebalances
+
+#: One symbol per trades partition (six, ``kafka.trades_partitions``; key = symbol, murmur2): whichever
+#: partitions a second aggregator is given, it is given trades.
+WIDE_SYMBOLS = ["DOTUSDT", "LTCUSDT", "BTCUSDT", "SOLUSDT", "BCHUSDT", "ETHUSDT"]
+
+
+def wide_tape(tmp: Path) -> Tape:
+    """Ten market minutes of six symbols, about 45,000 trades (30 s at 20x), across a day and a month boundary."""
+    return generated_tape(tmp / "tape", "market", WIDE_SYMBOLS, "2026-01-31T23:54:00Z", 10 / 1440, INTERVALS)
+
+
+def until(condition: Callable[[], bool], seconds: float, what: Callable[[], str]) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds:g} s: {what()}"
+        time.sleep(0.1)
+
+
+def second_members_join(p: FaultPipeline) -> None:
+    """A second aggregator process joins the aggregator's group, and a second member the writers' groups."""
+    p.start_second_aggregator()
+    p.start_group_member("writers-member", writer_groups(p))
+
+
+def second_members_share_the_work(p: FaultPipeline) -> None:
+    """Done once the two aggregators own disjoint, non-empty sets of trades partitions and the second has
+    applied trades of its own, and the writers' second member was given partitions of both writer groups and
+    fetched records of each (records the writers had not committed: they must read them again later)."""
+    second, member, groups = p.extras["aggregator-2"], p.extras["writers-member"], writer_groups(p)
+
+    def shared() -> bool:
+        first, other = p.metrics_of("aggregator"), second.get("/metrics.json") or {}
+        mine, theirs = set(first.get("partitions") or []), set(other.get("partitions") or [])
+        return bool(mine and theirs and not mine & theirs and other.get("ready") and other.get("trades_applied"))
+
+    def joined() -> bool:
+        lines = member_lines(member)
+        assigned = {line["group"] for line in lines if line.get("assigned")}
+        fetched = lines[-1].get("fetched", {}) if lines and "fetched" in lines[-1] else {}
+        return assigned == set(groups) and all(fetched.get(group, 0) > 0 for group in groups)
+
+    until(shared, 45, lambda: f"first {p.metrics_of('aggregator')}, second {second.get('/metrics.json')}")
+    other = second.get("/metrics.json") or {}
+    p.say(f"test: trades partitions {p.metrics_of('aggregator')['partitions']} and {other.get('partitions')}")
+    until(joined, 45, lambda: member.tail(5))
+
+
+def trades_still_flow(p: FaultPipeline) -> None:
+    status = p._replay_status() or {}
+    assert not status.get("exhausted"), "the tape ended before the second members left: no rebalance under load"
+
+
+def aggregators_scale_in(hard: bool) -> Callable[[FaultPipeline], None]:
+    """The second aggregator leaves: SIGTERM (final checkpoint and commit, leaves the group at once) or SIGKILL
+    (the group waits for its session timeout; the first restores its partitions from their last checkpoint)."""
+
+    def action(p: FaultPipeline) -> None:
+        trades_still_flow(p)
+        figures = p.extras["aggregator-2"].get("/metrics.json") or {}
+        assert figures.get("trades_applied", 0) > 0, figures
+        assert figures.get("data_loss") == 0 and figures.get("dead_letters") == 0, figures
+        p.stop_extra("aggregator-2", hard=hard)
+        until(lambda: len(p.metrics_of("aggregator").get("partitions") or []) == 6, 60,
+              lambda: f"the first aggregator owns {p.metrics_of('aggregator').get('partitions')}")  # fmt: skip
+
+    return action
+
+
+def writer_groups(p: FaultPipeline) -> dict[str, str]:
+    from services.finalized_writer import finalized_spec
+    from services.snapshot_writer import snapshot_spec
+
+    topics = p.settings.kafka.topics
+    return {
+        finalized_spec(p.settings).group_id: topics.finalized,
+        snapshot_spec(p.settings).group_id: topics.snapshots,
+    }
+
+
+def second_writers_process_refused(p: FaultPipeline) -> None:
+    """A second writers process on the pipeline's embedded ClickHouse directory stops at its start with exit 2
+    and one line naming the server (the directory is locked by the running writers' engine), before it creates
+    any Kafka consumer: it never joins a group, and the running writers go on."""
+    port = str(free_port())
+    env = {**p.env, "KLINES_SERVICE__WRITERS_HTTP_PORT": port}
+    done = subprocess.run([sys.executable, "-m", "services.writers"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=90)  # fmt: skip
+    assert done.returncode == 2, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+    assert "Cannot lock file" in done.stderr and f"cannot reach ClickHouse at {p.settings.clickhouse.dsn}" in (
+        done.stderr
+    ), done.stderr
+    assert p.process("writers").poll() is None
+
+
+def writers_member_leaves(hard: bool) -> Callable[[FaultPipeline], None]:
+    def action(p: FaultPipeline) -> None:
+        trades_still_flow(p)
+        p.stop_extra("writers-member", hard=hard)
+
+    return action
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["sigterm", "sigkill"])
+def test_aggregators_and_writers_rebalance_one_two_one_while_trades_flow(
+    state: Path, tmp_path: Path, hard: bool
+) -> None:
+    """Aggregator workers 1 -> 2 -> 1 and writers' group members 1 -> 2 -> 1 mid-tape; the second of each
+    leaves by SIGTERM or SIGKILL. The second writers member is a plain group member, not a writers process:
+    with the embedded engine only one process can open the ClickHouse directory, so a second writers process
+    is refused at its start (checked too); two writers processes storing side by side need a ClickHouse server
+    (compose, Kubernetes), which this machine does not run."""
+    tape = wide_tape(tmp_path)
+    how = "SIGKILL" if hard else "SIGTERM"
+    steps = [
+        Step(3_000, "a second aggregator and a second writers' group member join", second_members_join),
+        Step(12_000, "the second members share the work", second_members_share_the_work),
+        Step(27_000, f"the writers' second member leaves ({how})", writers_member_leaves(hard)),
+        Step(32_000, f"the second aggregator leaves ({how})", aggregators_scale_in(hard)),
+    ]
+    if not hard:
+        steps.append(Step(40_000, "a second writers process is refused", second_writers_process_refused))
+    # 15x: the tape lasts 40 s, so the second members leave while trades still flow.
+    pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=15.0)
+    verify(tape, state, tmp_path, out, code)
+    aggregator = pipeline.metrics["aggregator"]
+    # Six partitions restored at its start, and again those the second aggregator had (it checkpointed them).
+    assert aggregator["restores"] > 6, aggregator
+    for name, writer in pipeline.metrics["writers"]["writers"].items():
+        assert writer["revocations"] >= 2 and writer["assignments"] >= 3, (name, writer)
 
 
 # ------------------------------------------------------------------------------------------------ ClickHouse down
