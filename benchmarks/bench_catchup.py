@@ -54,6 +54,7 @@ from pipeline_runs import (
     Sampler,
     bare_consumer,
     cpu_seconds,
+    rate_text,
     read_metrics,
     symbols,
     windows,
@@ -74,7 +75,7 @@ def print_windows(rows: list[list[Any]]) -> None:
     print(f"  {head[0]:<13}" + "".join(f"{h:>12}" for h in head[1:6]) + f"{head[6]:>8}{head[7]:>9}{head[8]:>6}")
     for row in rows:
         left = f"{row[0]:.0f}-{row[1]:.0f} s"
-        rates = "".join(f"{r:>12,.0f}" for r in row[2:7])
+        rates = "".join(rate_text(r) for r in row[2:7])
         lag = "-" if row[7] is None else f"{row[7]:,}"
         unconfirmed = "-" if row[8] is None else f"{row[8]:,}"
         print(f"  {left:<13}{rates}{lag:>8}{unconfirmed:>9}{row[9]:>6.0%}")

@@ -243,20 +243,31 @@ def windows(
     gauges: tuple[str, ...] = ("lag", "unconfirmed"),
 ) -> list[list[Any]]:
     """One row per :data:`WINDOW_S` from ``start`` to ``end``: ``[from, to, *rates of counters, *gauges at its
-    end, share of all CPUs busy]`` (seconds relative to ``start``; rates per second of wall time)."""
+    end, share of all CPUs busy]`` (seconds relative to ``start``; rates per second of wall time; a rate is None
+    when no sample in the window has the counter)."""
     series = {k: cumulative(samples, k) for k in counters}
     rows = []
     t = start
     while t < end - 0.01:
         stop = end if end - (t + WINDOW_S) < 1.0 else t + WINDOW_S  # no window shorter than a second
         span = stop - t
-        rates = [(value_at(series[k], stop) - value_at(series[k], t)) / span for k in counters]
+        rates = [
+            (value_at(series[k], stop) - value_at(series[k], t)) / span
+            if any(t < when <= stop for when, _ in series[k])
+            else None  # the service did not answer in this window: its rate is unknown, not 0
+            for k in counters
+        ]
         before = next((s.cpu for s in samples if s.t >= t), samples[-1].cpu)
         after = next((s.cpu for s in samples if s.t >= stop), samples[-1].cpu)
         busy = (after[0] - before[0]) / max(1, after[1] - before[1])
         rows.append([t - start, stop - start, *rates, *(last_known(samples, g, stop) for g in gauges), busy])
         t = stop
     return rows
+
+
+def rate_text(rate: float | None, width: int = 12) -> str:
+    """A window's rate for a table: ``-`` when unknown (the service did not answer in that window)."""
+    return f"{'-' if rate is None else f'{rate:,.0f}':>{width}}"
 
 
 def cpu_seconds(samples: list[Sample]) -> dict[str, float]:
