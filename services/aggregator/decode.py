@@ -162,6 +162,46 @@ class TradesDecoder:
         self.fast += 1
         return items
 
+    def payloads(self, values: Sequence[bytes | None], symbols: list[str]) -> list[Payload] | None:
+        """Step 1 for many records at once: one Binance payload per record, in Binance's own layout, or None.
+
+        The engine's hot path for a slice of records (``values``, keyed ``symbols``) that each hold one trade:
+        every record must be a bare payload (``{"e":"aggTrade",...``) if the first one is, or an envelope
+        (``{"stream":"<symbol lower-case>@aggTrade","data":{"e":"aggTrade",...,"s":"<symbol>",...}}``) if the
+        first one is; each is parsed by itself (one msgspec call per record, so no record can read into its
+        neighbour) and then checked column-wise. A record that fails any check, or does not have exactly that
+        layout, makes it None: read the records one by one with :meth:`items` (which decides for each, and
+        accepts a few more variants). What passes is what :meth:`items` would return for each record, with the
+        same checks (only stricter): step 2 follows on the trades.
+        """
+        count = len(values)
+        if not count:
+            return None
+        try:
+            if not b"".join(values).isascii():  # type: ignore[arg-type]  # a None value: TypeError
+                return None
+            head = values[0][:16]  # type: ignore[index]
+            if head == b'{"e":"aggTrade",':
+                payloads: list[Payload] = list(map(_BARE, values))  # type: ignore[arg-type]
+            elif head[:11] == b'{"stream":"':
+                envelopes = list(map(_ENVELOPE, values))  # type: ignore[arg-type]
+                names = {symbol: symbol.lower() + _STREAM_SUFFIX for symbol in set(symbols)}
+                if [envelope.stream for envelope in envelopes] != list(map(names.__getitem__, symbols)):
+                    return None
+                payloads = [envelope.data for envelope in envelopes]
+            else:
+                return None
+        except (msgspec.DecodeError, TypeError):
+            return None
+        if (
+            [payload.s for payload in payloads] != symbols
+            or [payload.e for payload in payloads].count("aggTrade") != count
+            or not all(map(self._known, set(symbols)))
+        ):
+            return None
+        self.fast += count
+        return payloads
+
     @staticmethod
     def _batch(raw: bytes, symbol: str) -> list[Trade] | None:
         try:

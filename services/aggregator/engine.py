@@ -25,12 +25,12 @@ Per ``trades`` partition ``p``. ``next[S]`` is the offset after the last applied
    acked. Offsets are committed only in step 6.
 2. **Apply exactly once per symbol.** A record at offset ``o`` for symbol ``S`` is applied iff
    ``o >= next[S]``; then ``next[S] = o + 1`` and ``S`` is dirty. A fetched batch is applied in slices (a
-   partition's records in offset order, at most 256 KiB of values each), each in one synchronous call that
-   also moves ``position`` past it; between slices the engine yields to the event loop once the batch has run
-   for 20 ms, and if the assignment changed meanwhile (a rebalance) or a stop began, it applies no more: once
-   the rebalance is over the rest is read again from each owned partition's resume offset (as a stale batch,
-   step 8); after a stop, from the committed offset. So a cancellation (rebalance, stop) falls only between
-   slices, where ``position``, ``next[S]`` and the books agree.
+   partition's records in offset order, at most 1 MiB of values or 10,000 records each), each in one
+   synchronous call that also moves ``position`` past it; between slices the engine yields to the event loop
+   once the batch has run for 20 ms, and if the assignment changed meanwhile (a rebalance) or a stop began, it
+   applies no more: once the rebalance is over the rest is read again from each owned partition's resume
+   offset (as a stale batch, step 8); after a stop, from the committed offset. So a cancellation (rebalance,
+   stop) falls only between slices, where ``position``, ``next[S]`` and the books agree.
 3. **Finalize without waiting; never drop.** A kline that closes joins ``unconfirmed[S]`` and is put into the
    finalized :class:`~services.aggregator.outbox.Outbox`, which hands it to the producer at once when the
    producer takes it without waiting, and queues it otherwise; nothing here awaits a send. The kline stays in
@@ -89,8 +89,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import chain
+from itertools import accumulate, chain
+from operator import itemgetter, le
 from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -122,11 +125,12 @@ log = logging.getLogger("services.aggregator")
 MAX_IN_FLIGHT: Final = 20_000
 #: How often a paused input looks whether the output drained (and pushes waiting snapshots meanwhile).
 FLOW_POLL_S: Final = 0.01
-#: A fetched batch is applied in slices of at most this many bytes of values (about 2,500 trades of a REST
-#: backfill page, or 250 of ingest's live batch records) ...
-SLICE_BYTES: Final = 256 * 1024
-#: ... or this many records, whichever comes first ...
-SLICE_RECORDS: Final = 2_000
+#: A fetched batch is applied in slices of at most this many bytes of values (about 10,000 trades of a REST
+#: backfill page, 1,000 of ingest's live batch records, or 5,000 one-trade records: tens of ms of work) ...
+SLICE_BYTES: Final = 1024 * 1024
+#: ... or this many records, whichever comes first. Each symbol's records of a slice are folded as one run, so
+#: longer slices mean fewer, longer runs: the book's cost per call is about that of ten trades ...
+SLICE_RECORDS: Final = 10_000
 #: ... and the engine yields to the event loop between two slices once the batch has run this long: a burst of
 #: 10^5 closed klines never keeps health checks, metrics or a rebalance waiting for seconds.
 YIELD_AFTER_S: Final = 0.02
@@ -139,14 +143,14 @@ def _slices(records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]
     each of one partition, in offset order: the units the hot path applies synchronously (protocol step 2)."""
     out: list[Batch] = []
     for tp, batch in records.items():
-        start = size = 0
-        for index, record in enumerate(batch):
-            size += len(record.value or b"")
-            if size >= SLICE_BYTES or index + 1 - start >= SLICE_RECORDS:
-                out.append({tp: batch[start : index + 1]})
-                start, size = index + 1, 0
-        if start < len(batch):
-            out.append({tp: batch[start:]})
+        # A slice ends at the record whose value reaches SLICE_BYTES, or at its SLICE_RECORDS-th record.
+        ends = list(accumulate([len(record.value or b"") for record in batch]))
+        start = base = 0
+        while start < len(batch):
+            end = min(bisect_left(ends, base + SLICE_BYTES, start), start + SLICE_RECORDS - 1, len(batch) - 1)
+            out.append({tp: batch[start : end + 1]})
+            base = ends[end]
+            start = end + 1
     return out
 
 
@@ -364,7 +368,7 @@ class Aggregator:
             self._apply_partition(part, batch)
 
     def _apply_partition(self, part: PartitionState, batch: Sequence[ConsumerRecord[Any, Any]]) -> None:
-        """The hot loop: one partition's records, in offset order.
+        """The hot loop: one partition's records, in offset order (:meth:`_apply_payloads` first).
 
         A symbol's consecutive records of the decoder's fast layouts (ingest's batches, and Binance's own
         aggTrade payloads, bare or in the combined-stream envelope, one trade per record) are parsed one by one
@@ -372,6 +376,8 @@ class Aggregator:
         book what one batch of the same trades costs. Any other record first applies its symbol's run so far,
         then itself (:meth:`_apply_record`). Books are independent, so only the order within a symbol matters.
         """
+        if len(batch) > 1 and self._apply_payloads(part, batch):
+            return
         items_of = self._decoder.items
         books = part.books
         next_offsets = part.next_offsets
@@ -428,6 +434,77 @@ class Aggregator:
             closed = book.drain_closed()
             if closed:
                 self._out.finalize(part, symbol, closed)
+
+    def _apply_payloads(self, part: PartitionState, batch: Sequence[ConsumerRecord[Any, Any]]) -> bool:
+        """:meth:`_apply_partition` for a slice of Binance payloads, one per record, without a loop per record.
+
+        Applies the slice and returns True only when every record is keyed by a symbol, holds one payload of
+        that symbol in Binance's own layout (:meth:`TradesDecoder.payloads`), none is a re-read below its
+        symbol's ``next[S]`` (protocol step 2), and every ``f <= l``; otherwise it changes nothing and returns
+        False, and the record-by-record loop decides. The trades are cut into columns once for the slice and
+        then per symbol (a stable sort keeps each symbol's records in offset order; books are independent), so
+        each symbol's records of the slice reach its book as one run, as :meth:`_apply_run` would fold them.
+        """
+        try:
+            symbols = [record.key.decode() for record in batch]
+        except (AttributeError, UnicodeDecodeError):  # no key, not UTF-8: the loop dead-letters it
+            return False
+        payloads = self._decoder.payloads([record.value for record in batch], symbols)
+        if payloads is None:
+            return False
+        offsets = [record.offset for record in batch]
+        next_offsets = part.next_offsets
+        skip_below = next_offsets.get
+        first_offset = dict(zip(reversed(symbols), reversed(offsets), strict=True))
+        if any(offset < skip_below(symbol, 0) for symbol, offset in first_offset.items()):
+            return False  # a re-read after a restore or a seek back: the loop skips record by record
+        firsts = [t.f for t in payloads]
+        lasts = [t.l for t in payloads]
+        if not all(map(le, firsts, lasts)):
+            return False
+        ids, times, makers = [t.a for t in payloads], [t.T for t in payloads], [t.m for t in payloads]
+        prices, quantities = [t.p for t in payloads], [t.q for t in payloads]
+        order = sorted(range(len(symbols)), key=symbols.__getitem__)
+        books = part.books
+        touched: list[tuple[str, KlineBook]] = []
+        applied = 0
+        start = 0
+        for symbol, count in sorted(Counter(symbols).items()):
+            picks = order[start : start + count]
+            start += count
+            book = books.book(symbol)
+            touched.append((symbol, book))
+            run: TradeColumns
+            if count == 1:
+                k = picks[0]
+                run = [ids[k]], [times[k]], [prices[k]], [quantities[k]], [firsts[k]], [lasts[k]], [makers[k]]
+            else:
+                pick = itemgetter(*picks)
+                run = pick(ids), pick(times), pick(prices), pick(quantities), pick(firsts), pick(lasts), pick(makers)
+            try:
+                folded = book.extend(run)
+            except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
+                log.exception("the book of %s raised on a run of records", symbol)
+                for k in picks:
+                    self._out.dead_letter(batch[k], f"internal error applying the batch: {exc!r}")
+                continue
+            if folded:
+                applied += count
+            else:  # not simply the next trades, or a price the book refuses: record by record
+                self._apply_run(book, [batch[k] for k in picks], [[payloads[k]] for k in picks])
+        stats = self.stats
+        stats.records += len(batch)
+        stats.trades_applied += applied
+        part.position = offsets[-1] + 1
+        last_offset = dict(zip(symbols, offsets, strict=True))
+        for symbol, offset in last_offset.items():
+            next_offsets[symbol] = offset + 1
+        part.dirty.update(last_offset)
+        for symbol, book in touched:
+            closed = book.drain_closed()
+            if closed:
+                self._out.finalize(part, symbol, closed)
+        return True
 
     def _apply_run(
         self, book: KlineBook, records: list[ConsumerRecord[Any, Any]], parts: list[Sequence[TradeFields]]

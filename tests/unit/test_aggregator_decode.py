@@ -323,3 +323,44 @@ def test_binance_payloads_bare_and_enveloped_are_trades_of_the_contract() -> Non
     for raw_text, reason in reasons.items():
         assert verdict(decode_trades_value, raw_text.encode(), b"BTCUSDT") == "rejected: " + reason
         assert verdict(TradesDecoder().decode, raw_text.encode(), b"BTCUSDT") == "rejected: " + reason
+
+
+@st.composite
+def payload_slices(draw: st.DrawFn) -> list[tuple[bytes | None, bytes | None]]:
+    """Records of one fetch as the engine's slice path sees them: Binance payloads of one layout, several
+    symbols, and (usually) one record replaced by a broken or otherwise different one."""
+    envelope = draw(st.booleans())
+    out: list[tuple[bytes | None, bytes | None]] = []
+    for _ in range(draw(st.integers(1, 6))):
+        symbol = draw(st.sampled_from(["BTCUSDT", "ETHUSDT", "1000SHIBUSDT"]))
+        payload = json.dumps(binance_layout(symbol, draw(trade_items())), separators=(",", ":"))
+        raw = f'{{"stream":"{symbol.lower()}@aggTrade","data":{payload}}}' if envelope else payload
+        out.append((raw.encode(), symbol.encode()))
+    if draw(st.integers(0, 3)):
+        out[draw(st.integers(0, len(out) - 1))] = draw(payload_records())
+    return out
+
+
+@settings(max_examples=800, deadline=None)
+@given(payload_slices())
+def test_a_slice_of_payloads_is_read_as_each_of_its_records_alone(
+    records: list[tuple[bytes | None, bytes | None]],
+) -> None:
+    """The engine's slice path (:meth:`TradesDecoder.payloads`) accepts a slice only if every record is one
+    payload that the record-by-record way reads the same, and whose checked trade the contract accepts."""
+    assume(all(key is not None for _raw, key in records))
+    values = [raw for raw, _key in records]
+    symbols = [key.decode(errors="replace") for _raw, key in records if key is not None]
+    decoder = TradesDecoder()
+    payloads = decoder.payloads(values, symbols)
+    if payloads is None:
+        return
+    assert decoder.fast == len(records)
+    each = [TradesDecoder().items(raw, symbol) for raw, symbol in zip(values, symbols, strict=True)]
+    assert each == [[payload] for payload in payloads]
+    for (raw, key), payload in zip(records, payloads, strict=True):
+        columns = TradesDecoder.checked([payload])
+        expected = verdict(decode_trades_value, raw, key)
+        if columns is None:
+            continue  # the book refuses its price or quantity; the record loop then gives the contract's reason
+        assert isinstance(expected, TradeBatch) and columns_of(expected.trades) == columns

@@ -397,10 +397,11 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
             max_size=60,
         )
     )
-    return {"streams": streams, "batch": draw(st.integers(1, 5)), "steps": steps}
+    layout = draw(st.sampled_from(["batch", "batch", "bare", "envelope"]))  # payloads: one trade per record
+    return {"streams": streams, "batch": draw(st.integers(1, 5)), "steps": steps, "layout": layout}
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_crashes_at_any_point_lose_nothing_and_corrupt_nothing(scenario: dict[str, Any]) -> None:
     asyncio.run(_crash_scenario(scenario))
@@ -409,7 +410,12 @@ def test_crashes_at_any_point_lose_nothing_and_corrupt_nothing(scenario: dict[st
 async def _crash_scenario(scenario: dict[str, Any]) -> None:
     broker, clock = Broker(), ManualClock()
     streams = scenario["streams"]
-    produce(broker, interleave(streams, scenario["batch"]))
+    if scenario["layout"] == "batch":
+        produce(broker, interleave(streams, scenario["batch"]))
+    else:
+        for symbol, chunk in interleave(streams, 1):
+            value = binance_payload(chunk[0], envelope=scenario["layout"] == "envelope")
+            broker.logs[(TRADES, partition_of(symbol))].append((symbol.encode(), value))
     h = Harness(broker, clock, finalized_auto=False, checkpoints_auto=False)
     await h.assign()
     for action, which, amount in scenario["steps"]:
@@ -687,15 +693,21 @@ def binance_payload(trade: AggTrade, *, envelope: bool = False) -> bytes:
     return (f'{{"stream":"{trade.s.lower()}@aggTrade","data":{payload}}}' if envelope else payload).encode()
 
 
+@pytest.mark.parametrize("layout", ["bare", "envelope", "mixed"])
 async def test_binance_payloads_one_per_record_are_folded_as_runs_with_the_oracles_klines(
-    monkeypatch: pytest.MonkeyPatch,
+    layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Raw payloads and envelopes of a symbol, one trade per record and mixed with batches, reach the book as
-    one run of columns per fetch (one fold, no trade object), with exactly the oracle's klines."""
+    """Raw payloads or envelopes of a symbol, one trade per record (alone: the engine's slice path; mixed with
+    each other and with batches: the record loop), reach the book as one run of columns per fetch (one fold,
+    no trade object), with exactly the oracle's klines."""
     broker, clock = Broker(), ManualClock()
     streams = {s: make_trades(s, 60, seed) for seed, s in enumerate(["BTCUSDT", "ETHUSDT", "XRPUSDT"])}
     for k, (symbol, chunk) in enumerate(interleave(streams, 1)):
-        value = encode_trade_batch(symbol, chunk) if k % 7 == 0 else binance_payload(chunk[0], envelope=k % 2 == 1)
+        if layout == "mixed":
+            envelope = k % 2 == 1
+            value = encode_trade_batch(symbol, chunk) if k % 7 == 0 else binance_payload(chunk[0], envelope=envelope)
+        else:
+            value = binance_payload(chunk[0], envelope=layout == "envelope")
         broker.logs[(TRADES, partition_of(symbol))].append((symbol.encode(), value))
     folds: list[int] = []
     original = engine_module.KlineBook.extend
@@ -706,9 +718,13 @@ async def test_binance_payloads_one_per_record_are_folded_as_runs_with_the_oracl
 
     monkeypatch.setattr(engine_module.KlineBook, "extend", extend)
     h = Harness(broker, clock)
+    record_loop: list[int] = []
+    apply_run = h.engine._apply_run
+    monkeypatch.setattr(h.engine, "_apply_run", lambda *run: record_loop.append(1) or apply_run(*run))
     await h.assign()
     for p in range(PARTITIONS):
         await h.fetch(p, 1000)
+    assert bool(record_loop) is (layout == "mixed"), "payloads alone take the slice path, a mix the record loop"
     clock.set(end_of(streams))
     h.engine.tick()
     await asyncio.sleep(0.01)
