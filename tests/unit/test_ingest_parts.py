@@ -298,3 +298,46 @@ async def test_frames_split_anywhere_fragmented_or_large_arrive_whole_and_in_ord
     assert pongs == [b"p1", b"p2"]
     assert sink.frames == [b'{"n":1}', medium, b'{"n":2}', big, b'{"n":3}', b'{"n":1}']
     assert conn.close_reason.startswith("closed by the server (1000")
+
+
+def _binance_frame(symbol: str, a: int) -> bytes:
+    """A frame in Binance's exact combined-stream layout (the parser's fast path)."""
+    return (
+        f'{{"stream":"{symbol.lower()}@aggTrade","data":{{"e":"aggTrade","E":1767225600123,"s":"{symbol}",'
+        f'"a":{a},"p":"87650.12","q":"0.004","f":{a},"l":{a},"T":1767225600100,"m":true,"M":true}}}}'
+    ).encode()
+
+
+def test_a_chunk_of_frames_is_sequenced_in_order_whatever_path_each_takes() -> None:
+    """One call per chunk: fast-path frames, a frame in another layout, a control reply and a frame of a symbol
+    not followed, in one list; trades reach the outbox in order, the rest is handled as one by one; the answer
+    says whether the queue is full."""
+    import dataclasses
+    import json
+    from types import SimpleNamespace
+
+    from services.ingest.frames import WireTrade
+    from services.ingest.service import IngestService
+    from services.shared.settings import Settings
+
+    settings = Settings()
+    service = IngestService(
+        settings.model_copy(update={"persistence": settings.persistence.model_copy(update={"queue_size": 4})})
+    )
+    letters = _Letters()
+    service.publisher = letters  # type: ignore[assignment]
+    conn = SimpleNamespace(last_frame_at=100.0, name="c#1", base_url="ws://x/stream")
+    service.sequencer.track("BTCUSDT", 0)
+    spaced = json.dumps(json.loads(_binance_frame("BTCUSDT", 2)), indent=1).encode()  # the general path
+    chunk = [_binance_frame("BTCUSDT", 1), spaced, b'{"result":null,"id":1}', _binance_frame("ETHUSDT", 7)]
+    assert service.on_frames(chunk, conn) is False  # type: ignore[arg-type]
+    assert service.on_frames([_binance_frame("BTCUSDT", 3)], conn) is False  # type: ignore[arg-type]
+    assert service.trades_received == 4 and service.depth == 3
+    items = service.outbox.take()["BTCUSDT"]
+    assert [i.a for i in items if isinstance(i, WireTrade)] == [1, 2, 3]
+    first, second = items[0].trade(), items[1].trade()  # type: ignore[union-attr]
+    assert second == dataclasses.replace(first, a=2, f=2, l=2), "the general path publishes the same fields"
+    assert [key for key, _ in letters.letters] == [b"ETHUSDT"]
+    assert json.loads(letters.letters[0][1])["reason"] == "symbol ETHUSDT is not subscribed"
+    full = [_binance_frame("BTCUSDT", a) for a in range(4, 8)]
+    assert service.on_frames(full, conn) is True, "queue_size 4 reached: the connection must stop reading"  # type: ignore[arg-type]
