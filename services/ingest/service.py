@@ -16,10 +16,11 @@ Start-up:
    recovered symbol, so the trades that happened while ingest was down are published before the live ones;
 5. ready (``/readyz``) once recovery is done and every connection is open.
 
-Each frame is handled synchronously on its connection's reader: validated (bad → dead-letter topic with the
-reason, counted), sequenced (duplicate / accepted / held), and, if the bounded queue (held + outbox +
-unacknowledged trades) reached ``persistence.queue_size``, the reader pauses until the queue is half empty:
-backpressure reaches the exchange through TCP, nothing is dropped.
+Frames are handled synchronously on their connection's reader, all frames of a chunk read from the socket in
+one call, each in order: validated (bad → dead-letter topic with the reason, counted), sequenced (duplicate /
+accepted / held); then, if the bounded queue (held + outbox + unacknowledged trades) reached
+``persistence.queue_size``, the reader pauses until the queue is half empty: backpressure reaches the exchange
+through TCP, nothing is dropped (a chunk can take the queue past its size by at most the chunk's trades).
 
 Graceful stop (SIGTERM/SIGINT), bounded by ``service.shutdown_grace_s`` (one deadline for every step).
 Every trade accepted is published exactly once per ``a``, or sits behind an explicit gap record: nothing
