@@ -14,8 +14,11 @@ else can fill it); snapshots and dead letters share one; checkpoints have their 
 background tasks only). All are idempotent with ``acks=all`` (:func:`services.shared.kafka.make_producer`).
 
 HTTP (``aggregator.http_port``): ``/healthz``, ``/readyz``, ``/metrics``, ``/snapshot?symbol=&interval=`` (the
-in-progress klines now, each symbol read at one instant), and with ``--clock manual`` ``POST /clock?now_ms=``
-(``&tick=1`` also runs one clock tick at once).
+in-progress klines now, each symbol read at one instant), and for tests ``POST /clock``: with ``--clock manual``
+``?now_ms=`` sets market time (``&tick=1`` also runs one clock tick at once); with the wall clock ``?step_ms=``
+steps the system time the clock reads, as an NTP step would (the clock does not follow it; see
+:mod:`services.aggregator.clock`). ``POST /clock`` needs the admin bearer token (``service.admin_token_file``;
+without one it is served on a loopback ``http_host`` only, see :mod:`services.shared.admin`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from services.aggregator.app import AggregatorApp, FaustGroup, checkpoint_topic, make_app
 from services.aggregator.checkpoint import CheckpointReader
 from services.aggregator.checkpointer import MAX_RECORD_BYTES
-from services.aggregator.clock import Clock, ManualClock
+from services.aggregator.clock import Clock, ManualClock, SystemTime, WallClock
 from services.aggregator.engine import Aggregator
 from services.aggregator.sending import warm_metadata
 from services.aggregator.state import Stats
@@ -187,15 +190,16 @@ class AggregatorWorker:
         self.app = make_app(settings, engine, instance_id=self._instance_id)
         engine.attach(FaustGroup(self.app))
         routes = [web.get("/snapshot", self._snapshot)]
-        if isinstance(self.clock, ManualClock):
+        if isinstance(self.clock, ManualClock) or self._steppable() is not None:
             routes.append(web.post("/clock", self._set_clock))
         self.http = HealthServer(
             settings.service.http_host,
             self._http_port,
             ready=lambda: engine.ready,
-            metrics=engine.metrics,
+            metrics=self._metrics,
             exporter=aggregator_exporter(engine),
             routes=routes,
+            admin_token=settings.service.admin_token(),
         )
         await self.http.start()
         await self.app.start()
@@ -257,7 +261,28 @@ class AggregatorWorker:
             {"ready": self.engine.ready, "count": len(klines), "klines": [k.to_dict() for k in klines]}
         )
 
+    def _metrics(self) -> dict[str, Any]:
+        assert self.engine is not None
+        figures = self.engine.metrics()
+        if isinstance(self.clock, WallClock):
+            figures["clock_steps"] = self.clock.steps  # steps of the system clock the clock did not follow
+        return figures
+
+    def _steppable(self) -> SystemTime | None:
+        source = self.clock.time_source if isinstance(self.clock, WallClock) else None
+        return source if isinstance(source, SystemTime) else None
+
     async def _set_clock(self, request: web.Request) -> web.Response:
+        system = self._steppable()
+        if system is not None:
+            try:
+                step_ms = int(request.query["step_ms"])
+            except (KeyError, ValueError):
+                return web.json_response({"error": "step_ms=<integer milliseconds> is required"}, status=400)
+            system.step(step_ms)
+            assert isinstance(self.clock, WallClock)
+            now = self.clock.now_ms()
+            return web.json_response({"system_offset_ms": system.offset_ms, "now_ms": now, "steps": self.clock.steps})
         assert isinstance(self.clock, ManualClock)
         try:
             now_ms = int(request.query["now_ms"])
