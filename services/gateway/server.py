@@ -1,7 +1,8 @@
 """The gateway process: aiohttp WebSocket fan-out of live klines, the chart page, health, and shutdown.
 
 One aiohttp app on ``gateway.http_port`` serves everything: ``/`` (the chart page) and ``/static/*``,
-``/api/streams`` (what can be subscribed to), the WebSockets ``/ws``, ``/ws/<streams>`` and ``/stream``,
+``/api/streams`` (what can be subscribed to), ``/api/snapshot`` (every current kline, across all aggregator
+workers), the WebSockets ``/ws``, ``/ws/<streams>`` and ``/stream``,
 and ``/healthz``, ``/readyz`` (the feed has read back and is live), ``/metrics``.
 
 Fan-out (:meth:`Gateway.deliver`, called by the feed for each record) never awaits: the board decides whether
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -555,6 +557,7 @@ class Gateway:
             web.get("/", self._index),
             web.get("/static/{name}", self._static),
             web.get("/api/streams", self._streams),
+            web.get("/api/snapshot", self._snapshot),
             web.get("/ws", self.websocket),
             web.get("/ws/{tail:.+}", self.websocket),
             web.get("/stream", self.websocket),
@@ -578,6 +581,32 @@ class Gateway:
                 "history_limit": self._history_limit(),
             }
         )
+
+    async def _snapshot(self, request: web.Request) -> web.Response:
+        """``/api/snapshot[?symbol=&interval=]``: the full current snapshot, whichever worker owns each symbol.
+
+        An aggregator worker's own ``/snapshot`` answers only for the partitions assigned to it; the gateway's
+        feed reads every partition of ``klines.snapshots`` and ``klines.finalized``, so its board holds the newest
+        kline of every ``symbol|interval`` however many workers share the ``trades`` partitions. Each kline is as
+        of the last snapshot tick (``aggregator.snapshot_interval_ms``) or its final, in Binance's kline shape
+        (the ``k`` object of the stream event); ``as_of_ms`` is the newest record time among them.
+        """
+        symbol = request.query.get("symbol", "").upper() or None
+        interval = request.query.get("interval") or None
+        if interval is not None and interval not in self.catalog.intervals:
+            return web.json_response(
+                {"error": f"unknown interval {interval!r}; known: {', '.join(self.catalog.intervals)}"}, status=400
+            )
+        picked: list[Update] = []
+        for key in sorted(self.board.keys()):
+            key_symbol, _, key_interval = key.partition("|")
+            if (symbol is None or key_symbol == symbol) and (interval is None or key_interval == interval):
+                update = self.board.current(key)
+                if update is not None:
+                    picked.append(update)
+        klines = [json.loads(update.event)["k"] for update in picked]
+        as_of = max((update.origin_ms for update in picked), default=None)
+        return web.json_response({"ready": self.ready(), "count": len(klines), "as_of_ms": as_of, "klines": klines})
 
     def ready(self) -> bool:
         return self.accepting and self.feed is not None and self.feed.ready

@@ -633,3 +633,47 @@ async def test_fuzzed_clients_leave_the_gateway_serving_a_well_behaved_one(setti
             assert health.status == 200
         await wait_for(lambda: len(gw.gateway.clients) == 1, 20, what="every fuzzing client to be gone")
         await good.close()
+
+
+async def test_the_full_snapshot_holds_the_newest_kline_of_every_key(settings: Settings) -> None:
+    """``/api/snapshot``: per symbol|interval the newest kline (a final beats its snapshots), filters, errors."""
+    async with running_gateway(settings) as gw, Producer(settings) as produce, aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{gw.port}/api/snapshot"
+        btc_old = kline(close="100.1", n=1)
+        btc_final = kline(close="100.2", n=2, final=True)
+        btc_now = kline(t=T0 + 60_000, close="100.3", n=1)
+        eth = kline(symbol="ETHUSDT", close="2000.5", n=4)
+        eth_5m = kline(symbol="ETHUSDT", interval="5m", close="2000.5", n=4)
+        await produce.snapshot(btc_old)
+        await produce.final(btc_final)
+        await produce.snapshot(btc_old)  # stale: its final is known
+        newest = [await produce.snapshot(k) for k in (btc_now, eth, eth_5m)]
+
+        async def full() -> dict[str, Any]:
+            async with http.get(base) as r:
+                assert r.status == 200
+                body: dict[str, Any] = await r.json()
+                return body
+
+        await wait_for(lambda: len(gw.gateway.board) == 3, what="three keys on the board")
+        body = await full()
+        assert body["ready"] is True and body["count"] == 3
+        assert body["as_of_ms"] == max(newest)
+        assert body["klines"] == [expected_k(btc_now), expected_k(eth), expected_k(eth_5m)]
+
+        async with http.get(base, params={"symbol": "ethusdt", "interval": "5m"}) as r:
+            assert (await r.json())["klines"] == [expected_k(eth_5m)]
+        async with http.get(base, params={"symbol": "BTCUSDT", "interval": "1m"}) as r:
+            assert (await r.json())["klines"] == [expected_k(btc_now)]
+        async with http.get(base, params={"interval": "7m"}) as r:
+            assert r.status == 400 and "unknown interval '7m'" in (await r.json())["error"]
+        await produce.final(kline(t=T0 + 60_000, close="100.4", n=2, final=True))
+        await wait_for(lambda: _final_of(gw, "BTCUSDT|1m", T0 + 60_000), what="the final of minute 2")
+        async with http.get(base, params={"symbol": "BTCUSDT", "interval": "1m"}) as r:
+            [k] = (await r.json())["klines"]
+            assert k == expected_k(kline(t=T0 + 60_000, close="100.4", n=2, final=True))
+
+
+def _final_of(gw: Running, key: str, t: int) -> bool:
+    current = gw.gateway.board.current(key)
+    return current is not None and current.final and current.t == t
