@@ -51,7 +51,7 @@ from aiokafka import TopicPartition
 
 from services.core.models import Kline
 from services.finalized_writer import finalized_spec
-from services.shared import clickhouse, writer
+from services.shared import clickhouse
 from services.shared.kafka import delete_topics, ensure_topics, make_consumer, make_producer
 from services.shared.lifecycle import Shutdown
 from services.shared.messages import (
@@ -62,8 +62,9 @@ from services.shared.messages import (
     kline_key,
 )
 from services.shared.settings import Settings, load_settings
-from services.shared.writer import WriterEngine
 from services.writers import serve
+from services.writers.batch import row_text
+from services.writers.engine import WriterEngine
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_735_689_600_000  # 2025-01-01 00:00 UTC
@@ -180,7 +181,7 @@ def tsv_batches(klines: list[Kline], batch: int) -> list[bytes]:
     entries = []
     for offset, k in enumerate(klines):
         record = decode_kline_record(encode_kline(k))
-        entries.append((0, offset, record.kline, k.version, writer.row_text(record, k.version)))
+        entries.append((0, offset, record.kline, k.version, row_text(record, k.version)))
     return [clickhouse.KlineRows(entries[i : i + batch], f"raw:{i}").tsv() for i in range(0, len(entries), batch)]
 
 
@@ -200,7 +201,7 @@ def cost_split(
         return min(timings) / n * 1e6
 
     records = [decode_kline_record(v) for v in values]
-    entries = [(0, i, r.kline, 0, writer.row_text(r, 0)) for i, r in enumerate(records)]
+    entries = [(0, i, r.kline, 0, row_text(r, 0)) for i, r in enumerate(records)]
     bodies = [clickhouse.KlineRows(entries[i : i + batch], "t").tsv() for i in range(0, n, batch)]
     rows = [clickhouse.kline_row(r.kline, version=0, partition=0, offset=i, token="t") for i, r in enumerate(records)]
     split = {

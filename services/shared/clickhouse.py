@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import re
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from decimal import Context, Decimal
@@ -479,3 +481,138 @@ def query_rows(client: Any, sql: str, parameters: dict[str, Any] | None = None) 
 
 def table_names(settings: ClickHouseSettings) -> Iterable[str]:
     return (settings.finalized_table, settings.snapshots_table)
+
+
+# --- inserts that ClickHouse parses and checks: INSERT ... SELECT over the text as it was received ---------
+
+#: The text an INSERT ... SELECT puts in a ``throwIf`` message to say "a value breaks the contract": an insert
+#: refused with it stored nothing and would be refused again (:class:`ClickHouseRejected`), unlike an outage.
+REJECTED_MARKER = "klines: rejected by the kline contract"
+#: ``FUNCTION_THROW_IF_VALUE_IS_NON_ZERO``, the code of a ``throwIf`` that fired.
+_THROW_IF_CODE = "Code: 395"
+#: Squash everything an INSERT ... SELECT reads into one block (rows, bytes): one part, one deduplication token,
+#: and a ``throwIf`` on any row fails the insert before anything is written.
+_ONE_BLOCK = 1_000_000_000
+_ONE_BLOCK_BYTES = 1 << 40
+
+
+class ClickHouseRejected(Exception):
+    """ClickHouse refused an insert because of a value it carries (its ``throwIf`` with :data:`REJECTED_MARKER`
+    fired): nothing of it was stored, and the same insert would be refused again, so retrying it is pointless."""
+
+
+def sql_string(value: str) -> str:
+    """``value`` as a single-quoted ClickHouse string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def insert_select_text(
+    client: Any,
+    settings: ClickHouseSettings,
+    statement: str,
+    structure: str,
+    body: bytes,
+    token: str,
+) -> None:
+    """Run ``statement``, an ``INSERT INTO ... SELECT ... FROM {source}``, over ``body``: ``TabSeparated`` text
+    whose columns are ``structure``, with ``insert_deduplication_token=token`` (``{token}`` in the statement
+    becomes the token as a string literal, e.g. for a column that records it).
+
+    The text reaches ClickHouse as it is and ClickHouse parses it. With a server, ``{source}`` is
+    ``input(structure)`` and ``body`` is the request's data (``INSERT ... SELECT ... FROM input() FORMAT
+    TabSeparated``, the way to send data to an INSERT ... SELECT over HTTP). chDB does not feed ``input()`` from
+    the text after a query, so there ``{source}`` is ``file(path, TabSeparated, structure)`` over a temporary file
+    (what clickhouse-connect's chDB backend does for every insert: ``INSERT ... FROM INFILE``). The statement's
+    settings make the insert one block, so it lands whole or not at all, and the token deduplicates it as any
+    other insert (:func:`insert_tsv`) carrying the same token.
+
+    Raises :class:`ClickHouseRejected` when the statement's contract check refused a value, and
+    :class:`ClickHouseUnavailable` for anything else (the caller retries).
+    """
+    clauses = (
+        f"insert_deduplication_token = {sql_string(token)}, insert_deduplicate = 1, max_insert_threads = 1, "
+        f"min_insert_block_size_rows = {_ONE_BLOCK}, min_insert_block_size_bytes = {_ONE_BLOCK_BYTES}, "
+        f"max_insert_block_size = {_ONE_BLOCK}"
+    )
+    statement = statement.replace("{token}", sql_string(token))
+    path: str | None = None
+    try:
+        if settings.embedded:
+            with tempfile.NamedTemporaryFile(prefix="klines-insert-", suffix=".tsv", delete=False) as handle:
+                handle.write(body)
+                path = handle.name
+            source = f"file({sql_string(path)}, 'TabSeparated', {sql_string(structure)})"
+            sql = f"{statement.replace('{source}', source)} SETTINGS {clauses}"
+            with _call_lock(client):
+                client.command(sql)
+        else:
+            source = f"input({sql_string(structure)})"
+            sql = f"{statement.replace('{source}', source)} SETTINGS {clauses} FORMAT TabSeparated"
+            with _call_lock(client):
+                client.command(sql, data=body, settings={"insert_deduplication_token": token})
+    except Exception as exc:  # clickhouse-connect raises many types; see the docstring
+        text = str(exc)
+        if REJECTED_MARKER in text and _THROW_IF_CODE in text:
+            raise ClickHouseRejected(text[:500]) from exc
+        raise ClickHouseUnavailable(f"insert ... select failed: {text[:1000]}") from exc
+    finally:
+        if path is not None:
+            os.unlink(path)
+
+
+# --- a fault hook in the client path (tests and chaos runs) --------------------------------------------------
+
+
+class AnswerLost(ConnectionError):
+    """The insert was executed by ClickHouse, but its answer never arrived (a dropped connection, a timeout)."""
+
+
+class LoseAnswers:
+    """A ClickHouse client that forwards every call to the real one, and can lose the answers of inserts.
+
+    After :meth:`lose_next` the next ``count`` inserts (``raw_insert``, ``insert``, or a ``command`` that is an
+    ``INSERT``) run on the real client and are stored, then raise :class:`AnswerLost` instead of returning: the
+    caller cannot tell a stored insert from a failed one, exactly as when a connection drops after the server
+    answered. Nothing about the database is imitated; only the answer is withheld.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._to_lose = 0
+        self._lock = threading.Lock()
+        #: The insert statements (or tables) whose answers were lost, in order.
+        self.lost: list[str] = []
+
+    def lose_next(self, count: int = 1) -> None:
+        with self._lock:
+            self._to_lose += count
+
+    def _answered(self, what: str) -> None:
+        with self._lock:
+            if self._to_lose <= 0:
+                return
+            self._to_lose -= 1
+            self.lost.append(what)
+        raise AnswerLost(f"the answer to an executed insert was lost: {what[:120]}")
+
+    def command(self, cmd: str, *args: Any, **kwargs: Any) -> Any:
+        result = self._client.command(cmd, *args, **kwargs)
+        if cmd.lstrip().upper().startswith("INSERT"):
+            self._answered(cmd)
+        return result
+
+    def raw_insert(self, table: str, *args: Any, **kwargs: Any) -> Any:
+        result = self._client.raw_insert(table, *args, **kwargs)
+        self._answered(table)
+        return result
+
+    def insert(self, table: str, *args: Any, **kwargs: Any) -> Any:
+        result = self._client.insert(table, *args, **kwargs)
+        self._answered(table)
+        return result
+
+    def query(self, *args: Any, **kwargs: Any) -> Any:
+        return self._client.query(*args, **kwargs)
+
+    def close(self) -> None:
+        self._client.close()

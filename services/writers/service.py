@@ -18,7 +18,6 @@ from typing import Any
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from services import finalized_writer, snapshot_writer
 from services.shared import clickhouse
 from services.shared.embedded import EmbeddedClient
 from services.shared.kafka import check_reachable, make_consumer, make_producer
@@ -26,22 +25,22 @@ from services.shared.lifecycle import DependencyUnreachable, HealthServer, Shutd
 from services.shared.logs import log_event
 from services.shared.metrics import Observed, ServiceMetrics
 from services.shared.settings import Settings
-from services.shared.writer import (
-    COUNTER_FIGURES,
-    InsertFn,
-    KafkaDeadLetters,
-    WriterEngine,
+from services.writers.engine import COUNTER_FIGURES, WriterEngine, make_writer
+from services.writers.ports import InsertFn, KafkaDeadLetters, clickhouse_inserter
+from services.writers.specs import (
+    FINALIZED_COMPONENT,
+    SNAPSHOT_COMPONENT,
     WriterSpec,
-    clickhouse_inserter,
-    make_writer,
+    finalized_spec,
+    snapshot_spec,
 )
 
 log = logging.getLogger(__name__)
 
 #: Writer kind -> (log component, spec from the settings).
 WRITER_KINDS: Mapping[str, tuple[str, Callable[[Settings], WriterSpec]]] = {
-    "finalized": (finalized_writer.COMPONENT, finalized_writer.finalized_spec),
-    "snapshot": (snapshot_writer.COMPONENT, snapshot_writer.snapshot_spec),
+    "finalized": (FINALIZED_COMPONENT, finalized_spec),
+    "snapshot": (SNAPSHOT_COMPONENT, snapshot_spec),
 }
 
 

@@ -38,16 +38,11 @@ from services.shared.kafka import make_consumer, make_producer
 from services.shared.lifecycle import HealthServer, Shutdown
 from services.shared.messages import DecodedKline, encode_kline, kline_key
 from services.shared.settings import Settings
-from services.shared.writer import (
-    InsertFn,
-    KafkaDeadLetters,
-    WriterEngine,
-    WriterSpec,
-    clickhouse_inserter,
-    make_writer,
-)
 from services.snapshot_writer import snapshot_spec
 from services.writers import serve
+from services.writers.engine import WriterEngine, make_writer
+from services.writers.ports import InsertFn, KafkaDeadLetters, clickhouse_inserter
+from services.writers.specs import WriterSpec
 
 pytestmark = pytest.mark.integration
 
@@ -407,6 +402,7 @@ class Injected:
     decode_fail_at: int = 0
     decodes: int = 0
     commits_checked: int = 0
+    client: Any = None  # the ClickHouse client the writer uses: the real one, or a fault hook around it
 
     def insert(self, real: InsertFn) -> InsertFn:
         def insert(rows: Sequence[tuple[Any, ...]], token: str) -> None:
@@ -445,7 +441,7 @@ class Injected:
         """Run one writer instance; return when everything is committed (or when it fails)."""
         s = self.settings
         shutdown = Shutdown(5.0)
-        client = chdb_client(s)
+        client = self.client if self.client is not None else chdb_client(s)
         producer = make_producer(s.kafka)
         await producer.start()
         consumer = make_consumer(s.kafka, group_id=self.spec.group_id, max_poll_records=self.spec.buffer_size)
@@ -475,7 +471,7 @@ def small_batches(settings: Settings) -> Settings:
     return unique_client(settings).model_copy(update={"persistence": persistence})
 
 
-@pytest.mark.parametrize("step", ["decode", "insert_before_landing", "insert_after_landing", "commit"])
+@pytest.mark.parametrize("step", ["validate", "insert_before_landing", "insert_after_landing", "commit"])
 async def test_a_failure_at_each_step_never_leaves_a_committed_but_unstored_offset(
     settings: Settings, step: str
 ) -> None:
@@ -483,15 +479,19 @@ async def test_a_failure_at_each_step_never_leaves_a_committed_but_unstored_offs
     apply_schema(settings)
     spec = finalized_spec(settings)
     script = finalized_script(150)
-    await produce(settings, spec.topic, finalized_records(script))
+    records = finalized_records(script)
+    if step == "validate":
+        # A poison record mid-stream: ClickHouse refuses its batch, which is then validated in Python.
+        records = [*records[:90], (b"BTCUSDT|1m", b"{not json"), *records[90:]]
+    await produce(settings, spec.topic, records)
 
     rig = Injected(settings, spec)
-    if step == "decode":
-        rig.decode_fail_at = 90  # mid-stream: some batches committed, the current one not
+    if step == "validate":
+        rig.decode_fail_at = 1  # a bug in the validating path: batches before it committed, this one not
         with pytest.raises(RuntimeError, match="injected"):
             await rig.run()
         committed = await committed_offsets(settings, spec.group_id, spec.topic)
-        assert 0 < sum(committed.values()) < len(script)
+        assert 0 < sum(committed.values()) < len(records)
         assert_nothing_committed_unstored(committed, covered_by_stored_batches(settings, spec.table))
         rig = Injected(settings, spec)  # restart with a healthy decoder: the rest is re-read from the commits
     elif step == "insert_before_landing":
@@ -505,10 +505,48 @@ async def test_a_failure_at_each_step_never_leaves_a_committed_but_unstored_offs
     assert rig.commits_checked > 0
     committed = await committed_offsets(settings, spec.group_id, spec.topic)
     assert committed == await end_offsets(settings, spec.topic)
-    assert_nothing_committed_unstored(committed, covered_by_stored_batches(settings, spec.table))
+    letters = await dead_letters(settings)
+    assert [d["reason"][:8] for d in letters] == (["not JSON"] if step == "validate" else [])
+    assert_nothing_committed_unstored(committed, covered_by_stored_batches(settings, spec.table), letters)
     assert table_final(settings, spec.table) == expected_final(script)
-    if step != "decode":  # a retried insert carries the same token: ClickHouse stored the rows once
+    # A retried insert carries the same token: ClickHouse stored the rows once. (After the validating path's
+    # failure the restart re-reads that batch from the last commit, under a token of its own.)
+    if step != "validate":
         assert_no_duplicates(settings, spec.table)
+
+
+async def test_an_insert_whose_answer_is_lost_is_retried_with_its_token_and_stored_exactly_once(
+    settings: Settings,
+) -> None:
+    """The ambiguous insert: ClickHouse stored the batch but the writer never heard so (the connection dropped
+    after the server answered). The fault is in the client path, around the real engine: the insert runs."""
+    settings = small_batches(settings)
+    apply_schema(settings)
+    spec = finalized_spec(settings)
+    script = finalized_script(150)
+    await produce(settings, spec.topic, finalized_records(script))
+
+    client = clickhouse.LoseAnswers(chdb_client(settings))
+    client.lose_next(2)  # the first batch's insert, and its first retry, are stored but unanswered
+    rig = Injected(settings, spec, client=client)
+    await rig.run()
+
+    tokens = [re.search(r"insert_deduplication_token = '([^']+)'", sql) for sql in client.lost]
+    assert len(tokens) == 2 and all(tokens)
+    token = tokens[0].group(1)  # type: ignore[union-attr]
+    assert tokens[1].group(1) == token, "the retry carried another token"  # type: ignore[union-attr]
+    db, table = settings.clickhouse.database, spec.table
+    [(rows,)] = clickhouse.query_rows(
+        chdb_client(settings), f"SELECT count() FROM {db}.{table} WHERE batch_token = {{t:String}}", {"t": token}
+    )
+    assert rows == spec.buffer_size  # the batch once, though it was inserted three times
+    assert_no_duplicates(settings, table)
+    # Committed after it was stored (checked at every commit by the rig), and nothing lost.
+    assert rig.commits_checked > 0
+    committed = await committed_offsets(settings, spec.group_id, spec.topic)
+    assert committed == await end_offsets(settings, spec.topic)
+    assert_nothing_committed_unstored(committed, covered_by_stored_batches(settings, table))
+    assert table_final(settings, table) == expected_final(script)
 
 
 # --- poison -----------------------------------------------------------------------------------------------

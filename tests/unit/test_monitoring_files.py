@@ -32,8 +32,8 @@ from services.ingest.service import IngestService, IngestTuning
 from services.shared.lifecycle import Counters, Shutdown
 from services.shared.metrics import Readiness, ServiceMetrics
 from services.shared.settings import Settings, load_settings
-from services.shared.writer import WriterEngine
 from services.snapshot_writer import snapshot_spec
+from services.writers.engine import WriterEngine
 from services.writers.service import writers_exporter
 
 pytestmark = pytest.mark.unit

@@ -10,8 +10,10 @@ from services.core.models import InvalidInput, Kline
 from services.finalized_writer import finalized_spec, finalized_version
 from services.shared.clickhouse import KLINE_COLUMNS
 from services.shared.settings import load_settings
-from services.shared.writer import Batch, DeadLetter, WriterSpec, check_fits_table
 from services.snapshot_writer import snapshot_spec, snapshot_version
+from services.writers.batch import Batch, check_fits_table
+from services.writers.ports import DeadLetter
+from services.writers.specs import WriterSpec
 
 pytestmark = pytest.mark.unit
 

@@ -25,8 +25,10 @@ from services.finalized_writer import finalized_version
 from services.shared.clickhouse import KLINE_COLUMNS, ClickHouseUnavailable
 from services.shared.lifecycle import Shutdown
 from services.shared.messages import DecodedKline, decode_kline_record, encode_kline
-from services.shared.writer import DeadLetter, FlushAbandoned, WriterEngine, WriterSpec
 from services.snapshot_writer import snapshot_version
+from services.writers.engine import FlushAbandoned, WriterEngine
+from services.writers.ports import DeadLetter
+from services.writers.specs import WriterSpec
 
 pytestmark = pytest.mark.unit
 
