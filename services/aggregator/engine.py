@@ -93,7 +93,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import accumulate, chain
-from operator import itemgetter, le
+from operator import le
 from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -441,9 +441,10 @@ class Aggregator:
         Applies the slice and returns True only when every record is keyed by a symbol, holds one payload of
         that symbol in Binance's own layout (:meth:`TradesDecoder.payloads`), none is a re-read below its
         symbol's ``next[S]`` (protocol step 2), and every ``f <= l``; otherwise it changes nothing and returns
-        False, and the record-by-record loop decides. The trades are cut into columns once for the slice and
-        then per symbol (a stable sort keeps each symbol's records in offset order; books are independent), so
-        each symbol's records of the slice reach its book as one run, as :meth:`_apply_run` would fold them.
+        False, and the record-by-record loop decides. The trades are sorted by symbol (a stable sort keeps each
+        symbol's records in offset order; books are independent) and cut into columns once for the slice, so
+        each symbol's records of the slice reach its book as one run (a stretch of the columns), as
+        :meth:`_apply_run` would fold them.
         """
         try:
             symbols = [record.key.decode() for record in batch]
@@ -458,40 +459,39 @@ class Aggregator:
         first_offset = dict(zip(reversed(symbols), reversed(offsets), strict=True))
         if any(offset < skip_below(symbol, 0) for symbol, offset in first_offset.items()):
             return False  # a re-read after a restore or a seek back: the loop skips record by record
-        firsts = [t.f for t in payloads]
-        lasts = [t.l for t in payloads]
+        # Sorted by symbol (stably: each symbol's records stay in offset order), each symbol's trades are one
+        # stretch of the columns, handed to its book as list slices.
+        order = sorted(range(len(symbols)), key=symbols.__getitem__)
+        trades = [payloads[k] for k in order]
+        firsts = [t.f for t in trades]
+        lasts = [t.l for t in trades]
         if not all(map(le, firsts, lasts)):
             return False
-        ids, times, makers = [t.a for t in payloads], [t.T for t in payloads], [t.m for t in payloads]
-        prices, quantities = [t.p for t in payloads], [t.q for t in payloads]
-        order = sorted(range(len(symbols)), key=symbols.__getitem__)
+        ids, times, makers = [t.a for t in trades], [t.T for t in trades], [t.m for t in trades]
+        prices, quantities = [t.p for t in trades], [t.q for t in trades]
         books = part.books
         touched: list[tuple[str, KlineBook]] = []
-        applied = 0
-        start = 0
+        applied = start = 0
         for symbol, count in sorted(Counter(symbols).items()):
-            picks = order[start : start + count]
-            start += count
+            end = start + count
             book = books.book(symbol)
             touched.append((symbol, book))
-            run: TradeColumns
-            if count == 1:
-                k = picks[0]
-                run = [ids[k]], [times[k]], [prices[k]], [quantities[k]], [firsts[k]], [lasts[k]], [makers[k]]
-            else:
-                pick = itemgetter(*picks)
-                run = pick(ids), pick(times), pick(prices), pick(quantities), pick(firsts), pick(lasts), pick(makers)
+            run: TradeColumns = (
+                ids[start:end], times[start:end], prices[start:end], quantities[start:end],
+                firsts[start:end], lasts[start:end], makers[start:end],
+            )  # fmt: skip
             try:
                 folded = book.extend(run)
             except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
                 log.exception("the book of %s raised on a run of records", symbol)
-                for k in picks:
+                for k in order[start:end]:
                     self._out.dead_letter(batch[k], f"internal error applying the batch: {exc!r}")
-                continue
-            if folded:
-                applied += count
-            else:  # not simply the next trades, or a price the book refuses: record by record
-                self._apply_run(book, [batch[k] for k in picks], [[payloads[k]] for k in picks])
+            else:
+                if folded:
+                    applied += count
+                else:  # not simply the next trades, or a price the book refuses: record by record
+                    self._apply_run(book, [batch[k] for k in order[start:end]], [[t] for t in trades[start:end]])
+            start = end
         stats = self.stats
         stats.records += len(batch)
         stats.trades_applied += applied

@@ -758,3 +758,29 @@ async def test_a_binance_payload_of_another_symbol_than_its_key_is_dead_lettered
     ]
     book = h.engine.parts[p].books.book("BTCUSDT")
     assert book.last_a == btc[1].a and book.rejected == 1
+
+
+async def test_a_slice_of_payloads_with_a_late_trade_and_a_bad_price_falls_back_record_by_record() -> None:
+    """In a slice of payloads only, a symbol whose run the book refuses (a late trade, a zero price) is applied
+    record by record: the bad record is dead-lettered with the contract's reason, the rest is exact."""
+    broker, clock = Broker(), ManualClock()
+    p = partition_of("BTCUSDT")
+    trades = make_trades("BTCUSDT", 30, 5)
+    order = [*trades[:10], *trades[12:20], *trades[10:12], *trades[20:]]  # two trades late
+    values = [binance_payload(t, envelope=True) for t in order]
+    values[25] = values[25].replace(f'"p":"{order[25].p}"'.encode(), b'"p":"0.00"')
+    broker.logs[(TRADES, p)] += [(b"BTCUSDT", value) for value in values]
+    h = Harness(broker, clock)
+    await h.assign()
+    await h.fetch(p, 1000)
+    letters = [(json.loads(v)["offset"], json.loads(v)["reason"]) for v in broker.values(DLQ)]
+    assert letters == [(25, "data: field 'p' (price) = '0.00' must be greater than zero")]
+    applied = [t for k, t in enumerate(order) if k != 25]
+    clock.set(end_of({"BTCUSDT": applied}))
+    h.engine.tick()
+    await asyncio.sleep(0.01)
+    got = finalized(broker)
+    for interval in INTERVALS:
+        for expected in reference_klines(sorted(applied, key=lambda t: (t.T, t.a)), interval):
+            newest = max(got[("BTCUSDT", interval, expected.t)], key=lambda kline: kline.version)
+            assert newest.same_values(expected), (newest.differences(expected), newest, expected)
