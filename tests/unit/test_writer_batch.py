@@ -1,19 +1,28 @@
-"""The writer's pure pieces: the batch (offset ranges, token, rows), column-fit checks and the two writer specs."""
+"""The writer's pure pieces: the batch (offset ranges, token, rows, lines as fetched), column-fit checks, the two
+writer specs, and what the engine reads back from a batch ClickHouse accepted."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
 
 import pytest
 
 from services.core.models import InvalidInput, Kline
-from services.finalized_writer import finalized_spec, finalized_version
 from services.shared.clickhouse import KLINE_COLUMNS
+from services.shared.messages import encode_kline
 from services.shared.settings import load_settings
-from services.snapshot_writer import snapshot_spec, snapshot_version
 from services.writers.batch import Batch, check_fits_table
+from services.writers.contract import closes_of, corrections_of, framed
 from services.writers.ports import DeadLetter
-from services.writers.specs import WriterSpec
+from services.writers.specs import (
+    FINALIZED_RULE,
+    WriterSpec,
+    finalized_spec,
+    finalized_version,
+    snapshot_spec,
+    snapshot_version,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -25,6 +34,15 @@ def kline(n: int = 0, *, x: bool = True, version: int = 0, close: str = "1.5") -
     d = Decimal
     return Kline("BTCUSDT", "1m", t, t + 59_999, 1, 2, d("1"), d("2"), d("1"), d(close), d("3"), 3, x, d("4"),
                  d("1"), d("1"), version)  # fmt: skip
+
+
+@dataclass
+class _Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
 
 
 def filled(*records: tuple[int, int, bytes]) -> Batch:
@@ -147,3 +165,39 @@ def test_specs_come_from_the_settings_with_separate_groups() -> None:
 def test_spec_validates_its_flush_policy() -> None:
     with pytest.raises(ValueError, match="positive"):
         WriterSpec("f", "c", "t", "tbl", "g", 0, 10, finalized_version)
+
+
+def test_a_batch_as_fetched_is_one_line_per_record_and_keeps_its_token_when_validated() -> None:
+    records = [_Record("t", 1, 40 + n, b"k", encode_kline(kline(n, version=n % 2))) for n in range(3)]
+    batch = Batch()
+    assert batch.add_values(1, records, 0.0, skip_tombstones=False) == 0
+    values = batch.values(FINALIZED_RULE)
+    assert values.rows == 3 and framed(values.body, 3)
+    assert values.body.splitlines()[0] == b"1\t40\t" + records[0].value  # type: ignore[operator]
+    token = batch.token("finalized")
+    assert token.startswith("finalized:p1=40-42#") and batch.next_offsets() == {1: 43}
+    batch.validated([], [])
+    assert not batch.has_values and batch.token("finalized") == token and len(batch) == 3
+
+
+def test_tombstones_are_left_out_of_the_lines_but_counted_as_consumed() -> None:
+    records = [_Record("t", 0, 0, b"k", encode_kline(kline(0, x=False), 1)), _Record("t", 0, 1, b"k", None)]
+    batch = Batch()
+    assert batch.add_values(0, records, 0.0, skip_tombstones=True) == 1
+    assert batch.value_rows == 1 and len(batch) == 2 and batch.next_offsets() == {0: 2}
+    assert batch.drop_partitions([0]) == 2 and batch.value_rows == 0 and not batch.has_values
+
+
+def test_framing_refuses_values_with_a_tab_a_line_break_or_a_backslash() -> None:
+    value = encode_kline(kline(0))
+    assert framed(b"0\t0\t" + value + b"\n", 1)
+    for bad in (b"\t", b"\n", b"\r", b"\\"):
+        assert not framed(b"0\t0\t" + value.replace(b",", b"," + bad, 1) + b"\n", 1)
+
+
+def test_closes_and_corrections_are_read_from_an_accepted_batch() -> None:
+    body = b"".join(
+        b"0\t%d\t%b\n" % (n, encode_kline(kline(n % 2, version=n % 3))) for n in range(6)
+    )  # klines 0 and 1, three times each
+    assert closes_of(body) == {("1m", kline(0).T): 3, ("1m", kline(1).T): 3}
+    assert corrections_of(body, 6) == 4  # versions 1 and 2

@@ -20,12 +20,13 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError
 
-from services.core.models import Kline
+from services.core.models import InvalidInput, Kline
 from services.finalized_writer import finalized_version
-from services.shared.clickhouse import KLINE_COLUMNS, ClickHouseUnavailable
+from services.shared.clickhouse import KLINE_COLUMNS, ClickHouseRejected, ClickHouseUnavailable
 from services.shared.lifecycle import Shutdown
 from services.shared.messages import DecodedKline, decode_kline_record, encode_kline
 from services.snapshot_writer import snapshot_version
+from services.writers.contract import KlineValues
 from services.writers.engine import FlushAbandoned, WriterEngine
 from services.writers.ports import DeadLetter
 from services.writers.specs import WriterSpec
@@ -189,6 +190,41 @@ class FakeTable:
         return {(row[PARTITION], row[OFFSET]) for row in self.rows}
 
 
+class ContractTable(FakeTable):
+    """A :class:`FakeTable` that also takes batches as fetched (:class:`KlineValues`) and, as ClickHouse's contract
+    check does, refuses a batch whole when any of its records is not valid for the validating path (the real
+    check is held to that in tests/integration/test_clickhouse_insert.py)."""
+
+    def __init__(self, clock: FakeClock, version_of: Callable[[Any, int | None], int]) -> None:
+        super().__init__(clock)
+        self.version_of = version_of
+        self.payloads: list[tuple[str, str]] = []  # (kind, token) of every call
+        self.refused = 0
+
+    def insert(self, rows: Any, token: str) -> None:
+        self.payloads.append((type(rows).__name__, token))
+        if not isinstance(rows, KlineValues):
+            super().insert(rows, token)
+            return
+        parsed = []
+        for line in rows.body.splitlines():
+            partition, offset, value = line.split(b"\t")
+            try:
+                record = decode_kline_record(value)
+                version = self.version_of(record.kline, record.seq)
+            except InvalidInput:
+                parsed = None
+                break
+            row = [None] * len(KLINE_COLUMNS)
+            row[PARTITION], row[OFFSET], row[VERSION], row[TOKEN] = int(partition), int(offset), version, token
+            parsed.append(tuple(row))
+        if parsed is None:
+            self.calls += 1
+            self.refused += 1
+            raise ClickHouseRejected("a record breaks the kline contract")
+        super().insert(parsed, token)
+
+
 class FakeDeadLetters:
     def __init__(self) -> None:
         self.letters: list[DeadLetter] = []
@@ -262,6 +298,8 @@ def rig(
             raise CommitFailedError("injected: the group coordinator refused the commit")
         await consumer.commit(offsets)
 
+    if options.get("parse_in_clickhouse"):
+        table = ContractTable(clock, version_of)
     defaults: dict[str, Any] = {"keepalive_s": 0.005, "poll_timeout_s": 0.05, "retry_initial_s": 0.01,
                                 "retry_max_s": 0.1, "revoke_wait_s": 2.0}  # fmt: skip
     defaults.update(options)
@@ -630,3 +668,91 @@ async def test_records_fetched_during_a_quick_insert_are_decoded_but_committed_w
     assert [t.split("#")[0] for t in r.table.tokens] == ["finalized:p0=0-2", "finalized:p0=3-5"]  # p1: a dead letter
     assert [c[tp(0)][0] for c in r.consumer.commit_log if tp(0) in c] == [3, 6]  # each batch after its insert
     assert r.consumer.pause_calls == 0 and [d.offset for d in r.dlq.letters] == [0]
+
+
+# --- ClickHouse parses: the batch as fetched, the validating path only for a refused batch -----------------
+
+
+async def test_a_valid_batch_goes_to_clickhouse_as_fetched_in_one_insert() -> None:
+    r = await assigned(rig(parse_in_clickhouse=True))
+    assert isinstance(r.table, ContractTable)
+    for n in range(5):
+        r.consumer.produce(n % 2, kline_value(n, version=n % 2))
+    await r.run_until(lambda: r.consumer.committed == {tp(0): 3, tp(1): 2})
+
+    [(kind, token)] = r.table.payloads
+    assert kind == "KlineValues" and token.startswith("finalized:p0=0-2,p1=0-1#")
+    assert sorted((row[PARTITION], row[OFFSET], row[VERSION]) for row in r.table.rows) == [
+        (0, 0, 0), (0, 1, 0), (0, 2, 0), (1, 0, 1), (1, 1, 1)]  # fmt: skip
+    assert r.consumer.commit_log == [{tp(0): (3, token), tp(1): (2, token)}]
+    assert r.engine.counters.get("rows_inserted") == 5 and r.engine.counters.get("batches") == 1
+    assert not r.dlq.letters
+
+
+async def test_a_refused_batch_is_validated_and_only_its_bad_records_are_dead_lettered() -> None:
+    r = await assigned(rig(parse_in_clickhouse=True))
+    r.consumer.produce(0, kline_value(0))
+    r.consumer.produce(0, kline_value(1, x=False))  # an open kline on the finalized topic
+    r.consumer.produce(0, None)
+    r.consumer.produce(0, kline_value(2))
+    r.consumer.produce(1, kline_value(3))
+    await r.run_until(lambda: r.consumer.committed == {tp(0): 4, tp(1): 1})
+
+    # Refused as fetched (nothing stored), then the validated rows under the same token.
+    [(first, token), (second, again)] = r.table.payloads
+    assert (first, second) == ("KlineValues", "KlineRows") and again == token and r.table.refused == 1
+    assert r.table.stored() == {(0, 0), (0, 3), (1, 0)}
+    assert sorted((d.offset, d.reason) for d in r.dlq.letters) == [
+        (1, "kline is not closed (x=false) on the finalized topic"), (2, "empty record (null value)")]  # fmt: skip
+    assert r.engine.counters.get("dead_letters") == 2 and r.engine.counters.get("rows_inserted") == 3
+    assert r.engine.counters.get("insert_retries") == 0  # a refusal is not retried
+
+
+async def test_values_whose_insert_answer_is_lost_are_retried_as_they_were_and_stored_once() -> None:
+    r = await assigned(rig(parse_in_clickhouse=True))
+    r.table.fail_after = 2
+    for n in range(5):
+        r.consumer.produce(0, kline_value(n))
+    await r.run_until(lambda: r.consumer.committed.get(tp(0)) == 5)
+    assert [kind for kind, _token in r.table.payloads] == ["KlineValues"] * 3
+    assert len({token for _kind, token in r.table.payloads}) == 1  # the same token three times ...
+    assert len(r.table.rows) == 5  # ... and the rows once
+    assert r.engine.counters.get("insert_retries") == 2
+
+
+async def test_a_value_that_would_break_the_framing_is_validated_without_a_round_trip() -> None:
+    r = await assigned(rig(parse_in_clickhouse=True))
+    r.consumer.produce(0, kline_value(0))
+    r.consumer.produce(0, kline_value(1).replace(b",", b",\n", 1))  # valid JSON across two lines
+    await r.run_until(lambda: r.consumer.committed.get(tp(0)) == 2)
+    assert [kind for kind, _token in r.table.payloads] == ["KlineRows"]
+    assert r.table.stored() == {(0, 0), (0, 1)} and not r.dlq.letters
+
+
+async def test_tombstones_are_skipped_from_the_fetched_batch_and_counted_once() -> None:
+    r = await assigned(rig(version_of=snapshot_version, skip_tombstones=True, parse_in_clickhouse=True))
+    r.consumer.produce(0, kline_value(0, x=False, seq=7))
+    r.consumer.produce(0, None)
+    r.skipped.add((0, 1))
+    r.consumer.produce(0, kline_value(0, x=False, seq=8))
+    r.consumer.produce(0, kline_value(1, x=False))  # no seq: the batch is refused and validated
+    await r.run_until(lambda: r.consumer.committed.get(tp(0)) == 4)
+    assert [row[VERSION] for row in r.table.rows] == [7, 8]
+    assert [d.offset for d in r.dlq.letters] == [3]
+    assert r.engine.counters.get("tombstones_skipped") == 1
+
+
+async def test_a_bug_in_the_validating_path_stops_the_engine_with_the_refused_batch_uncommitted() -> None:
+    def decode(raw: bytes | None) -> DecodedKline:
+        raise RuntimeError("a bug in decoding")
+
+    r = await assigned(rig(buffer_size=3, decode=decode, parse_in_clickhouse=True))
+    for n in range(3):
+        r.consumer.produce(0, kline_value(n))
+    r.consumer.produce(0, kline_value(3))
+    r.consumer.produce(0, b"not json")
+    task = asyncio.create_task(r.engine.run())
+    with pytest.raises(RuntimeError, match="a bug in decoding"):
+        await asyncio.wait_for(task, 10)
+    assert r.consumer.committed == {tp(0): 3}  # the first (valid) batch needed no decoding; the second did
+    assert r.table.stored() == {(0, 0), (0, 1), (0, 2)}
