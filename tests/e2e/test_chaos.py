@@ -23,6 +23,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -322,6 +324,67 @@ def test_exchange_faults_drop_stall_shutdown_and_429_during_backfill(state: Path
     verify(tape, state, tmp_path, out, code)
     ingest = pipeline.metrics["ingest"]
     assert ingest["reconnects"] >= 2 and ingest["server_shutdowns"] >= 1, ingest
+
+
+# ------------------------------------------------------------------------------------------------ the clock
+
+ADMIN_TOKEN = "chaos-admin-token"
+
+
+class WallClockPipeline(FaultPipeline):
+    """The pipeline with the aggregator on the wall clock (``klines run`` gives a replay the event clock)."""
+
+    def _start_market(self) -> None:
+        super()._start_market()
+        self.env["KLINES_AGGREGATOR__CLOCK"] = "wall"
+
+
+def step_clock(delta_ms: int) -> Callable[[FaultPipeline], None]:
+    """Step the system time the aggregator's wall clock reads by ``delta_ms`` (``POST /clock?step_ms=``, with
+    the admin bearer token); its market time must not follow (nor go back)."""
+
+    def action(p: FaultPipeline) -> None:
+        url = f"http://127.0.0.1:{p.settings.aggregator.http_port}/clock?step_ms={delta_ms}"
+        refused = urllib.request.Request(url, data=b"", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(refused, timeout=5)
+        assert caught.value.code == 401, caught.value.code
+        request = urllib.request.Request(
+            url, data=b"", method="POST", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            answer = json.loads(response.read())
+        now_ms = time.time() * 1000
+        p.say(f"test: the aggregator's system clock stepped {delta_ms:+d} ms: {answer}")
+        assert abs(answer["now_ms"] - now_ms) < 5_000, (answer, now_ms)
+
+    return action
+
+
+def test_wall_clock_steps_forward_and_back_on_the_aggregator(
+    state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The aggregator on the wall clock (live mode) while its system clock steps a day forward, two days back,
+    a day forward again and an hour forward: nothing closes early or late, so the stored klines are exactly the
+    replay's. The tape is played in real time five minutes ahead of the wall clock, so without the steps the
+    clock closes nothing a trade would not close (as ``klines replay``); a clock that followed the first step
+    would close every open kline a day early and emit a day of empty klines (the unit tests show the same on the
+    engine: ``tests/unit/test_aggregator_clock.py``)."""
+    token = tmp_path / "admin-token"
+    token.write_text(ADMIN_TOKEN + "\n")
+    monkeypatch.setenv("KLINES_SERVICE__ADMIN_TOKEN_FILE", str(token))
+    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 300))
+    tape = generated_tape(tmp_path / "tape", "market", SYMBOLS, start, 40 / 86_400, "1s,1m,5m")
+    day = 86_400_000
+    steps = [
+        Step(300, "the aggregator's system clock steps a day forward", step_clock(day)),
+        Step(700, "... two days back", step_clock(-2 * day)),
+        Step(1_100, "... a day forward (in step again)", step_clock(day)),
+        Step(1_500, "... an hour forward, to the end", step_clock(3_600_000)),
+    ]
+    pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=1.0, pipeline_class=WallClockPipeline)
+    verify(tape, state, tmp_path, out, code)
+    assert pipeline.metrics["aggregator"]["clock_steps"] == 2, pipeline.metrics["aggregator"]
 
 
 # ------------------------------------------------------------------------------------------------ the broker
