@@ -9,8 +9,9 @@ the sequencer has nothing missing for the symbol:
    must not outrun Kafka;
 3. ``GET aggTrades?fromId=last+1&limit=1000`` and hand the page to the sequencer, which publishes the
    contiguous part and releases held live trades that became contiguous;
-4. 429: wait ``Retry-After`` (the REST client pauses every request) and go on; 418 (banned), a hole wider than
-   ``max_gap_ids``, ``max_attempts`` failed requests in a row, or ``max_attempts`` pages in a row that add
+4. 429: wait ``Retry-After`` (the REST client pauses every request) and go on; 418 (banned): wait until the ban
+   ends if that is within ``max_ban_wait_s`` (the held live trades wait with it) and go on; a longer ban, a hole
+   wider than ``max_gap_ids``, ``max_attempts`` failed requests in a row, or ``max_attempts`` pages in a row that add
    nothing while a hole remains (the exchange does not serve those ids): publish the hole as a gap event and
    log it with ``log_type=DATA_LOSS``.
 """
@@ -40,6 +41,7 @@ class BackfillOptions:
     max_attempts: int = 5
     retry_s: float = 0.5
     max_gap_ids: int = 5_000_000
+    max_ban_wait_s: float = 30.0
 
 
 class Backfiller:
@@ -134,8 +136,7 @@ class Backfiller:
                 if to_a is not None and to_a - from_a + 1 > opts.max_gap_ids:
                     self._give_up(symbol, f"gap of {to_a - from_a + 1} ids exceeds max_gap_ids={opts.max_gap_ids}")
                     return
-                if self.rest.banned:
-                    self._give_up(symbol, "REST backfill unavailable: IP banned (418)")
+                if self.rest.banned and not await self._wait_out_ban(symbol):
                     return
                 await self._room()
                 try:
@@ -147,8 +148,9 @@ class Backfiller:
                 except RateLimited as exc:
                     log_event(log, logging.WARNING, "backfill rate limited", symbol=symbol, error=str(exc))
                     continue
-                except Banned as exc:
-                    self._give_up(symbol, f"REST backfill unavailable: {exc}")
+                except Banned:
+                    if await self._wait_out_ban(symbol):
+                        continue
                     return
                 except RestError as exc:
                     failures += 1
@@ -181,6 +183,19 @@ class Backfiller:
             if self._tasks.get(symbol) is asyncio.current_task():
                 with contextlib.suppress(Exception):
                     seq.end_backfill(symbol, repaired=repaired, now=self._clock())
+
+    async def _wait_out_ban(self, symbol: str) -> bool:
+        """418: wait for the ban to end and return True, or, when it lasts longer than ``max_ban_wait_s``, give the
+        hole up as a gap and return False (step 4). No request goes out meanwhile."""
+        remaining = self.rest.banned_until - self._clock()
+        if remaining > self.options.max_ban_wait_s:
+            self._give_up(symbol, f"REST backfill unavailable: IP banned (418) for {remaining:.0f} s more")
+            return False
+        log_event(
+            log, logging.WARNING, "backfill waits for a REST ban to end", symbol=symbol, seconds=round(remaining, 1)
+        )
+        await asyncio.sleep(max(0.0, remaining))
+        return True
 
     def _give_up(self, symbol: str, reason: str, to_a: int | None = None) -> None:
         gap = self.sequencer.declare_gap(symbol, reason, self._clock(), to_a)

@@ -3,20 +3,22 @@
 Every fault is a POST with a JSON object body (an empty body means ``{}``) and answers ``{"ok":true,...}``;
 a bad argument answers 400 ``{"ok":false,"error":...}``.
 
-==========================  ===============================================================
-``POST drop_connections``   ``{}``
-``POST stall``              ``{"seconds": 5}``
-``POST skip``               ``{"symbol": "BTCUSDT", "first_id": 10, "last_id": 20}``
-``POST duplicate``          ``{"count": 3, "symbol": null}``
-``POST reorder``            ``{"count": 2, "symbol": "BTCUSDT"}``
-``POST malformed``          ``{"kind": "bad_json|missing_field|wrong_type|negative_price", "symbol": null}``
-``POST server_shutdown``    ``{"close_after_s": 1.0}``
-``POST pause`` / ``resume`` ``{}``
-``POST rate_limit``         ``{"weight_limit": 100, "window_s": 60}`` (``null`` limit = off)
-``GET status``              market time, running/paused/exhausted, connections, per symbol ``last_id``,
-                            ``published``, ``total``, ``exhausted``
-``GET wait_exhausted``      ``?timeout=30``: answers the status once the feed is exhausted (504 on timeout)
-==========================  ===============================================================
+============================  =================================================================================
+``POST drop_connections``     ``{}``
+``POST stall``                ``{"seconds": 5}``
+``POST skip``                 ``{"symbol": "BTCUSDT", "first_id": 10, "last_id": 20}``
+``POST duplicate``            ``{"count": 3, "symbol": null}``
+``POST reorder``              ``{"count": 2, "symbol": "BTCUSDT"}``
+``POST malformed``            ``{"kind": "bad_json|missing_field|wrong_type|negative_price", "symbol": null}``
+``POST server_shutdown``      ``{"close_after_s": 1.0}``
+``POST pause`` / ``resume``   ``{}``
+``POST rate_limit``           ``{"weight_limit": 100, "window_s": 60}`` (``null`` limit = off)
+``POST ban``                  ``{"seconds": 5}``: REST answers 418 that long (``0`` lifts it)
+``POST connection_lifetime``  ``{"seconds": 4}``: connections are closed at that age (``null`` = never)
+``GET status``                market time, running/paused/exhausted, connections, per symbol ``last_id``,
+                              ``published``, ``total``, ``exhausted``
+``GET wait_exhausted``        ``?timeout=30``: answers the status once the feed is exhausted (504 on timeout)
+============================  =================================================================================
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def add_control_routes(app: web.Application, exchange: FeedStatus, faults: Fault
         "rate_limit": lambda b: faults.set_rate_limit(
             _arg(b, "weight_limit", int, None), _arg(b, "window_s", float, 60.0)
         ),
+        "ban": lambda b: faults.ban(_arg(b, "seconds", float)),
+        "connection_lifetime": lambda b: faults.connection_lifetime(_arg(b, "seconds", float, None)),
     }
 
     def make(action: Action) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -19,12 +19,18 @@ call the same methods. What each fault does:
 * ``pause_feed()`` / ``resume_feed()`` — market time stops and resumes; ``resume_feed`` also starts a feed that
   waits for its first subscriber or was configured never to start by itself.
 * ``set_rate_limit(weight_limit, window_s)`` — REST request-weight limit (429 with ``Retry-After``); None = off.
+* ``ban(seconds)`` — every REST request is answered 418 (IP banned, ``Retry-After``) for ``seconds``.
+* ``connection_lifetime(seconds)`` — every WebSocket connection is closed (1001, "connection lifetime reached") once
+  it has been open ``seconds`` (counted from when the fault is set for the connections open then), as Binance
+  closes a connection at 24 h; new connections are rotated the same way until it is set to None.
 
 :class:`FaultState` holds the per-trade faults the publisher applies; it is plain data, no I/O.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,6 +152,7 @@ class Faults:
         self._publisher = publisher
         self._limiter = limiter
         self._market_time_ms = market_time_ms
+        self._lifetime_task: asyncio.Task[None] | None = None
 
     def _symbol_index(self, symbol: str | None) -> int | None:
         if symbol is None:
@@ -222,3 +229,33 @@ class Faults:
     def set_rate_limit(self, weight_limit: int | None, window_s: float = 60.0) -> None:
         """Limit REST request weight per window (429 + ``Retry-After`` beyond it); None switches it off."""
         self._limiter.configure(weight_limit, window_s)
+
+    def ban(self, seconds: float) -> None:
+        """Answer every REST request 418 (IP banned, ``Retry-After``) for ``seconds``; 0 lifts the ban."""
+        self._limiter.ban(seconds)
+
+    def connection_lifetime(self, seconds: float | None) -> None:
+        """Close every connection once it has been open ``seconds`` (1001, as at Binance's 24 h); None = never.
+
+        Must be called on the exchange's event loop (the control endpoint is)."""
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"lifetime seconds must be positive, got {seconds}")
+        if self._lifetime_task is not None:
+            self._lifetime_task.cancel()
+            self._lifetime_task = None
+        if seconds is not None:
+            self._lifetime_task = asyncio.get_running_loop().create_task(self._expire(seconds))
+
+    async def _expire(self, seconds: float) -> None:
+        hub = self._hub
+        first_seen: dict[int, float] = {}
+        while True:
+            now = hub.monotonic()
+            for conn in list(hub.connections):
+                opened = first_seen.setdefault(id(conn), now)
+                if now - opened >= seconds and not conn.closing:
+                    with contextlib.suppress(Exception):
+                        hub.spawn(conn.close(1001, "connection lifetime reached"))
+            alive = {id(conn) for conn in hub.connections}
+            first_seen = {key: value for key, value in first_seen.items() if key in alive}
+            await asyncio.sleep(min(0.1, seconds / 4))

@@ -17,7 +17,8 @@ Errors are Binance's JSON with HTTP 400: ``{"code":-1121,"msg":"Invalid symbol."
 
 Optional request-weight limiting (off unless configured): each request costs Binance's weight, reported in
 ``X-MBX-USED-WEIGHT-1M``; beyond the limit the answer is 429 with ``Retry-After`` (seconds to the next window)
-and code -1003.
+and code -1003. A ban (:meth:`WeightLimiter.ban`, the fault API's ``ban``) answers every request 418 with
+``Retry-After`` (seconds until it ends) and code -1003 until it ends, as Binance does after repeated 429s.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class WeightLimiter:
         self.window_s = window_s
         self._window = -1
         self.used = 0
+        self.banned_until = 0.0
 
     def configure(self, limit: int | None, window_s: float = 60.0) -> None:
         """Change the limit (None = off) and window; the usage count starts again."""
@@ -71,6 +73,17 @@ class WeightLimiter:
         if window_s <= 0:
             raise ValueError(f"window_s must be positive, got {window_s}")
         self.limit, self.window_s, self._window, self.used = limit, window_s, -1, 0
+
+    def ban(self, seconds: float) -> None:
+        """Answer every request 418 for ``seconds`` from now (0 lifts a ban)."""
+        if seconds < 0:
+            raise ValueError(f"ban seconds must be >= 0, got {seconds}")
+        self.banned_until = self._monotonic() + seconds
+
+    def banned_for(self) -> float | None:
+        """Seconds until the ban ends, or None when there is none."""
+        remaining = self.banned_until - self._monotonic()
+        return remaining if remaining > 0 else None
 
     def charge(self, weight: int) -> float | None:
         """Count ``weight``; return None if allowed, else the seconds until the window resets."""
@@ -120,6 +133,15 @@ class RestApi:
         async def guarded(request: web.Request) -> web.Response:
             limit_text = request.query.get("limit", "")
             limit = int(limit_text) if _INT_PARAM.match(limit_text) else 500
+            banned = self.limiter.banned_for()
+            if banned is not None:
+                until = self.clock.now_ms() + int(banned * 1000)
+                body = {
+                    "code": -1003,
+                    "msg": f"Way too much request weight used; IP banned until {until}. Please use WebSocket Streams "
+                    "for live updates to avoid bans.",
+                }
+                return web.json_response(body, status=418, headers={"Retry-After": str(max(1, math.ceil(banned)))})
             retry_after = self.limiter.charge(weight(limit))
             headers = {"X-MBX-USED-WEIGHT-1M": str(self.limiter.used)}
             if retry_after is not None:

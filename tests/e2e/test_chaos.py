@@ -121,6 +121,41 @@ def test_gateway_killed_does_not_touch_storage(state: Path, tmp_path: Path) -> N
     verify(tape, state, tmp_path, out, code)
 
 
+def connections_rotated_at_their_lifetime(p: FaultPipeline) -> None:
+    """The exchange closes every connection once it is 3 s old (1001, as Binance does at 24 h), for 10 s: ingest
+    reconnects each time and fetches what it missed meanwhile over REST."""
+    before = p.metrics_of("ingest").get("reconnects", 0)
+    p.exchange_fault("connection_lifetime", {"seconds": 3.0})
+    time.sleep(10)
+    p.exchange_fault("connection_lifetime", {"seconds": None})
+    closed = p.metrics_of("ingest").get("reconnects", 0) - before
+    p.say(f"test: ingest reconnected {closed} times")
+    assert closed >= 2, "the connections were not rotated"
+
+
+def banned_during_backfill(p: FaultPipeline) -> None:
+    """REST answers 418 for 4 s while every connection is dropped: ingest's catch-up after the reconnect meets the
+    ban, sends nothing while it lasts and backfills once it is over (a ban up to ingest's max_ban_wait_s)."""
+    before = p.metrics_of("ingest").get("rest_bans", 0)
+    p.exchange_fault("ban", {"seconds": 4.0})
+    p.exchange_fault("drop_connections")
+    time.sleep(6)
+    bans = p.metrics_of("ingest").get("rest_bans", 0) - before
+    p.say(f"test: ingest was answered 418 {bans} times")
+    assert bans > 0, "the backfill never met the ban"
+
+
+def test_exchange_rotates_connections_and_bans_rest_during_a_backfill(state: Path, tmp_path: Path) -> None:
+    tape = tape_of(tmp_path)
+    steps = [
+        Step(5_000, "connections closed at a 3 s lifetime, for 10 s", connections_rotated_at_their_lifetime),
+        Step(24_000, "REST 418 (4 s ban) during a backfill", banned_during_backfill),
+    ]
+    pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
+    verify(tape, state, tmp_path, out, code)
+    assert pipeline.metrics["ingest"]["rest_bans"] >= 1, pipeline.metrics["ingest"]
+
+
 # ------------------------------------------------------------------------------------------------ rebalances
 
 #: One symbol per trades partition (six, ``kafka.trades_partitions``; key = symbol, murmur2): whichever
