@@ -7,13 +7,17 @@ process for comparison); the topics are created for the run and deleted after it
 
 Throughput (rows/s): N klines are produced to each topic first, then each writer is started from the beginning
 of its topic and timed from its partition assignment until every row is inserted and committed, with the default
-``[persistence]`` buffer sizes. Next to them, in the same rounds, the raw limits of what a writer is made of:
+``[persistence]`` buffer sizes. The writers run as deployed (ClickHouse parses the values as fetched and checks
+the kline contract: ``services/writers/contract.py``), and the finalized writer also on its validating path alone
+(every record decoded and validated in Python, rows sent as text: what it did before). Next to them, in the same
+rounds, the raw limits of what a writer is made of:
 
 * a bare aiokafka consumer reading the finalized topic (``getmany`` only, nothing decoded);
-* a bare clickhouse-connect ``client.insert`` loop of the same rows, already built, ``Decimal`` columns (what the
-  writers used before: clickhouse-connect converts every ``Decimal`` in Python);
-* a bare ``raw_insert`` loop of the same rows as ``TabSeparated`` text, already encoded (what the writers send
-  now: ClickHouse parses every value); the raw client limit of the write path.
+* a bare clickhouse-connect ``client.insert`` loop of the same rows, already built, ``Decimal`` columns;
+* a bare ``raw_insert`` loop of the same rows as ``TabSeparated`` text, already encoded (the validating path's
+  insert): the raw client limit of an insert;
+* a bare loop of the writers' ``INSERT ... SELECT`` over the same klines as fetched, lines already built (the
+  contract's parse and checks in ClickHouse): the limit of the path the writers take.
 
 The inserts run in batches of ``finalized_buffer_size``. The paths run in ``--repeat`` interleaved rounds (the
 machine is shared); best, median and worst are printed. For each writer path, the CPU time per row of the writer's
@@ -50,7 +54,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aiokafka import TopicPartition
 
 from services.core.models import Kline
-from services.finalized_writer import finalized_spec
 from services.shared import clickhouse
 from services.shared.kafka import delete_topics, ensure_topics, make_consumer, make_producer
 from services.shared.lifecycle import Shutdown
@@ -63,8 +66,11 @@ from services.shared.messages import (
 )
 from services.shared.settings import Settings, load_settings
 from services.writers import serve
-from services.writers.batch import row_text
+from services.writers.batch import Batch, row_text
+from services.writers.contract import KlineValues
 from services.writers.engine import WriterEngine
+from services.writers.ports import clickhouse_inserter
+from services.writers.specs import FINALIZED_RULE, finalized_spec
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_735_689_600_000  # 2025-01-01 00:00 UTC
@@ -176,6 +182,38 @@ async def bare_consumer(settings: Settings, topic: str, expected: int) -> float:
         await consumer.stop()
 
 
+def contract_insert_loop(settings: Settings, bodies: list[bytes], rows: int) -> float:
+    """rows/s of the writers' ``INSERT ... SELECT`` (ClickHouse parses and checks) over prebuilt lines."""
+    client = clickhouse.connect(settings.clickhouse)
+    clickhouse.apply_schema(client, settings.clickhouse)
+    insert = clickhouse_inserter(client, settings.clickhouse, settings.clickhouse.finalized_table)
+    per_body = rows // len(bodies)
+    started = time.perf_counter()
+    for i, body in enumerate(bodies):
+        insert(KlineValues(body, per_body, FINALIZED_RULE), f"contract:{i}")
+    return rows / (time.perf_counter() - started)
+
+
+def value_batches(values: list[bytes], batch: int) -> list[bytes]:
+    """The lines a writer sends for ``values`` as fetched (partition 0), in batches of ``batch`` records."""
+    records = [_Record(n, v) for n, v in enumerate(values)]
+    out = []
+    for i in range(0, len(records), batch):
+        b = Batch()
+        b.add_values(0, records[i : i + batch], 0.0, skip_tombstones=False)
+        out.append(b.values(FINALIZED_RULE).body)
+    return out
+
+
+@dataclass(frozen=True)
+class _Record:
+    offset: int
+    value: bytes
+    topic: str = "bench"
+    partition: int = 0
+    key: bytes | None = None
+
+
 def tsv_batches(klines: list[Kline], batch: int) -> list[bytes]:
     """The writers' text for ``klines`` (decoded as a writer decodes them), in batches of ``batch`` rows."""
     entries = []
@@ -204,8 +242,22 @@ def cost_split(
     entries = [(0, i, r.kline, 0, row_text(r, 0)) for i, r in enumerate(records)]
     bodies = [clickhouse.KlineRows(entries[i : i + batch], "t").tsv() for i in range(0, n, batch)]
     rows = [clickhouse.kline_row(r.kline, version=0, partition=0, offset=i, token="t") for i, r in enumerate(records)]
+    fetched = [_Record(i, v) for i, v in enumerate(values)]
+    lines = value_batches(values, batch)
+
+    def take_as_fetched() -> None:
+        b = Batch()
+        for i in range(0, n, 500):  # one getmany list at a time, as the engine takes them
+            b.add_values(0, fetched[i : i + 500], 0.0, skip_tombstones=False)
+        b.values(FINALIZED_RULE)
+
     split = {
         "Kafka: aiokafka getmany (bare consumer, median)": 1e6 / consumer_rate,
+        "lines as fetched (Batch.add_values, the batch's body)": best(take_as_fetched),
+        "insert: INSERT ... SELECT of the lines (ClickHouse parses and checks)": 1e6
+        / contract_insert_loop(bench_settings("bench_split_contract", topics, chdb_dir), lines, n),
+    }
+    before = {
         "decode + validate: a fetched run at once (decode_kline_run)": best(
             lambda: [decode_kline_run(values[i : i + 500]) for i in range(0, n, 500)]
         ),
@@ -214,8 +266,6 @@ def cost_split(
         ),
         "insert: raw_insert of the text (ClickHouse parses)": 1e6
         / raw_text_insert_loop(bench_settings("bench_split_raw", topics, chdb_dir), bodies, n),
-    }
-    before = {
         "decode + validate: one record at a time (decode_kline_record)": best(
             lambda: [decode_kline_record(v) for v in values]
         ),
@@ -225,7 +275,11 @@ def cost_split(
         "insert: clickhouse-connect client.insert (Decimal columns)": 1e6
         / bare_insert_loop(bench_settings("bench_split_cc", topics, chdb_dir), rows, batch),
     }
-    return {**split, "total (now)": sum(split.values()), **{f"before: {k}": v for k, v in before.items()}}
+    return {
+        **split,
+        "total (ClickHouse parses)": sum(split.values()),
+        **{f"validating path: {k}": v for k, v in before.items()},
+    }
 
 
 @dataclass(frozen=True)
@@ -236,6 +290,7 @@ class WriterPath:
     kinds: list[str]
     rows: int
     in_process: bool = False
+    parse_in_clickhouse: bool = True
 
 
 @dataclass(frozen=True)
@@ -256,14 +311,19 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run_writers(settings: Settings, kinds: list[str], expected: int) -> WriterRun:
+async def run_writers(
+    settings: Settings, kinds: list[str], expected: int, *, parse_in_clickhouse: bool = True
+) -> WriterRun:
     """Start ``kinds`` from the beginning of their topics; rows/s from the first assignment to the last row."""
     client = clickhouse.connect(settings.clickhouse)
     clickhouse.apply_schema(client, settings.clickhouse)
     engine_pid = getattr(client, "pid", None)  # an EmbeddedClient's child
     shutdown = Shutdown(30)
     holder: list[list[WriterEngine]] = []
-    task = asyncio.create_task(serve(settings, kinds, shutdown, started=lambda e, _h: holder.append(e)))
+    task = asyncio.create_task(
+        serve(settings, kinds, shutdown, started=lambda e, _h: holder.append(e),
+              engine_options={"parse_in_clickhouse": parse_in_clickhouse})
+    )  # fmt: skip
     while not holder:
         await asyncio.sleep(0.005)
     engines = holder[0]
@@ -389,6 +449,7 @@ async def main() -> None:
                      enumerate(klines)]  # fmt: skip
         batch = base.persistence.finalized_buffer_size
         bodies = tsv_batches(klines, batch)
+        lines = value_batches([v for _k, v in finals], batch)
         # Interleaved repeats (the machine is shared): each path runs once per round, in fresh tables and groups.
         rates: dict[str, list[float]] = {}
         cpu: dict[str, list[WriterRun]] = {}
@@ -396,7 +457,11 @@ async def main() -> None:
             "bare aiokafka consumer (getmany only)": "consumer",
             "bare clickhouse-connect client.insert loop (prebuilt rows, Decimal columns)": "client.insert",
             "bare raw_insert loop (prebuilt TabSeparated): raw client limit": "raw_insert",
-            "finalized_writer (Kafka -> decode -> insert -> commit)": WriterPath(["finalized"], args.rows),
+            "bare INSERT ... SELECT loop (prebuilt lines; ClickHouse parses and checks)": "contract",
+            "finalized_writer (Kafka -> lines -> ClickHouse parses -> commit)": WriterPath(["finalized"], args.rows),
+            "finalized_writer, validating path (before: Python decodes)": WriterPath(
+                ["finalized"], args.rows, parse_in_clickhouse=False
+            ),
             "finalized_writer, chDB in the writer's process": WriterPath(["finalized"], args.rows, in_process=True),
             "snapshot_writer": WriterPath(["snapshot"], args.rows),
             "both writers in one process (sum)": WriterPath(["finalized", "snapshot"], 2 * args.rows),
@@ -412,8 +477,12 @@ async def main() -> None:
                     rate = bare_insert_loop(settings, bare_rows, batch)
                 elif run == "raw_insert":
                     rate = raw_text_insert_loop(settings, bodies, args.rows)
+                elif run == "contract":
+                    rate = contract_insert_loop(settings, lines, args.rows)
                 else:
-                    result = await run_writers(settings, run.kinds, run.rows)
+                    result = await run_writers(
+                        settings, run.kinds, run.rows, parse_in_clickhouse=run.parse_in_clickhouse
+                    )
                     rate = result.rate
                     cpu.setdefault(label, []).append(result)
                 rates.setdefault(label, []).append(rate)

@@ -501,6 +501,16 @@ class ClickHouseRejected(Exception):
     fired): nothing of it was stored, and the same insert would be refused again, so retrying it is pointless."""
 
 
+class InsertSelectDenied(ClickHouseRejected):
+    """The login may not run an ``INSERT ... SELECT`` over ``input()`` (ClickHouse servers before 26 want the
+    ``CREATE TEMPORARY TABLE`` grant for the table function, which the least-privilege writer login does not
+    have): nothing was stored, and no such insert will pass with this login; plain inserts still do."""
+
+
+#: ``ACCESS_DENIED``.
+_ACCESS_DENIED_CODE = "Code: 497"
+
+
 def sql_string(value: str) -> str:
     """``value`` as a single-quoted ClickHouse string literal."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -526,8 +536,9 @@ def insert_select_text(
     settings make the insert one block, so it lands whole or not at all, and the token deduplicates it as any
     other insert (:func:`insert_tsv`) carrying the same token.
 
-    Raises :class:`ClickHouseRejected` when the statement's contract check refused a value, and
-    :class:`ClickHouseUnavailable` for anything else (the caller retries).
+    Raises :class:`ClickHouseRejected` when the statement's contract check refused a value,
+    :class:`InsertSelectDenied` when the login may not run it, and :class:`ClickHouseUnavailable` for anything
+    else (the caller retries).
     """
     clauses = (
         f"insert_deduplication_token = {sql_string(token)}, insert_deduplicate = 1, max_insert_threads = 1, "
@@ -554,6 +565,8 @@ def insert_select_text(
         text = str(exc)
         if REJECTED_MARKER in text and _THROW_IF_CODE in text:
             raise ClickHouseRejected(text[:500]) from exc
+        if _ACCESS_DENIED_CODE in text:
+            raise InsertSelectDenied(text[:500]) from exc
         raise ClickHouseUnavailable(f"insert ... select failed: {text[:1000]}") from exc
     finally:
         if path is not None:

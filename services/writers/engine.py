@@ -52,7 +52,7 @@ from tenacity import (
 )
 
 from services.core.models import InvalidInput
-from services.shared.clickhouse import ClickHouseRejected, KlineEntry
+from services.shared.clickhouse import ClickHouseRejected, InsertSelectDenied, KlineEntry
 from services.shared.lifecycle import Counters, Shutdown
 from services.shared.logs import log_event
 from services.shared.messages import dead_letter_value, decode_kline_record, decode_kline_run
@@ -327,9 +327,22 @@ class WriterEngine:
         self._last_rows = 0
         if batch.has_values:
             values = batch.values(self.spec.rule)
-            if values.rows and framed(values.body, values.rows):
+            if values.rows and self._parse_in_clickhouse and framed(values.body, values.rows):
                 try:
                     await self._insert_batch(values, token)  # step 2
+                except InsertSelectDenied as exc:
+                    # Not this batch's fault, and no batch will pass: this login may not run the INSERT ...
+                    # SELECT. From now on, every record is validated in Python as it is polled.
+                    self._parse_in_clickhouse = False
+                    log_event(
+                        log,
+                        logging.ERROR,
+                        "this ClickHouse login may not run INSERT ... SELECT FROM input() (a server before 26 "
+                        "wants GRANT CREATE TEMPORARY TABLE ON *.* for it); records are validated in Python "
+                        "from now on, which is slower",
+                        component=self.spec.component,
+                        error=str(exc)[:300],
+                    )
                 except ClickHouseRejected as exc:
                     log_event(
                         log,

@@ -22,7 +22,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectio
 
 from services.core.models import InvalidInput, Kline
 from services.finalized_writer import finalized_version
-from services.shared.clickhouse import KLINE_COLUMNS, ClickHouseRejected, ClickHouseUnavailable
+from services.shared.clickhouse import KLINE_COLUMNS, ClickHouseRejected, ClickHouseUnavailable, InsertSelectDenied
 from services.shared.lifecycle import Shutdown
 from services.shared.messages import DecodedKline, decode_kline_record, encode_kline
 from services.snapshot_writer import snapshot_version
@@ -200,12 +200,15 @@ class ContractTable(FakeTable):
         self.version_of = version_of
         self.payloads: list[tuple[str, str]] = []  # (kind, token) of every call
         self.refused = 0
+        self.deny_values = False  # the login may not run the INSERT ... SELECT
 
     def insert(self, rows: Any, token: str) -> None:
         self.payloads.append((type(rows).__name__, token))
         if not isinstance(rows, KlineValues):
             super().insert(rows, token)
             return
+        if self.deny_values:
+            raise InsertSelectDenied("Code: 497. Not enough privileges")
         parsed = []
         for line in rows.body.splitlines():
             partition, offset, value = line.split(b"\t")
@@ -756,3 +759,14 @@ async def test_a_bug_in_the_validating_path_stops_the_engine_with_the_refused_ba
         await asyncio.wait_for(task, 10)
     assert r.consumer.committed == {tp(0): 3}  # the first (valid) batch needed no decoding; the second did
     assert r.table.stored() == {(0, 0), (0, 1), (0, 2)}
+
+
+async def test_a_login_that_may_not_insert_select_falls_back_to_the_validating_path_for_good() -> None:
+    r = await assigned(rig(parse_in_clickhouse=True, buffer_size=2))
+    r.table.deny_values = True
+    for n in range(4):
+        r.consumer.produce(0, kline_value(n))
+    await r.run_until(lambda: r.consumer.committed.get(tp(0)) == 4)
+    # One refused attempt, then rows only: the first batch validated at flush, the next as it was polled.
+    assert [kind for kind, _token in r.table.payloads] == ["KlineValues", "KlineRows", "KlineRows"]
+    assert r.table.stored() == {(0, n) for n in range(4)} and not r.dlq.letters
