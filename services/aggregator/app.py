@@ -108,7 +108,11 @@ class BatchFetcher:
                     await self._read_again_after_rebalance(session, batch)
                     await asyncio.sleep(0)
                     continue
-                if agent.has_room():
+                # Not for a stale batch: the agent seeks back for it, which changes the epoch, so a fetch started
+                # now would be stale too, be sought back for in turn, and so on while records keep coming (a
+                # backlog after a rebalance kept the aggregator re-reading forever). The next fetch starts at
+                # the top of the loop, after the seek, with the new epoch.
+                if agent.has_room() and epoch == agent.epoch:
                     next_fetch = (agent.epoch, asyncio.ensure_future(session.next_records(1.0)))
                 batch = {tp: recs for tp, recs in records.items() if tp.topic == topic}
                 if batch:
