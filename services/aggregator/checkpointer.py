@@ -16,9 +16,11 @@ Encoding is paid for on the event loop, synchronously (the export must be one co
 at about 0.4 ms a symbol (2,000 symbols x 7 intervals: ~0.75 s). When every symbol is dirty every tick (a
 catch-up, or thousands of busy symbols) a checkpoint per tick would take most of the aggregator's time, so
 checkpoints get a share of it, :data:`CHECKPOINT_TIME_SHARE`: each partition waits at least the last
-encoding time of all partitions together divided by that share (at most :data:`MAX_CHECKPOINT_INTERVAL_S`)
-before its next one. A few dirty symbols a tick cost so little that every tick still writes one; a large
-backlog spaces them out, which only means a crash meanwhile replays a few seconds more.
+encoding time (CPU time of the encoding thread, so a busy machine does not inflate it) of all partitions
+together divided by that share (at most :data:`MAX_CHECKPOINT_INTERVAL_S`) before its next one. A wait shorter
+than :data:`MIN_CHECKPOINT_SPACING_S` is no wait at all: a few dirty symbols a tick cost so little that every
+tick (and every retry after a failed one) still writes one, as before. A large backlog spaces them out, which
+only means a crash meanwhile replays a few seconds more.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ MAX_UNCONFIRMED_PER_RECORD: Final = 2_000
 CHECKPOINT_TIME_SHARE: Final = 0.1
 #: The longest a partition waits for its next checkpoint because of :data:`CHECKPOINT_TIME_SHARE`.
 MAX_CHECKPOINT_INTERVAL_S: Final = 30.0
+#: A shorter wait is not imposed (below the clock's tick, 1 s by default: such checkpoints are cheap).
+MIN_CHECKPOINT_SPACING_S: Final = 0.5
 
 
 class GroupConsumer(Protocol):
@@ -86,6 +90,7 @@ class Checkpointer:
         max_record_bytes: int = MAX_RECORD_BYTES,
         time_share: float = CHECKPOINT_TIME_SHARE,
         monotonic: Callable[[], float] = time.monotonic,
+        cpu_time: Callable[[], float] = time.thread_time,
     ) -> None:
         if not 0 < time_share <= 1:
             raise ValueError(f"time_share must be in (0, 1], got {time_share}")
@@ -99,6 +104,7 @@ class Checkpointer:
         self._max_record_bytes = max_record_bytes
         self._time_share = time_share
         self._monotonic = monotonic
+        self._cpu_time = cpu_time
         self._group: GroupConsumer | None = None
         self._deferring: set[int] = set()
         #: Per partition: seconds its last encoding took, and when its next checkpoint may start.
@@ -127,8 +133,9 @@ class Checkpointer:
         if not force and not renew and began < self._next_at.get(part.partition, began):
             self._stats.checkpoints_spaced += 1
             return None
+        cpu = self._cpu_time()
         records = self._records(part)
-        self._pace(part.partition, began)
+        self._pace(part.partition, began, self._cpu_time() - cpu)
         if records is None:
             return None
         symbols = part.dirty
@@ -138,12 +145,12 @@ class Checkpointer:
         part.flight = asyncio.create_task(self._fly(part, symbols, records, marker, position, lease))
         return part.flight
 
-    def _pace(self, partition: int, began: float) -> None:
+    def _pace(self, partition: int, began: float, encoding_s: float) -> None:
         """Note what this encoding took; the partition's next one waits for all partitions' last encoding times
         together divided by the time share (so, all partitions dirty, encoding takes that share of the time)."""
-        self._encoding_s[partition] = self._monotonic() - began
+        self._encoding_s[partition] = encoding_s
         wait = min(MAX_CHECKPOINT_INTERVAL_S, sum(self._encoding_s.values()) / self._time_share)
-        self._next_at[partition] = began + wait
+        self._next_at[partition] = began + wait if wait >= MIN_CHECKPOINT_SPACING_S else began
 
     def _forget(self, partitions: Iterable[int]) -> None:
         for partition in partitions:

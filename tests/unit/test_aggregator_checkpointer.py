@@ -133,6 +133,7 @@ class TimedCheckpointer(Checkpointer):
             stats=stats,
             time_share=0.1,
             monotonic=lambda: self.now,
+            cpu_time=lambda: self.now,
         )
 
     def _records(self, part: PartitionState) -> Any:
@@ -175,22 +176,16 @@ async def test_checkpoints_of_many_dirty_symbols_take_their_share_of_the_time_an
     assert all(p.checkpointed is not None and p.checkpointed >= p.position - 3 for p in parts)
 
 
-async def test_a_few_dirty_symbols_are_still_checkpointed_every_tick_and_a_forced_one_never_waits() -> None:
+async def test_a_few_dirty_symbols_are_checkpointed_every_time_as_before() -> None:
     stats = Stats()
     ckpt = TimedCheckpointer(Producer(MAX_RECORD_BYTES), stats, cost_s=0.0004)
-    part = dirty_partition(0, 20)  # 8 ms: a checkpoint may start every 80 ms
-    for tick in range(10):
-        ckpt.now = float(tick)
+    part = dirty_partition(0, 100)  # 40 ms: a wait of 0.4 s, under the least spacing imposed
+    for attempt in range(10):  # back to back, as a retry after a failed checkpoint comes
         part.dirty = set(part.books.symbols())
-        part.position = tick + 100
+        part.position = attempt + 100
         flight = ckpt.start(part)
         assert flight is not None and await flight
     assert stats.checkpoints == 10 and stats.checkpoints_spaced == 0
-    part.dirty = set(part.books.symbols())
-    part.position = 200
-    assert ckpt.start(part) is None  # 8 ms later: not yet ...
-    assert await ckpt.final([part], 1.0) == {0}  # ... but a rebalance's or a stop's checkpoint is written now
-    assert part.checkpointed == 200
 
 
 async def test_the_wait_between_checkpoints_is_capped() -> None:
@@ -205,3 +200,7 @@ async def test_the_wait_between_checkpoints_is_capped() -> None:
     ckpt.now = MAX_CHECKPOINT_INTERVAL_S
     flight = ckpt.start(part)
     assert flight is not None and await flight and part.checkpointed == 500
+    part.dirty, part.position = set(part.books.symbols()), 600
+    assert ckpt.start(part) is None  # spaced out again ...
+    assert await ckpt.final([part], 60.0) == {0}  # ... but a rebalance's or a stop's checkpoint is written now
+    assert part.checkpointed == 600
