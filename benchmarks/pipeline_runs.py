@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,33 +168,41 @@ class Sampler(threading.Thread):
         return read_metrics(next((s for s in self.pipeline.services if s.name == name), None))
 
     def run(self) -> None:
-        while not self.done.is_set():
-            t = time.monotonic()
-            status = self.pipeline._replay_status() if self.pipeline.replay is not None else None
-            ingest, aggregator, writers = (self.metrics(n) for n in ("ingest", "aggregator", "writers"))
-            procs = {s.name: s.proc for s in [*self.pipeline.services, self.pipeline.replay] if s is not None}
-            alive = {name: p for name, p in procs.items() if p is not None and p.poll() is None}
-            cpu = {name: process_cpu_s(p.pid) for name, p in alive.items()}
-            memory = process_memory(alive["aggregator"].pid) if "aggregator" in alive else None
-            self.samples.append(
-                Sample(
-                    t=t,
-                    sent=LocalPipeline._sent(status),
-                    published=num(ingest, "trades_published"),
-                    applied=num(aggregator, "trades_applied"),
-                    finalized=num(aggregator, "klines_finalized"),
-                    lag=num(aggregator, "lag"),
-                    unconfirmed=num(aggregator, "unconfirmed_finalized"),
-                    stored=stored_rows(writers),
-                    cpu=machine_cpu(),
-                    process_cpu={k: v for k, v in cpu.items() if v is not None},
-                    snapshots_sent=num(aggregator, "snapshots_sent"),
-                    snapshots_stored=stored_rows(writers, "snapshot_writer"),
-                    aggregator_rss=None if memory is None else memory[0],
-                    aggregator_peak_rss=None if memory is None else memory[1],
-                )
+        # The exchange and the three services are asked at once: one whose event loop is busy for seconds must
+        # not leave the others unsampled meanwhile.
+        with ThreadPoolExecutor(4, thread_name_prefix="sampler") as pool:
+            while not self.done.is_set():
+                self.sample(pool)
+
+    def sample(self, pool: ThreadPoolExecutor) -> None:
+        t = time.monotonic()
+        replay = self.pipeline.replay is not None
+        asked = [pool.submit(self.pipeline._replay_status if replay else lambda: None)]
+        asked += [pool.submit(self.metrics, n) for n in ("ingest", "aggregator", "writers")]
+        status, ingest, aggregator, writers = (future.result() for future in asked)
+        procs = {s.name: s.proc for s in [*self.pipeline.services, self.pipeline.replay] if s is not None}
+        alive = {name: p for name, p in procs.items() if p is not None and p.poll() is None}
+        cpu = {name: process_cpu_s(p.pid) for name, p in alive.items()}
+        memory = process_memory(alive["aggregator"].pid) if "aggregator" in alive else None
+        self.samples.append(
+            Sample(
+                t=t,
+                sent=LocalPipeline._sent(status),
+                published=num(ingest, "trades_published"),
+                applied=num(aggregator, "trades_applied"),
+                finalized=num(aggregator, "klines_finalized"),
+                lag=num(aggregator, "lag"),
+                unconfirmed=num(aggregator, "unconfirmed_finalized"),
+                stored=stored_rows(writers),
+                cpu=machine_cpu(),
+                process_cpu={k: v for k, v in cpu.items() if v is not None},
+                snapshots_sent=num(aggregator, "snapshots_sent"),
+                snapshots_stored=stored_rows(writers, "snapshot_writer"),
+                aggregator_rss=None if memory is None else memory[0],
+                aggregator_peak_rss=None if memory is None else memory[1],
             )
-            self.done.wait(max(0.0, SAMPLE_S - (time.monotonic() - t)))
+        )
+        self.done.wait(max(0.0, SAMPLE_S - (time.monotonic() - t)))
 
     def stop(self) -> None:
         self.done.set()
