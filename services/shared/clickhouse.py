@@ -533,8 +533,10 @@ def insert_select_text(
     TabSeparated``, the way to send data to an INSERT ... SELECT over HTTP). chDB does not feed ``input()`` from
     the text after a query, so there ``{source}`` is ``file(path, TabSeparated, structure)`` over a temporary file
     (what clickhouse-connect's chDB backend does for every insert: ``INSERT ... FROM INFILE``). The statement's
-    settings make the insert one block, so it lands whole or not at all, and the token deduplicates it as any
-    other insert (:func:`insert_tsv`) carrying the same token.
+    settings make the insert one block, so it lands whole or not at all, and the token makes a repeat of it
+    (a retry, the same statement over the same text) add nothing. ClickHouse does not promise that an insert
+    of another kind under the same token (:func:`insert_tsv`) is a repeat: the writers send a batch another
+    way only after ClickHouse refused this one, which stored nothing.
 
     Raises :class:`ClickHouseRejected` when the statement's contract check refused a value,
     :class:`InsertSelectDenied` when the login may not run it, and :class:`ClickHouseUnavailable` for anything

@@ -114,21 +114,27 @@ def _field(name: str) -> str:
 
 
 def _span_check() -> str:
-    """``is_kline_span(i, t, T)`` in SQL: see :func:`~services.core.intervals.is_kline_span`."""
-    cases = []
+    """``is_kline_span(i, t, T)`` in SQL: see :func:`~services.core.intervals.is_kline_span`. A fixed-size
+    interval's size and offset come from one lookup (not a branch per interval, each a pass over the batch)."""
+    names, sizes, offsets = [], [], []
     for interval in INTERVALS:
         size = interval_ms(interval)
-        if size is None:
-            continue
-        offset = open_time(interval, 0) % size
-        aligned = f"t % {size} = 0" if offset == 0 else f"(t - {offset}) % {size} = 0"
-        cases.append(f"i = '{interval}', {aligned} AND T = t + {size - 1}")
+        if size is not None:
+            names.append(f"'{interval}'")
+            sizes.append(str(size))
+            offsets.append(str(open_time(interval, 0) % size))
+    size = f"transform(i, [{', '.join(names)}], [{', '.join(sizes)}], 0)"
+    offset = f"transform(i, [{', '.join(names)}], [{', '.join(offsets)}], 0)"
+    # greatest(): a modulo by 0 would fail the insert with an error of its own, not refuse it, wherever a
+    # server evaluates both branches of the if().
+    fixed = f"(t - {offset}) % greatest({size}, 1) = 0 AND T = t + {size} - 1"
     # 1M: the calendar month. least() keeps the date functions in range for any t; the bound refuses the rest.
     day = f"toDateTime(intDiv(least(t, {MONTH_CHECK_LIMIT_MS - 1}), 1000), 'UTC')"
     start = f"toInt128(toUnixTimestamp(toDateTime(toStartOfMonth({day}), 'UTC'))) * 1000"
     end = f"toInt128(toUnixTimestamp(toDateTime(addMonths(toStartOfMonth({day}), 1), 'UTC'))) * 1000 - 1"
-    cases.append(f"i = '1M', t < {MONTH_CHECK_LIMIT_MS} AND t = {start} AND T = {end}")
-    return "multiIf(" + ", ".join(cases) + ", false)"
+    month = f"t < {MONTH_CHECK_LIMIT_MS} AND t = {start} AND T = {end}"
+    # Every interval the pattern admits is fixed-size or 1M, so a size of 0 is only ever 1M's.
+    return f"if({size} = 0, {month}, {fixed})"
 
 
 def contract_check(rule: RowRule) -> str:
