@@ -3,8 +3,9 @@
 Each scenario plays a seeded tape through the whole pipeline (``klines run``'s :class:`LocalPipeline`: replay
 exchange → ingest → Kafka → aggregator → writers → embedded ClickHouse, gateway beside), injects its faults
 itself at points of the run (:class:`harness.FaultPipeline`: after so many trades sent, SIGTERM or SIGKILL of
-a process the run started, the replay exchange's fault API, a broker of its own killed), lets the run drain and
-stop as ``klines run`` does, and then requires of the result what spec §5 promises:
+a process the run started, a second aggregator or group member joining and leaving, the replay exchange's fault
+API, steps of the aggregator's system clock, a broker of its own killed), lets the run drain and stop as
+``klines run`` does, and then requires of the result what spec §5 promises:
 
 * ``klines_finalized FINAL`` equals what ``klines replay`` computes from the same tape, field by field;
 * zero ``DATA_LOSS``, nothing dropped, a complete drain, and exactly the dead letters the test injected;
