@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -158,7 +159,15 @@ STORED = ", ".join(c for c in KLINE_COLUMNS if c != "batch_token")
 def contract_ch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseSettings]:
     path = tmp_path_factory.mktemp("contract") / "chdb"
     settings = load_settings(clickhouse={"dsn": f"chdb://{path}", "database": "contract_test"}).clickhouse
-    clickhouse.apply_schema(clickhouse.connect(settings), settings)
+    client = clickhouse.connect(settings)
+    clickhouse.apply_schema(client, settings)
+    # No background merges: a merge would collapse rows of one kline from different batches (that is the
+    # ReplacingMergeTree's job), and each check reads back exactly the rows its batch stored.
+    for table in clickhouse.table_names(settings):
+        client.command(
+            f"ALTER TABLE {settings.database}.{table} MODIFY SETTING "
+            "max_bytes_to_merge_at_max_space_in_pool = 1, max_bytes_to_merge_at_min_space_in_pool = 1"
+        )
     yield settings
     clickhouse.close(settings)
 
@@ -217,12 +226,12 @@ class Table:
     ch: ClickHouseSettings
     spec: WriterSpec
     batches: int = 0
-    seen: list[str] = field(default_factory=list)
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # tokens of this table's own
 
     def insert(self, values: Sequence[bytes | None]) -> list[tuple[Any, ...]] | None:
         """The rows ClickHouse stored for the batch (its lines' order), or None when it refused the batch."""
         self.batches += 1
-        token = f"{self.spec.name}:contract-{self.batches}"
+        token = f"{self.spec.name}:contract-{self.run}-{self.batches}"
         lines = b"".join(b"%d\t%d\t%b\n" % (0, offset, v or b"") for offset, v in enumerate(values))
         if not framed(lines, len(values)):
             return None  # a tab, line break or backslash in a value: the engine validates such a batch itself
@@ -238,7 +247,7 @@ class Table:
     def insert_validated(self, entries: Sequence[Any]) -> list[tuple[Any, ...]]:
         """The rows ClickHouse stored for the validating path's rows of a batch."""
         self.batches += 1
-        token = f"{self.spec.name}:validated-{self.batches}"
+        token = f"{self.spec.name}:validated-{self.run}-{self.batches}"
         client = clickhouse.connect(self.ch)
         clickhouse_inserter(client, self.ch, self.spec.table)(clickhouse.KlineRows(entries, token), token)
         return self._stored(client, token)
