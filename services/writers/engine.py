@@ -361,7 +361,7 @@ class WriterEngine:
             if batch.has_values:
                 await self._validate(batch)  # step 3
         rows = batch.rows(token)
-        if rows:
+        if rows:  # step 3: the validated rows, under the same token, retried as in step 2
             await self._insert_batch(rows, token)
             if self.spec.closed_klines:
                 self._observe_stored(batch.entries)
