@@ -53,8 +53,9 @@ from pipeline_runs import (
     Sample,
     Sampler,
     bare_consumer,
-    cpu_seconds,
-    rate_text,
+    print_cpu_seconds,
+    print_verdict,
+    print_windows,
     read_metrics,
     symbols,
     windows,
@@ -70,15 +71,9 @@ TARGET_TPS = 50_000
 CATCH_UP_TIMEOUT_S = 600.0
 
 
-def print_windows(rows: list[list[Any]]) -> None:
-    head = ("window", "exchange/s", "published/s", "applied/s", "finalized/s", "stored/s", "lag", "unconf.", "CPU")
-    print(f"  {head[0]:<13}" + "".join(f"{h:>12}" for h in head[1:6]) + f"{head[6]:>8}{head[7]:>9}{head[8]:>6}")
-    for row in rows:
-        left = f"{row[0]:.0f}-{row[1]:.0f} s"
-        rates = "".join(rate_text(r) for r in row[2:7])
-        lag = "-" if row[7] is None else f"{row[7]:,}"
-        unconfirmed = "-" if row[8] is None else f"{row[8]:,}"
-        print(f"  {left:<13}{rates}{lag:>8}{unconfirmed:>9}{row[9]:>6.0%}")
+def print_catchup_windows(rows: list[list[Any]]) -> None:
+    heads = ("exchange/s", "published/s", "applied/s", "finalized/s", "stored/s")
+    print_windows(rows, heads, (("lag", 8, "{:,}".format), ("unconf.", 9, "{:,}".format)))
     print("  (rates per second of wall time in each window; lag, unconfirmed: the aggregator's at its end (-: no")
     print("  answer); CPU: share of all CPUs busy, every process of the machine)")
 
@@ -132,7 +127,7 @@ def report_end_to_end(
         print(f"  no rate: the samples never saw the first trade published or the last kline stored ({run.state})")
         return False
     print()
-    print_windows(windows(samples, first, stored_last))
+    print_catchup_windows(windows(samples, first, stored_last))
 
     def rate_row(label: str, count: int, start: float | None, end: float | None, extra: str = "") -> None:
         if start is None or end is None or end <= start:
@@ -161,14 +156,8 @@ def report_end_to_end(
         f"{records * per_record / seconds:>10,.0f} ({records:,} records, {records / seconds:,.0f} records/s, "
         f"{per_record:.0f} trades per record)"
     )
-    cpu = cpu_seconds(samples)
     span = stored_last - first
-    print(
-        "  CPU seconds by process over the whole run (start to stop): "
-        + ", ".join(f"{name} {value:.1f}" for name, value in sorted(cpu.items(), key=lambda kv: -kv[1]))
-    )
-    if cpu.get("aggregator"):
-        print(f"  aggregator: {published / cpu['aggregator']:,.0f} trades per CPU-second of its own (whole run)")
+    print_cpu_seconds(samples, published)
     lags = [s.lag for s in samples if s.lag is not None and first <= s.t <= stored_last]
     unconfirmed = [s.unconfirmed for s in samples if s.unconfirmed is not None and first <= s.t <= stored_last]
     missing = sum(1 for s in samples if first <= s.t <= stored_last and s.applied is None)
@@ -179,15 +168,7 @@ def report_end_to_end(
         f"max unconfirmed {max(unconfirmed, default=0):,}, /metrics unanswered in {missing} of {len(window)} "
         f"samples ({span:.0f} s)"
     )
-    losses = max(summary.data_loss, run.logged_losses())
-    equal = summary.klines_stored == finalized
-    ok = summary.exit_code == 0 and losses == 0 and equal
-    print(
-        f"  finalized {finalized:,}, stored {summary.klines_stored:,} (ClickHouse FINAL): "
-        f"{'equal' if equal else 'DIFFERENT'}; DATA_LOSS {losses}; run: "
-        + ("OK, nothing lost" if summary.exit_code == 0 else "FAILED: " + "; ".join(summary.problems()))
-    )
-    return ok
+    return print_verdict(run, summary, finalized)
 
 
 # ------------------------------------------------------------------------------------------------ 2. recovery

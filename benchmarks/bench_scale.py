@@ -42,8 +42,9 @@ from pipeline_runs import (
     Sample,
     Sampler,
     bare_consumer,
-    cpu_seconds,
-    rate_text,
+    print_cpu_seconds,
+    print_verdict,
+    print_windows,
     symbols,
     windows,
 )
@@ -60,15 +61,9 @@ DEFAULT_INTERVALS = "1m,5m,30m,1h,4h,1d,1w"
 COUNTERS = ("published", "applied", "finalized", "stored", "snapshots_stored")
 
 
-def print_windows(rows: list[list[Any]]) -> None:
-    head = ("window", "trades/s", "applied/s", "finalized/s", "stored/s", "snap rows/s", "lag", "RSS MB", "CPU")
-    print(f"  {head[0]:<13}" + "".join(f"{h:>12}" for h in head[1:6]) + f"{head[6]:>9}{head[7]:>8}{head[8]:>6}")
-    for row in rows:
-        left = f"{row[0]:.0f}-{row[1]:.0f} s"
-        rates = "".join(rate_text(r) for r in row[2:7])
-        lag = "-" if row[7] is None else f"{row[7]:,}"
-        rss = "-" if row[8] is None else f"{row[8] / MB:.0f}"
-        print(f"  {left:<13}{rates}{lag:>9}{rss:>8}{row[9]:>6.0%}")
+def print_scale_windows(rows: list[list[Any]]) -> None:
+    heads = ("trades/s", "applied/s", "finalized/s", "stored/s", "snap rows/s")
+    print_windows(rows, heads, (("lag", 9, "{:,}".format), ("RSS MB", 8, lambda rss: f"{rss / MB:.0f}")))
     print("  (trades/s: published by ingest; applied/s, finalized/s: the aggregator's; stored/s: finalized rows the")
     print("  finalized writer inserted; snap rows/s: the snapshot writer's rows; rates per second of wall time in")
     print("  each window (-: the service did not answer in it); lag (records) and RSS: the aggregator's at its end;")
@@ -111,7 +106,7 @@ def report(
         return False
     gauges = ("lag", "aggregator_rss")
     print()
-    print_windows(windows(samples, first, stored_last, COUNTERS, gauges))
+    print_scale_windows(windows(samples, first, stored_last, COUNTERS, gauges))
 
     def first_at(key: str, at_least: int) -> float | None:
         return next((s.t for s in samples if (getattr(s, key) or 0) >= at_least), None)
@@ -154,13 +149,7 @@ def report(
             f"  ({published / trades_records:.1f} trades per trades record: ingest publishes each symbol's trades of a "
             "few ms in one record)"
         )
-    cpu = cpu_seconds(samples)
-    print(
-        "  CPU seconds by process over the whole run (start to stop): "
-        + ", ".join(f"{name} {value:.1f}" for name, value in sorted(cpu.items(), key=lambda kv: -kv[1]))
-    )
-    if cpu.get("aggregator"):
-        print(f"  aggregator: {published / cpu['aggregator']:,.0f} trades per CPU-second of its own (whole run)")
+    print_cpu_seconds(samples, published)
     ready = [s.aggregator_rss for s in samples if s.aggregator_rss is not None and s.t < first]
     during = [s for s in samples if s.aggregator_rss is not None]
     peak = max((s.aggregator_peak_rss or 0 for s in during), default=0)
@@ -187,14 +176,7 @@ def report(
         f"{aggregator.get('checkpoints_deferred', '?')} deferred), {aggregator.get('ticks', '?')} ticks, /metrics "
         f"unanswered (within 5 s) in {unanswered} of {len(window)} samples"
     )
-    losses = max(summary.data_loss, run.logged_losses())
-    equal = summary.klines_stored == finalized
-    print(
-        f"  finalized {finalized:,}, stored {summary.klines_stored:,} (ClickHouse FINAL): "
-        f"{'equal' if equal else 'DIFFERENT'}; DATA_LOSS {losses}; run: "
-        + ("OK, nothing lost" if summary.exit_code == 0 else "FAILED: " + "; ".join(summary.problems()))
-    )
-    return summary.exit_code == 0 and losses == 0 and equal
+    return print_verdict(run, summary, finalized)
 
 
 def main(args: argparse.Namespace) -> int:

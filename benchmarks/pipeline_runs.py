@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,6 +278,45 @@ def windows(
 def rate_text(rate: float | None, width: int = 12) -> str:
     """A window's rate for a table: ``-`` when unknown (the service did not answer in that window)."""
     return f"{'-' if rate is None else f'{rate:,.0f}':>{width}}"
+
+
+def print_windows(
+    rows: list[list[Any]], rate_heads: tuple[str, ...], gauge_heads: tuple[tuple[str, int, Callable[[Any], str]], ...]
+) -> None:
+    """The rows of :func:`windows` as a table: the window, a column per rate (``rate_heads``), a column per gauge
+    (``(head, width, format)``; ``-`` when unknown) and the CPU share; the caller prints what the columns mean."""
+    line = f"  {'window':<13}" + "".join(f"{h:>12}" for h in rate_heads)
+    print(line + "".join(f"{h:>{width}}" for h, width, _ in gauge_heads) + f"{'CPU':>6}")
+    rates = len(rate_heads)
+    for row in rows:
+        line = f"  {f'{row[0]:.0f}-{row[1]:.0f} s':<13}" + "".join(rate_text(r) for r in row[2 : 2 + rates])
+        for (_, width, shown), value in zip(gauge_heads, row[2 + rates : -1], strict=True):
+            line += f"{'-' if value is None else shown(value):>{width}}"
+        print(line + f"{row[-1]:>6.0%}")
+
+
+def print_cpu_seconds(samples: list[Sample], trades: int) -> dict[str, float]:
+    """Print each process's CPU seconds over the whole run and the aggregator's trades per CPU-second; return them."""
+    cpu = cpu_seconds(samples)
+    print(
+        "  CPU seconds by process over the whole run (start to stop): "
+        + ", ".join(f"{name} {value:.1f}" for name, value in sorted(cpu.items(), key=lambda kv: -kv[1]))
+    )
+    if cpu.get("aggregator"):
+        print(f"  aggregator: {trades / cpu['aggregator']:,.0f} trades per CPU-second of its own (whole run)")
+    return cpu
+
+
+def print_verdict(run: Run, summary: RunSummary, finalized: int) -> bool:
+    """Print the run's checks (finalized == stored, DATA_LOSS, the summary's verdict); True when all hold."""
+    losses = max(summary.data_loss, run.logged_losses())
+    equal = summary.klines_stored == finalized
+    print(
+        f"  finalized {finalized:,}, stored {summary.klines_stored:,} (ClickHouse FINAL): "
+        f"{'equal' if equal else 'DIFFERENT'}; DATA_LOSS {losses}; run: "
+        + ("OK, nothing lost" if summary.exit_code == 0 else "FAILED: " + "; ".join(summary.problems()))
+    )
+    return summary.exit_code == 0 and losses == 0 and equal
 
 
 def cpu_seconds(samples: list[Sample]) -> dict[str, float]:
