@@ -47,7 +47,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline_runs import (
-    START,
     WINDOW_S,
     Run,
     Sample,
@@ -57,13 +56,14 @@ from pipeline_runs import (
     print_verdict,
     print_windows,
     read_metrics,
+    replay_options,
     symbols,
     windows,
 )
 from pipeline_runs import num as _num
 
 from services.replay.config import parse_duration_ms, parse_utc_ms
-from services.runner import LocalPipeline, RunOptions, RunSummary
+from services.runner import LocalPipeline, RunSummary
 from services.shared.kafka import end_offsets
 
 TARGET_TPS = 50_000
@@ -83,16 +83,8 @@ def print_catchup_windows(rows: list[list[Any]]) -> None:
 
 def end_to_end(args: argparse.Namespace) -> bool:
     names = symbols(args.symbols)
-    options = RunOptions(
-        offline=True,
-        until_exhausted=True,
-        speed=0.0,
-        market_duration=args.market_duration,
-        start=START,
-        symbols=names,
-        intervals=args.intervals.split(","),
-        fresh=False,
-        drain_stall_s=120,
+    options = replay_options(
+        names, speed=0.0, market_duration=args.market_duration, intervals=args.intervals.split(",")
     )
     run = Run.create("e2e", options)
     print(
@@ -312,16 +304,11 @@ class RecoveryPipeline(LocalPipeline):
 def recovery(args: argparse.Namespace, kill: bool) -> tuple[Recovery, RunSummary, int, Run]:
     names = symbols(args.recovery_symbols)
     warmup_ms, down_ms = parse_duration_ms(args.warmup), parse_duration_ms(args.down)
-    options = RunOptions(
-        offline=True,
-        until_exhausted=True,
+    options = replay_options(
+        names,
         speed=args.recovery_speed,
         market_duration=args.recovery_market_duration,
-        start=START,
-        symbols=names,
         intervals=args.intervals.split(","),
-        fresh=False,
-        drain_stall_s=120,
     )
     run = Run.create("recovery", options)
     how = "SIGKILL" if kill else "SIGTERM"

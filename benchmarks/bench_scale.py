@@ -45,6 +45,7 @@ from pipeline_runs import (
     print_cpu_seconds,
     print_verdict,
     print_windows,
+    replay_options,
     symbols,
     windows,
 )
@@ -52,7 +53,7 @@ from pipeline_runs import (
 from services.core.book import KlineBooks
 from services.replay.config import parse_utc_ms
 from services.replay.generator import ZipfActivity, generate_market
-from services.runner import LocalPipeline, RunOptions, RunSummary
+from services.runner import LocalPipeline, RunSummary
 
 TARGET_TPS = 50_000
 TARGET_RSS_MB = 200
@@ -182,18 +183,13 @@ def report(
 def main(args: argparse.Namespace) -> int:
     names = symbols(args.symbols)
     intervals = args.intervals.split(",")
-    options = RunOptions(
-        offline=True,
-        until_exhausted=True,
+    options = replay_options(
+        names,
         speed=0.0,
         market_duration=args.market_duration,
-        start=START,
-        symbols=names,
         intervals=intervals,
         zipf=args.zipf,
         zipf_top=args.zipf_top,
-        fresh=False,
-        drain_stall_s=120,
     )
     print(
         f"bench_scale: {os.cpu_count()} CPUs (every service and the broker share them), broker "

@@ -53,6 +53,26 @@ def symbols(count: int) -> list[str]:
     return names
 
 
+def replay_options(
+    names: list[str], *, speed: float, market_duration: str, intervals: list[str], **extra: Any
+) -> RunOptions:
+    """``klines run``'s options for a benchmark: a generated market of ``names`` from :data:`START`, played until
+    the exchange is exhausted, in the namespace :meth:`Run.create` gives the run (so not a fresh one of its own),
+    with a drain that waits up to 2 minutes without progress (a backlog at the stop is the point of some runs)."""
+    return RunOptions(
+        offline=True,
+        until_exhausted=True,
+        speed=speed,
+        market_duration=market_duration,
+        start=START,
+        symbols=names,
+        intervals=intervals,
+        fresh=False,
+        drain_stall_s=120,
+        **extra,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
