@@ -186,3 +186,23 @@ def test_the_prometheus_rule_object_carries_the_same_rules() -> None:
     rule_object = yaml.safe_load((MONITORING / "k8s" / "prometheusrule.yaml").read_text())
     assert rule_object["kind"] == "PrometheusRule"
     assert rule_object["spec"] == yaml.safe_load(ALERTS.read_text())
+
+
+def test_prometheus_in_compose_scrapes_every_klines_service() -> None:
+    """Each long-running klines service of the compose file (every ingest shard included) is a scrape target."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    scraped = {
+        target
+        for job in yaml.safe_load((MONITORING / "prometheus.yml").read_text())["scrape_configs"]
+        for config in job["static_configs"]
+        for target in config["targets"]
+    }
+    services = {}
+    for name, svc in compose["services"].items():
+        command = svc.get("command") or []
+        if command[:2] == ["python", "-m"] and command[2] not in ("services.replay", "services.cli"):
+            port = re.search(r"127\.0\.0\.1:(\d+)/healthz", " ".join(svc["healthcheck"]["test"]))
+            assert port is not None, f"{name}: no /healthz port in its healthcheck"
+            services[name] = f"{name}:{port.group(1)}"
+    assert "ingest-1" in services and "aggregator" in services, sorted(services)
+    assert set(services.values()) <= scraped, f"not scraped: {sorted(set(services.values()) - scraped)}"
