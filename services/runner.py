@@ -251,8 +251,18 @@ class RunSummary:
             f"{self.flow_paused_s:.1f} s while its output drained",
             f"  drain: {'complete' if not self.drain_problems else '; '.join(self.drain_problems)}",
             f"  verify: {self.verify or 'not run'}",
-            "result: OK, nothing lost" if not problems else "result: FAILED: " + "; ".join(problems),
+            self.verdict(problems),
         ]
+
+    def verdict(self, problems: list[str]) -> str:
+        """The last line. Dead letters are no loss (each is a record refused with its reason, e.g. a trade too late
+        for its kline, as ``klines replay`` refuses it too), but a run that made any is not silent about it."""
+        if problems:
+            return "result: FAILED: " + "; ".join(problems)
+        if self.dead_letters:
+            refused = f"{self.dead_letters} records refused with a reason"
+            return f"result: OK, nothing lost; {refused}: see the dead-letter topic"
+        return "result: OK, nothing lost"
 
 
 def fresh_namespace(settings: Settings, run_id: str) -> dict[str, str]:

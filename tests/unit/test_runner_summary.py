@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -41,6 +42,12 @@ def test_a_clean_run_exits_0_and_says_nothing_was_lost() -> None:
     assert "trades: sent 9999 (exchange), published 9999 (ingest), applied 9999 (aggregator)" in text
     assert "klines: finalized 16 (aggregator), stored 16 (ClickHouse, FINAL)" in text
     assert text.endswith("result: OK, nothing lost")
+
+
+def test_dead_letters_are_no_loss_but_the_verdict_names_them() -> None:
+    summary = replace(clean(), dead_letters=3)
+    assert summary.exit_code == 0
+    assert summary.lines()[-1] == "result: OK, nothing lost; 3 records refused with a reason: see the dead-letter topic"
 
 
 @pytest.mark.parametrize(
