@@ -118,11 +118,11 @@ def _span_check() -> str:
     interval's size and offset come from one lookup (not a branch per interval, each a pass over the batch)."""
     names, sizes, offsets = [], [], []
     for interval in INTERVALS:
-        size = interval_ms(interval)
-        if size is not None:
+        ms = interval_ms(interval)
+        if ms is not None:
             names.append(f"'{interval}'")
-            sizes.append(str(size))
-            offsets.append(str(open_time(interval, 0) % size))
+            sizes.append(str(ms))
+            offsets.append(str(open_time(interval, 0) % ms))
     size = f"transform(i, [{', '.join(names)}], [{', '.join(sizes)}], 0)"
     offset = f"transform(i, [{', '.join(names)}], [{', '.join(offsets)}], 0)"
     # greatest(): a modulo by 0 would fail the insert with an error of its own, not refuse it, wherever a
