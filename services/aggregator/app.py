@@ -45,6 +45,11 @@ MAX_POLL_RECORDS = 10_000
 #: again only once its buffer is drained, so small fetches leave the agent waiting on the network between
 #: batches: 1 MiB → 42k trades/s, 4 MiB → 77k, 16 MiB → 95–134k (bench_aggregator, one core).
 MAX_FETCH_BYTES = 16 * 1024 * 1024
+#: Bytes one fetch response carries across all partitions (aiokafka's ``fetch_max_bytes``). aiokafka keeps a
+#: partition's fetched records until they are read and fetches it again only then, so what the consumer holds
+#: is bounded by about two responses; without this bound, a lagging consumer of six partitions held six full
+#: per-partition fetches (96 MiB of responses, and the RSS that stays with the allocator after them).
+MAX_FETCH_TOTAL_BYTES = 16 * 1024 * 1024
 
 
 class BatchAgent(Protocol):
@@ -216,6 +221,7 @@ def make_app(
         consumer_group_instance_id=instance_id,
     )
     app.fetch_loop = BatchFetcher(agent, kafka.topics.trades).run
+    app.fetch_max_bytes = MAX_FETCH_TOTAL_BYTES
     app.topics.add(app.topic(kafka.topics.trades, acks=False, key_serializer="raw", value_serializer="raw"))
     on_rebalance(app, lambda tps: agent.on_revoked(tps, rebalance_timeout_s), agent.on_assigned)
     return app

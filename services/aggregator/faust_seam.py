@@ -11,7 +11,7 @@ takes private hooks, and private hooks change without notice between releases; s
 small public methods, ``faust-streaming`` is pinned to :data:`VERIFIED_VERSION` in ``pyproject.toml``, and
 contract tests fail naming the hook if an upgrade changes what is relied on: ``tests/unit/test_faust_seam.py``
 (signatures, the pin, and that no other aggregator module touches a private name) and
-``tests/integration/test_faust_seam.py`` (behaviour, with a running app and the real broker).
+``tests/integration/test_faust_seam_behaviour.py`` (behaviour, with a running app and the real broker).
 
 The hooks, numbered as the contract tests name them:
 
@@ -31,6 +31,13 @@ The hooks, numbered as the contract tests name them:
 6. ``AIOKafkaConsumerThread._ensure_consumer()`` — the aiokafka consumer itself, whose ``commit(offsets)`` the
    engine's commits call in the consumer thread (:meth:`GroupMember.commit`): a failed commit comes back to the
    engine as an exception instead of crashing Faust's thread.
+
+7. ``faust.transport.drivers.aiokafka.Consumer._new_consumer_thread()`` and
+   ``AIOKafkaConsumerThread._create_worker_consumer(transport)`` — overridden by :class:`SeamConsumer` /
+   :class:`SeamConsumerThread` to set, before the aiokafka consumer starts, its ``_fetch_max_bytes`` (aiokafka's
+   ``fetch_max_bytes``, which Faust does not pass; its ``start()`` hands it to its fetcher): a bound on one fetch
+   response across all partitions (:attr:`SeamApp.fetch_max_bytes`). Faust passes only the per-partition bound,
+   so a lagging consumer of six partitions held six full per-partition fetches (96 MiB at 16 MiB each).
 
 Public Faust API relied on (checked by the same tests): ``Consumer.flow_active``, ``can_resume_flow``,
 ``should_stop``, ``wait()``, ``consumer_stopped_errors``, ``highwater(tp)``, ``App.should_stop`` and the
@@ -98,8 +105,24 @@ class FetchSession:
 FetchLoop = Callable[[FetchSession], Awaitable[None]]
 
 
+class SeamConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread whose aiokafka consumer fetches at most :attr:`SeamApp.fetch_max_bytes` per
+    response across its partitions (hook 7)."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        limit = cast(SeamApp, self.app).fetch_max_bytes
+        if limit is not None:
+            consumer._fetch_max_bytes = limit  # hook 7: read by AIOKafkaConsumer.start() for its fetcher
+        return consumer
+
+
 class SeamConsumer(faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer whose fetch loop is the app's :attr:`SeamApp.fetch_loop` (hook 2)."""
+    """Faust's aiokafka consumer whose fetch loop is the app's :attr:`SeamApp.fetch_loop` (hook 2) and whose
+    thread is a :class:`SeamConsumerThread` (hook 7)."""
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return SeamConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _drain_messages(self, fetcher: Any) -> None:
         await cast(SeamApp, self.app).fetch_loop(FetchSession(self, fetcher))
@@ -113,6 +136,9 @@ class SeamApp(faust.App):
     """A Faust app whose consumer runs :attr:`fetch_loop` instead of Faust's per-message loop (hook 1)."""
 
     fetch_loop: FetchLoop
+    #: Bytes one fetch response may carry across all partitions (aiokafka's ``fetch_max_bytes``; None: its
+    #: default, 50 MiB). Set before the app starts.
+    fetch_max_bytes: int | None = None
 
     def _new_transport(self) -> Any:
         return SeamTransport(self.conf.broker_consumer, self)

@@ -9,7 +9,7 @@
    touches a private name that faust-streaming, mode or aiokafka define; the checker itself is shown to catch
    each kind of access on a snippet, so this test can fail.
 
-The behaviour of the hooks with a running app and the real broker: ``tests/integration/test_faust_seam.py``.
+The behaviour of the hooks with a running app and the real broker: ``tests/integration/test_faust_seam_behaviour.py``.
 """
 
 from __future__ import annotations
@@ -83,6 +83,13 @@ SIGNATURES: list[tuple[str, type, str, list[str], bool]] = [
         True,
     ),
     ("hook 6 thread._ensure_consumer", faust_aiokafka.AIOKafkaConsumerThread, "_ensure_consumer", ["self"], False),
+    (
+        "hook 7 thread._create_worker_consumer",
+        faust_aiokafka.AIOKafkaConsumerThread,
+        "_create_worker_consumer",
+        ["self", "transport"],
+        False,
+    ),
     ("public Consumer.highwater", faust_aiokafka.Consumer, "highwater", ["self", "tp"], False),
     ("public Consumer.wait", faust_aiokafka.Consumer, "wait", ["self", "*coros", "timeout"], True),
     ("public Consumer.stop_flow", faust_aiokafka.Consumer, "stop_flow", ["self"], False),
@@ -120,11 +127,22 @@ def test_the_seam_overrides_exactly_the_hooks_it_names() -> None:
     assert faust_aiokafka.Transport.Consumer is faust_aiokafka.Consumer, "hook 1: the transport's consumer moved"
     overridden = {  # what the seam's classes define that their Faust bases have too (logger: mode sets it)
         name
-        for cls in (faust_seam.SeamConsumer, faust_seam.SeamTransport, faust_seam.SeamApp)
+        for cls in (
+            faust_seam.SeamConsumer,
+            faust_seam.SeamConsumerThread,
+            faust_seam.SeamTransport,
+            faust_seam.SeamApp,
+        )
         for name in vars(cls)
         if hasattr(cls.__base__, name) and not name.startswith("__") and name not in {"logger", "_abc_impl"}
     }
-    assert overridden == {"_drain_messages", "Consumer", "_new_transport"}
+    assert overridden == {
+        "_drain_messages",
+        "_new_consumer_thread",
+        "_create_worker_consumer",
+        "Consumer",
+        "_new_transport",
+    }
 
 
 def test_faust_still_calls_the_hooks_where_the_seam_expects() -> None:
@@ -154,6 +172,23 @@ def test_faust_still_calls_the_hooks_where_the_seam_expects() -> None:
         "faust hook 3: _wait_next_records no longer waits while the flow is stopped"
     )
     assert "_get_active_partitions()" in waits, "faust hook 3: _wait_next_records no longer skips paused partitions"
+    create = inspect.getsource(faust_aiokafka.AIOKafkaConsumerThread._create_consumer)
+    assert "self._create_worker_consumer(transport)" in create, (
+        "faust hook 7: the consumer thread no longer builds its aiokafka consumer with _create_worker_consumer"
+    )
+    assert "fetch_max_bytes" not in inspect.getsource(faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer), (
+        "faust hook 7: Faust now passes fetch_max_bytes itself; set it through its configuration instead"
+    )
+
+
+async def test_aiokafka_hands_the_consumers_fetch_max_bytes_to_its_fetcher() -> None:
+    """Hook 7 sets ``_fetch_max_bytes`` on an aiokafka consumer that has not started; ``start()`` must read it."""
+    consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_bytes=12345)
+    assert consumer._fetch_max_bytes == 12345, "aiokafka hook 7: fetch_max_bytes is no longer kept in _fetch_max_bytes"
+    start = inspect.getsource(aiokafka.AIOKafkaConsumer.start)
+    assert "fetch_max_bytes=self._fetch_max_bytes" in start, (
+        "aiokafka hook 7: AIOKafkaConsumer.start() no longer gives its fetcher self._fetch_max_bytes"
+    )
 
 
 # --------------------------------------------------------------------------------------------- 3. _stopped

@@ -102,6 +102,7 @@ async def test_the_faust_hooks_behave_as_the_seam_relies_on(settings: Settings, 
         revoked.append(partitions)
 
     app.fetch_loop = fetch_loop
+    app.fetch_max_bytes = 3 * 1024 * 1024
     app.topics.add(app.topic(topic, acks=False, key_serializer="raw", value_serializer="raw"))
     on_rebalance(app, on_revoked, on_assigned)
     await app.start()
@@ -110,6 +111,10 @@ async def test_the_faust_hooks_behave_as_the_seam_relies_on(settings: Settings, 
         # 1.
         assert isinstance(app.transport, SeamTransport), "faust hook 1 App._new_transport: not the seam's transport"
         assert isinstance(app.consumer, SeamConsumer), "faust hook 1 App._new_transport: not the seam's consumer"
+        fetcher = app.consumer._thread._ensure_consumer()._fetcher
+        assert fetcher is not None and fetcher._fetch_max_bytes == 3 * 1024 * 1024, (
+            "faust hook 7 _create_worker_consumer: the running aiokafka fetcher does not use SeamApp.fetch_max_bytes"
+        )
         # 2.
         await wait_until(lambda: bool(sessions), "hook 2 Consumer._drain_messages", "the fetch loop never ran")
         session = sessions[0]
