@@ -124,8 +124,6 @@ class AggregatorWorker:
         kafka = settings.kafka
         topics = kafka.topics
         await check_reachable(kafka)
-        # mode logs every service start/stop at INFO under the subclass's module; keep Faust's chatter down.
-        logging.getLogger("services.aggregator.app").setLevel(max(logging.WARNING, logging.getLogger().level))
         (settings.service.state_dir / "faust").mkdir(parents=True, exist_ok=True)
         await ensure_topics(kafka)
         ckpt_topic = checkpoint_topic(settings)
