@@ -45,10 +45,14 @@ from services.aggregator.state import Stats
 from services.shared.kafka import TopicSpec, check_reachable, ensure_topics, make_producer
 from services.shared.lifecycle import HealthServer, Shutdown
 from services.shared.logs import log_event
+from services.shared.memory import release_periodically
 from services.shared.metrics import Observed, ServiceMetrics
 from services.shared.settings import Settings
 
 log = logging.getLogger("services.aggregator")
+#: How often the worker hands memory it freed back to the system (:mod:`services.shared.memory`): after a
+#: catch-up, RSS falls back to what the books and buffers use instead of staying at the burst's peak.
+RELEASE_MEMORY_EVERY_S = 5.0
 
 #: The producers' per-partition batch. aiokafka keeps one open batch per partition and nothing else; what does
 #: not fit waits in the engine's outbox (:mod:`services.aggregator.outbox`), and flow control stops the input
@@ -114,6 +118,7 @@ class AggregatorWorker:
         self._producers: list[AIOKafkaProducer] = []
         self._reader: CheckpointReader | None = None
         self._clock_task: asyncio.Task[None] | None = None
+        self._release_task: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -202,6 +207,7 @@ class AggregatorWorker:
         await self.http.start()
         await self.app.start()
         self._clock_task = asyncio.create_task(engine.run_clock(settings.aggregator.snapshot_interval_ms))
+        self._release_task = asyncio.create_task(release_periodically(RELEASE_MEMORY_EVERY_S))
         log_event(
             log,
             logging.INFO,
@@ -231,6 +237,8 @@ class AggregatorWorker:
         started = time.monotonic()
         if self.engine is not None and self.app is not None and not self.app.crashed:
             await self.engine.stop(max(0.5, shutdown.remaining() - 1.5))
+        if self._release_task is not None:
+            self._release_task.cancel()
         if self._clock_task is not None:
             self._clock_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
