@@ -52,6 +52,7 @@ for path in (REPO, REPO / "tests", REPO / "tests" / "e2e"):
 
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
 from harness import FaultPipeline, isolated_env  # noqa: E402
+from pipeline_runs import play_to_the_end  # noqa: E402
 from ports import free_port  # noqa: E402
 
 from services.runner import RunOptions  # noqa: E402
@@ -330,19 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     pipeline = SoakPipeline(load_settings(None), options, sys.stdout, soak=soak, args_=args)
-    try:
-        pipeline.start()
-        reason = pipeline.watch(lambda: False)
-        pipeline.say(f"stopping: {reason}")
-        pipeline.drain_and_stop()
-    finally:
-        for service in pipeline.services:
-            service.stop(2)
-        if pipeline.replay is not None:
-            pipeline.replay.stop(5)
-    summary = pipeline.report()
-    for line in summary.lines():
-        print(line)
+    summary = play_to_the_end(pipeline)
     logged = sum(
         log.read_text(errors="replace").count('"log_type": "DATA_LOSS"') for log in (state / "logs").glob("*.log")
     )

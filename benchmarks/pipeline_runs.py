@@ -350,6 +350,25 @@ def cpu_seconds(samples: list[Sample]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ a run
 
 
+def play_to_the_end(pipeline: LocalPipeline) -> RunSummary:
+    """Start, watch until the tape is exhausted, drain, stop (every process, even after a failure) and print the
+    summary, as ``klines run`` does."""
+    try:
+        pipeline.start()
+        reason = pipeline.watch(lambda: False)
+        pipeline.say(f"stopping: {reason}")
+        pipeline.drain_and_stop()
+    finally:
+        for service in pipeline.services:
+            service.stop(2)
+        if pipeline.replay is not None:
+            pipeline.replay.stop(5)
+    summary = pipeline.report()
+    for line in summary.lines():
+        print(line, file=pipeline.out)
+    return summary
+
+
 @dataclass
 class Run:
     """One isolated pipeline run: its name, state directory, settings and options."""
@@ -372,20 +391,9 @@ class Run:
         """Start, watch until the tape is exhausted, drain, stop and report, as ``klines run`` does."""
         sampler.start()
         try:
-            pipeline.start()
-            reason = pipeline.watch(lambda: False)
-            pipeline.say(f"stopping: {reason}")
-            pipeline.drain_and_stop()
+            return play_to_the_end(pipeline)
         finally:
             sampler.stop()
-            for service in pipeline.services:
-                service.stop(2)
-            if pipeline.replay is not None:
-                pipeline.replay.stop(5)
-        summary = pipeline.report()
-        for line in summary.lines():
-            print(line, file=pipeline.out)
-        return summary
 
     def logged_losses(self) -> int:
         """DATA_LOSS lines in every service log of the run."""
