@@ -30,6 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
 TEST_KAFKA_PORT = int(os.environ.get("KLINES_TEST_KAFKA_PORT", "29092"))
 TEST_STATE_DIR = REPO / ".state" / "test"
+#: The tiers; CI runs ``-m "unit or integration or e2e"`` and then ``-m "long or chaos"``.
+TIERS = frozenset({"unit", "integration", "e2e", "long", "chaos"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test carries a tier marker: a test without one would be selected by no CI run, silently."""
+    untiered = [item.nodeid for item in items if not TIERS & {mark.name for mark in item.iter_markers()}]
+    if untiered:
+        raise pytest.UsageError(f"tests without a tier marker ({', '.join(sorted(TIERS))}): {untiered[:5]}")
 
 
 def binance_data_dir() -> Path:

@@ -18,6 +18,8 @@ from pydantic import SecretStr
 from services.shared import clickhouse
 from services.shared.settings import ClickHouseSettings
 
+pytestmark = pytest.mark.unit
+
 ACCESS_FILE = clickhouse.SCHEMA_DIR / "003_access.sql"
 
 
