@@ -73,6 +73,9 @@ DEFAULT_REPAIR_HORIZON_MS: Final = 600_000
 MAX_EMPTY_RUN: Final = 100_000
 #: At most this many disjoint runs of applied ids are remembered; beyond it the oldest hole is forgotten.
 MAX_ID_RANGES: Final = 4_096
+#: Entries of the shared cache of parsed decimal texts (prices and quantities), cleared when full: ~16 MB at
+#: the limit. A long run fills it within minutes to tens of minutes (most quantities are distinct), so a
+#: process's memory grows by that much before it is flat.
 _CACHE_LIMIT: Final = 1 << 17
 #: The Decimals of output prices (o/h/l/c) are cached separately and fewer: each entry is ~100 bytes, only
 #: klines read them, and with thousands of symbols the cache filled to 1 << 17 (13 MB of the aggregator's
@@ -603,6 +606,8 @@ class KlineBook:
             except _NeedScale as need:
                 self._rescale(need.decimals)
                 return self._scaled(text)
+            if len(self._cache) > _CACHE_LIMIT:  # bounded like the column paths' cache fills
+                self._cache.clear()
             self._cache[text] = value
         return value
 

@@ -287,3 +287,27 @@ def test_malformed_trades_are_rejected_never_raised(batches: list[list[AggTrade]
     assert all(r.reason for r in book.drain_rejected())
     for kline in book.drain_closed() + book.current():
         assert kline.l > 0 and kline.v >= 0 and kline.n >= 0
+
+
+@pytest.mark.parametrize("path", ["objects", "columns"])
+def test_the_cache_of_parsed_decimals_stays_bounded(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Every way a trade's decimals are parsed fills the shared cache only up to its limit (then it starts over;
+    a batch's column parse may pass it by that batch's texts); the klines are those of an unbounded cache."""
+    from services.core import book as book_module
+
+    step = 2 if path == "objects" else 1  # ids that skip one take the per-trade parse (AggTrade objects)
+    trades = [tr(a, T0 + a * 100, f"{10 + a / 1000:.3f}", f"{1 + a / 10_000:.4f}") for a in range(1, 2001, step)]
+    chunk = 1 if path == "objects" else 20
+
+    def klines() -> list[dict[str, object]]:
+        book = KlineBook("BTCUSDT", ("1m",))
+        for start in range(0, len(trades), chunk):
+            book.apply(trades[start : start + chunk])
+        return [k.to_dict() for k in [*book.drain_closed(), *book.current()]]
+
+    expected = klines()
+    monkeypatch.setattr(book_module, "_CACHE_LIMIT", 50)
+    monkeypatch.setattr(book_module, "_SCALED_CACHES", {})
+    assert klines() == expected
+    sizes = [len(cache) for cache in book_module._SCALED_CACHES.values()]
+    assert sizes and max(sizes) <= 50 + 2 * chunk + 1, sizes
