@@ -26,6 +26,7 @@ a reply is ``(True, result)`` or ``(False, exception)``. Both ends are this proj
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import signal
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from clickhouse_connect.driver.exceptions import OperationalError
+
 _ROOT = Path(__file__).resolve().parents[2]
 _HEADER = struct.Struct("<Q")
 #: What a parent may ask the child to run: the client methods this project uses.
@@ -46,7 +49,6 @@ METHODS = frozenset({"command", "query", "raw_query", "insert", "raw_insert"})
 OPEN_WAIT_S = 15.0
 #: Seconds :meth:`EmbeddedClient.close` waits for the child to close the directory before killing it.
 CLOSE_WAIT_S = 30.0
-_LOCKED = "Cannot lock file"
 
 
 class EmbeddedEngineGone(ConnectionError):
@@ -55,6 +57,11 @@ class EmbeddedEngineGone(ConnectionError):
 
 class EmbeddedError(Exception):
     """An error the child could not send as it was (its type and message are in the text)."""
+
+
+class EmbeddedDirectoryLocked(OperationalError):
+    """The data directory stayed held by another process for the whole open wait (a clickhouse-connect error,
+    like any other failure to reach ClickHouse)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,18 +240,45 @@ def _portable_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def _directory(dsn: str) -> Path:
+    """The data directory of a ``chdb:`` DSN (``chdb:///abs/dir`` or ``chdb:dir``)."""
+    path = dsn.removeprefix("chdb:")
+    return Path(path.removeprefix("//") if path.startswith("///") else path)
+
+
+def _held_by_another_process(directory: Path) -> bool:
+    """Whether another process holds ``directory`` open: ClickHouse takes an exclusive ``flock`` on its
+    ``status`` file for as long as it has the directory open, and chDB's error for a locked directory does not
+    say so (it reads "Error initializing EmbeddedServer"; the lock is only printed on stderr), so ask the lock."""
+    try:
+        fd = os.open(directory / "status", os.O_RDONLY)
+    except OSError:
+        return False  # no status file: nobody has opened the directory yet
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own lock, if it got it
+    return False
+
+
 def _open(dsn: str, wait_s: float) -> Any:
+    """Open ``dsn``, first waiting up to ``wait_s`` for a previous owner (a process killed a moment ago, whose
+    kernel lock goes with its last descriptor) to let the directory go."""
     import clickhouse_connect
 
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return clickhouse_connect.get_client(dsn=dsn)
-        except Exception as exc:
-            # Locked by a process that is letting it go (a previous owner just ended): wait for it a little.
-            if _LOCKED not in str(exc.__cause__ or exc) or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.1)
+    directory = _directory(dsn)
+    started = time.monotonic()
+    while _held_by_another_process(directory):
+        waited = time.monotonic() - started
+        if waited >= wait_s:
+            raise EmbeddedDirectoryLocked(
+                f"Cannot lock file {directory / 'status'}: the chDB directory {directory} is held by another "
+                f"process (waited {waited:.1f} s); one directory can be open in one process at a time"
+            )
+        time.sleep(0.1)
+    return clickhouse_connect.get_client(dsn=dsn)
 
 
 def serve(requests: IO[bytes], replies: IO[bytes], dsn: str, open_wait_s: float) -> None:

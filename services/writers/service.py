@@ -71,7 +71,8 @@ async def serve(
         client = clickhouse.connect(settings.clickhouse)  # one client per process, shared by the writers
     except ClickHouseError as exc:
         raise DependencyUnreachable(
-            f"cannot reach ClickHouse at {settings.clickhouse.dsn} ({type(exc).__name__}); check clickhouse.dsn "
+            f"cannot reach ClickHouse at {settings.clickhouse.dsn} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check clickhouse.dsn "
             "in the config or CLICKHOUSE_DSN"
         ) from None
     for spec in specs:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from services.shared import clickhouse
-from services.shared.embedded import EmbeddedClient, EmbeddedEngineGone, QueryRows
+from services.shared.embedded import EmbeddedClient, EmbeddedDirectoryLocked, EmbeddedEngineGone, QueryRows
 from services.shared.settings import load_settings
 
 pytestmark = pytest.mark.integration
@@ -115,9 +116,27 @@ def test_close_releases_the_directory_and_refuses_later_calls(tmp_path: Path) ->
 def test_a_locked_directory_is_a_clear_error_after_the_wait(client: EmbeddedClient) -> None:
     client.command("SELECT 1")
     started = time.monotonic()
-    with pytest.raises(Exception, match=r"[Ll]ock"):
+    with pytest.raises(EmbeddedDirectoryLocked, match=r"Cannot lock file .*held by another process \(waited 0\.[5-9]"):
         EmbeddedClient(client.dsn, open_wait_s=0.5)
     assert time.monotonic() - started >= 0.5
+
+
+def test_a_directory_let_go_during_the_wait_is_opened(tmp_path: Path) -> None:
+    """The wait is real: chDB's own error for a locked directory does not say "lock", so the child asks the
+    directory's ``status`` file lock itself, and opens the directory once its previous owner lets it go."""
+    dsn = f"chdb://{tmp_path / 'chdb'}"
+    holder = EmbeddedClient(dsn)
+    holder.command("CREATE DATABASE IF NOT EXISTS e")
+    closer = threading.Timer(1.5, holder.close)
+    closer.start()
+    started = time.monotonic()
+    try:
+        successor = EmbeddedClient(dsn, open_wait_s=30)
+    finally:
+        closer.join()
+    assert time.monotonic() - started >= 1.5
+    assert successor.command("SELECT count() FROM system.databases WHERE name = 'e'") == 1
+    successor.close()
 
 
 def test_the_child_ends_with_its_parent_even_when_the_parent_is_killed(tmp_path: Path) -> None:
