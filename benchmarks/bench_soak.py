@@ -24,7 +24,9 @@ aggregator, the writers, the writers' embedded engine, the gateway) and the serv
 yet read), trades sent/published/applied, and DATA_LOSS so far (the services' counters). At the end the run
 drains and stops as ``klines run`` does, prints its summary, counts ``DATA_LOSS`` lines in every log, and
 prints each process's RSS slope in MB/hour: a least-squares line through its samples after ``--warmup``
-seconds (for a process started again, after its last start plus 60 s). The exit status is non-zero when
+seconds, or, for a process the faults restarted three times or more (the writers' engine under ``engine``),
+through the peak of each incarnation that ended (a line through its last incarnation would only measure its
+warm-up). The exit status is non-zero when
 anything was lost, the run's summary is not "nothing lost", or a slope exceeds ``--max-slope`` MB/hour.
 Not part of CI (``make bench`` runs it).
 """
@@ -241,9 +243,9 @@ def row(sample: Sample) -> str:
 # ------------------------------------------------------------------------------------------------ slopes
 
 
-def slope_mb_per_hour(points: list[tuple[float, float]]) -> float | None:
-    """Least-squares slope of (seconds, MB) points, in MB per hour; None with fewer than 10 points."""
-    if len(points) < 10:
+def slope_mb_per_hour(points: list[tuple[float, float]], min_points: int = 10) -> float | None:
+    """Least-squares slope of (seconds, MB) points, in MB per hour; None with fewer than ``min_points``."""
+    if len(points) < min_points:
         return None
     n = len(points)
     mean_t = sum(t for t, _ in points) / n
@@ -255,18 +257,35 @@ def slope_mb_per_hour(points: list[tuple[float, float]]) -> float | None:
     return cov / var * 3600
 
 
-def slopes(soak: Soak, warmup_s: float) -> dict[str, tuple[float | None, float, float, int, int]]:
-    """Per process: (slope MB/h, first and last fitted MB, points, starts) over its last incarnation."""
-    out: dict[str, tuple[float | None, float, float, int, int]] = {}
+def slopes(soak: Soak, warmup_s: float) -> dict[str, tuple[float | None, float, float, int, int, str]]:
+    """Per process: (slope MB/h, first and last fitted MB, points, starts, basis).
+
+    A process that ran all along is fitted through its samples after ``warmup_s`` (basis ``samples``). A process
+    the faults restarted (the writers' engine, killed by ``engine``) is in its warm-up again after every start,
+    so a line through its last incarnation measures the warm-up, not a trend: it is judged by the peak of each
+    incarnation that ended, against the time it started (basis ``peaks``: a leak that survives restarts, such as
+    state the process reloads, makes each incarnation peak higher). With fewer than three ended incarnations it
+    falls back to its last incarnation, fitted only when that ran at least ``warmup_s`` after its settle time.
+    """
+    out: dict[str, tuple[float | None, float, float, int, int, str]] = {}
     names = sorted({name for s in soak.samples for name in s.rss})
     for name in names:
         series = [(s.t, *s.rss[name]) for s in soak.samples if name in s.rss]
         pids = list(dict.fromkeys(pid for _, pid, _ in series))
-        last = [(t, mb) for t, pid, mb in series if pid == pids[-1]]
-        since = warmup_s if len(pids) == 1 else max(warmup_s, last[0][0] + RESTART_SETTLE_S)
-        fitted = [(t, mb) for t, mb in last if t >= since]
+        lives = [[(t, mb) for t, pid, mb in series if pid == one] for one in pids]
+        ended = lives[:-1]
+        if len(ended) >= 3:
+            peaks = [(life[0][0], max(mb for _, mb in life)) for life in ended]
+            slope = slope_mb_per_hour(peaks, min_points=3)
+            out[name] = (slope, peaks[0][1], peaks[-1][1], len(peaks), len(pids), "peaks")
+            continue
+        last = lives[-1]
+        since = warmup_s if len(pids) == 1 else last[0][0] + RESTART_SETTLE_S
+        fitted = [(t, mb) for t, mb in last if t >= max(since, warmup_s)]
+        long_enough = len(pids) == 1 or (fitted and fitted[-1][0] - fitted[0][0] >= warmup_s)
         first_mb, last_mb = (fitted[0][1], fitted[-1][1]) if fitted else (0.0, 0.0)
-        out[name] = (slope_mb_per_hour(fitted), first_mb, last_mb, len(fitted), len(pids))
+        slope = slope_mb_per_hour(fitted) if long_enough else None
+        out[name] = (slope, first_mb, last_mb, len(fitted), len(pids), "samples")
     return out
 
 
@@ -349,13 +368,17 @@ def main(argv: list[str] | None = None) -> int:
     counted = max((s.figures["data_loss"] or 0 for s in soak.samples), default=0)
     print(f"DATA_LOSS: {summary.data_loss} (summary), {counted} (counters during the run), {logged} (log lines)")
     print(f"\nRSS slope after {args.warmup:g} s warm-up (least squares, MB/hour; limit {args.max_slope:g}):")
-    print(f"  {'process':<16} {'slope MB/h':>11} {'first MB':>9} {'last MB':>8} {'points':>7} {'starts':>7}")
+    print(f"  {'process':<16} {'slope MB/h':>11} {'first MB':>9} {'last MB':>8} {'points':>7} {'starts':>7}  basis")
     growing = []
-    for process, (slope, first, last, points, starts) in slopes(soak, args.warmup).items():
+    for process, (slope, first, last, points, starts, basis) in slopes(soak, args.warmup).items():
         text = "n/a" if slope is None else f"{slope:+.1f}"
-        print(f"  {process:<16} {text:>11} {first:9.1f} {last:8.1f} {points:7d} {starts:7d}")
+        print(f"  {process:<16} {text:>11} {first:9.1f} {last:8.1f} {points:7d} {starts:7d}  {basis}")
         if slope is not None and slope > args.max_slope:
             growing.append(process)
+    print(
+        "  basis: samples = a line through the samples after the warm-up; peaks = a line through the peak of each\n"
+        "  incarnation that ended, for a process the faults restarted (each start is a new warm-up)"
+    )
     (state / "soak.json").write_text(
         json.dumps({"samples": [vars(s) for s in soak.samples], "faults": soak.faults}, default=str)
     )
