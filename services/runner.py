@@ -323,11 +323,23 @@ def _num(metrics: dict[str, Any] | None, key: str) -> int:
     return int(value) if isinstance(value, int | float) else 0
 
 
+def _with_absolute_dsn(settings: Settings) -> Settings:
+    """``settings`` with a relative embedded DSN (``chdb:.state/chdb``, the default) made absolute against this
+    process's working directory, as the setting documents. The services run with the repository as their working
+    directory, so a relative DSN handed on as it is would name another directory whenever ``klines run`` is
+    started elsewhere: the schema would be applied in one and the writers would look in the other."""
+    dsn = settings.clickhouse.dsn
+    if not dsn.startswith("chdb:") or dsn.startswith("chdb://"):
+        return settings
+    absolute = "chdb://" + str(Path(dsn.removeprefix("chdb:")).resolve())
+    return settings.model_copy(update={"clickhouse": settings.clickhouse.model_copy(update={"dsn": absolute})})
+
+
 class LocalPipeline:
     """Starts, watches, drains and stops the local pipeline; output goes to ``out``, one readable line per event."""
 
     def __init__(self, settings: Settings, options: RunOptions, out: TextIO | None = None) -> None:
-        self.settings = settings
+        self.settings = _with_absolute_dsn(settings)
         self.options = options
         self.out = out or sys.stdout
         self.state = (REPO / settings.service.state_dir).resolve()
@@ -391,8 +403,9 @@ class LocalPipeline:
         self.say(f"live chart: http://{s.service.http_host}:{s.gateway.http_port}/ (gateway)")
 
     def _rel(self, path: Path) -> str:
+        """``path`` as the user can type it from where ``klines run`` was started."""
         try:
-            return str(path.relative_to(REPO))
+            return str(path.relative_to(Path.cwd()))
         except ValueError:
             return str(path)
 
@@ -909,12 +922,14 @@ class LocalPipeline:
             summary.verify = "skipped (live market: its first klines are only partly seen)"
         clickhouse.close(ch)
         topic = self.settings.kafka.topics.finalized
+        local = REPO / ".venv" / "bin" / "klines"
+        klines = self._rel(local) if local.exists() else "klines"
         print(
             f"\nData: Kafka in {self._rel(self.state)}/kafka-* (topics {topic}, ...), ClickHouse in "
             f"{ch.dsn.removeprefix('chdb://')} (database {ch.database}), logs in {self._rel(self.logs)}/\n"
             f"Query it:\n"
-            f'  .venv/bin/klines sql "SELECT * FROM {table} FINAL ORDER BY open_time DESC LIMIT 10"\n'
-            f"  .venv/bin/klines tail {topic} --from-beginning -n 5   (while the broker runs)",
+            f'  {klines} sql "SELECT * FROM {table} FINAL ORDER BY open_time DESC LIMIT 10"\n'
+            f"  {klines} tail {topic} --from-beginning -n 5   (while the broker runs)",
             file=self.out,
         )
         return summary

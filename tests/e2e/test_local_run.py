@@ -106,13 +106,13 @@ class TrxRuns:
     dsn: str
 
 
-def trx_run(env: dict[str, str], data_dir: Path, intervals: str) -> subprocess.CompletedProcess[str]:
+def trx_run(env: dict[str, str], data_dir: Path, intervals: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     argv = [
         sys.executable, "-m", "services.cli", "run", "--offline", "--file", f"{data_dir / TRX_TRADES}:TRXUSDT",
         "--venue", "usdm", "--speed", "0", "--until-exhausted", "--intervals", intervals, "--verify",
         "--replay-port", str(free_port()),
     ]  # fmt: skip
-    return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +191,23 @@ def test_a_second_run_with_other_intervals_just_works(trx_runs: TrxRuns) -> None
     assert sorted((r[1], int(str(r[2])) - 1741046400000) for r in rows) == sorted(
         [("3m", m * 60_000) for m in (0, 3, 6, 9, 12)] + [("5m", m * 60_000) for m in (0, 5, 10)]
     )
+
+
+def test_a_run_started_elsewhere_keeps_its_relative_clickhouse_directory_there(
+    kafka_bootstrap: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """The default ``chdb:.state/chdb`` is relative to the directory ``klines run`` is started in, for the run and
+    for every service it starts (they run from the repository): before, the schema went to one directory and the
+    writers looked in the other, so a run started outside the repository stopped with "table ... does not
+    exist"."""
+    env = isolated_env(kafka_bootstrap, tmp_path / "state")
+    del env["CLICKHOUSE_DSN"]  # the default, as a newcomer has it
+    env["PYTHONPATH"] = str(REPO)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = trx_run(env, data_dir, "1m", cwd=elsewhere)
+    out = run.stdout
+    assert run.returncode == 0, f"stdout:\n{out}\nstderr:\n{run.stderr}"
+    assert "verify OK: 16 klines checked over 1 symbol×interval pairs, 0 mismatches, 0 gaps, 0 extras" in out
+    assert f"Finalized klines stored in chdb://{elsewhere / '.state' / 'chdb'} " in out
+    assert len(stored_klines(f"chdb://{elsewhere / '.state' / 'chdb'}", stored_database(out))) == 16
