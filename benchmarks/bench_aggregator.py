@@ -51,7 +51,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
+from pipeline_runs import bare_consumer  # noqa: E402
 
 from services.aggregator.app import checkpoint_topic  # noqa: E402
 from services.aggregator.clock import ManualClock  # noqa: E402
@@ -191,30 +191,15 @@ def bench_settings(name: str) -> Settings:
 
 
 async def run_limit(settings: Settings, messages: int) -> dict[str, float]:
-    topic = settings.kafka.topics.trades
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=4 << 20,
-    )
-    await consumer.start()
+    """The limit: ``pipeline_runs.bare_consumer`` reads the whole trades topic without decoding."""
+    cpu = time.process_time()
     try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        count = 0
-        started, cpu = time.perf_counter(), time.process_time()
-        progress = time.monotonic()
-        while count < messages:
-            for records in (await consumer.getmany(timeout_ms=1000, max_records=10_000)).values():
-                count += len(records)
-                progress = time.monotonic()
-            if time.monotonic() - progress > STALL_S:
-                raise Stalled(f"the bare consumer read {count:,} of {messages:,} messages, then nothing for {STALL_S}s")
-        return {"messages": count, "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu}
-    finally:
-        await consumer.stop()
+        count, seconds = await bare_consumer(settings)
+    except RuntimeError as exc:  # it read nothing for a while: in_child runs it once more
+        raise Stalled(str(exc)) from None
+    if count != messages:
+        raise RuntimeError(f"the bare consumer read {count:,} messages, the topic was filled with {messages:,}")
+    return {"messages": count, "seconds": seconds, "cpu": time.process_time() - cpu}
 
 
 async def run_aggregator(settings: Settings, messages: int) -> dict[str, float]:
