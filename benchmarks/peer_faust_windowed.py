@@ -15,17 +15,12 @@ prints one JSON line with what it measured.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import shutil
 import sys
-import tempfile
-import time
 from decimal import Decimal
 from typing import Any
 
-import faust
+from peer_faust_common import Measured, peer_app, run_measured
 
 WINDOW_SECONDS = {
     "1m": 60,
@@ -75,22 +70,7 @@ def trades_of(value: dict[str, Any]) -> list[dict[str, Any]]:
 def main() -> None:
     topic, partitions, target, seconds, intervals = sys.argv[1:6]
     names = intervals.split(",")
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
-    datadir = tempfile.mkdtemp(prefix="bench-peer-")  # Faust's table directory, removed at exit (not the cwd)
-    app = faust.App(
-        f"bench-peer-{topic}",
-        broker=f"kafka://{bootstrap}",
-        store="memory://",
-        web_enabled=False,
-        topic_disable_leader=True,
-        table_standby_replicas=0,
-        topic_partitions=int(partitions),
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=10.0,
-        stream_recovery_delay=0.0,
-        autodiscover=False,
-        datadir=datadir,
-    )
+    app, datadir = peer_app("bench-peer", topic, int(partitions), table_standby_replicas=0)
     source = app.topic(topic, key_serializer="raw", value_serializer="raw")
     tables = [
         app.Table(f"kl-{name}", default=dict, partitions=int(partitions))
@@ -98,45 +78,19 @@ def main() -> None:
         .relative_to_stream()
         for name in names
     ]
-    state = {"messages": 0, "trades": 0, "first": 0.0, "last": 0.0, "cpu": 0.0}
-    done = asyncio.Event()
+    measured = Measured(int(target), float(seconds))
 
     @app.agent(source)
     async def aggregate(stream: Any) -> None:
         async for event in stream.events():
-            if not state["first"]:
-                state["first"], state["cpu"] = time.perf_counter(), time.process_time()
             trades = trades_of(json.loads(event.value))
             symbol = event.key.decode()
             for trade in trades:
                 for table in tables:
                     table[symbol] = fold(table[symbol].current() or None, trade)
-            state["messages"] += 1
-            state["trades"] += len(trades)
-            state["last"] = time.perf_counter()
-            if state["trades"] >= int(target) or state["last"] - state["first"] >= float(seconds):
-                done.set()
+            measured.count(len(trades))
 
-    async def run() -> None:
-        try:
-            await app.start()
-            await asyncio.wait_for(done.wait(), float(seconds) + float(os.environ.get("PEER_STARTUP_S", "120")))
-        except BaseException as exc:
-            print(f"peer failed: {exc!r}", file=sys.stderr, flush=True)
-            raise
-        finally:
-            elapsed = state["last"] - state["first"]
-            cpu = time.process_time() - state["cpu"]
-            result = {"messages": state["messages"], "trades": state["trades"], "seconds": elapsed, "cpu": cpu}
-            print(json.dumps(result), flush=True)
-            shutil.rmtree(datadir, ignore_errors=True)
-            os._exit(0)  # the measurement is taken; do not wait for Faust to wind down its tables
-
-    if os.environ.get("PEER_DEBUG"):
-        import logging
-
-        logging.basicConfig(level=logging.INFO)
-    asyncio.run(run())
+    run_measured(app, measured, datadir)
 
 
 if __name__ == "__main__":
