@@ -28,6 +28,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from services.aggregator.faust_seam import SEAM_LOGGER, FetchSession, GroupMember, SeamApp, on_rebalance
+from services.shared.liveness import Liveness, Poller
 from services.shared.settings import Settings
 
 __all__ = ["AggregatorApp", "BatchAgent", "BatchFetcher", "FaustGroup", "checkpoint_topic", "group_id", "make_app"]
@@ -90,23 +91,48 @@ class BatchFetcher:
        rebalance began while it yielded between slices.
     4. Return when the consumer or the fetcher stops; a consumer stopped by the broker or a cancellation while
        the app is stopping ends the loop quietly, else it propagates (Faust restarts or crashes the app).
+
+    Liveness (:mod:`services.shared.liveness`): with ``liveness``, every fetch that returned is a poll of the
+    poller ``aggregator fetch``; waiting for room (step 1) and a stopped flow (a rebalance, step 3) are pauses
+    on purpose, which :meth:`pause_reason` names to the heartbeat: live while the event loop turns.
     """
 
-    def __init__(self, agent: BatchAgent, topic: str) -> None:
+    def __init__(self, agent: BatchAgent, topic: str, liveness: Liveness | None = None) -> None:
         self.agent = agent
         self.topic = topic
+        self.waiting_for_room = False
+        self._session: FetchSession | None = None
+        self.poller: Poller | None = None
+        if liveness is not None:
+            self.poller = liveness.poller("aggregator fetch", paused=self.pause_reason)
+
+    def pause_reason(self) -> str | None:
+        """Why the loop does not fetch right now on purpose (None: it should be fetching)."""
+        if self.waiting_for_room:
+            return "flow control: waiting for the output in flight to drain (persistence.max_in_flight)"
+        session = self._session
+        if session is not None and not session.flow_active:
+            return "rebalance: the consumer's flow is stopped"
+        return None
 
     async def run(self, session: FetchSession) -> None:
         agent = self.agent
         topic = self.topic
         next_fetch: tuple[int, asyncio.Future[Any]] | None = None
+        polled = self.poller.polled if self.poller is not None else _nothing
+        self._session = session
         try:
             while not session.stopped():
                 if next_fetch is None:
-                    await agent.wait_for_room()
+                    self.waiting_for_room = True
+                    try:
+                        await agent.wait_for_room()
+                    finally:
+                        self.waiting_for_room = False
                     next_fetch = (agent.epoch, asyncio.ensure_future(session.next_records(1.0)))
                 epoch, pending = next_fetch
                 records = await pending
+                polled()
                 next_fetch = None
                 if not records or session.should_stop or not session.flow_active:
                     batch = {tp: recs for tp, recs in records.items() if tp.topic == topic and recs}
@@ -132,6 +158,7 @@ class BatchFetcher:
                 return
             raise
         finally:
+            self._session = None
             if next_fetch is not None:
                 next_fetch[1].cancel()
 
@@ -172,6 +199,10 @@ class FaustGroup:
         await self._member.seek(tp, offset)
 
 
+def _nothing() -> None:
+    pass
+
+
 def group_id(settings: Settings) -> str:
     """The aggregator's consumer group (and Faust app id): one per trades topic."""
     return f"{settings.kafka.client_id}-aggregator-{settings.kafka.topics.trades}"
@@ -189,12 +220,14 @@ def make_app(
     rebalance_timeout_s: float = 10.0,
     max_poll_records: int = MAX_POLL_RECORDS,
     instance_id: str | None = None,
+    liveness: Liveness | None = None,
 ) -> AggregatorApp:
     """The Faust app of one aggregator worker, wired to ``agent``.
 
     ``instance_id`` makes the worker a static group member (KIP-345; e.g. a StatefulSet pod name): restarted
     with the same id after a crash, it takes its partitions back at once instead of waiting for the session
-    timeout to expire the old member; it also does not leave the group on a graceful stop.
+    timeout to expire the old member; it also does not leave the group on a graceful stop. ``liveness`` gets the
+    fetch loop's poller (see :class:`BatchFetcher`).
     """
     kafka = settings.kafka
     # mode logs every service start/stop at INFO under the module of the Faust subclasses (the seam's).
@@ -220,7 +253,7 @@ def make_app(
         stream_wait_empty=False,
         consumer_group_instance_id=instance_id,
     )
-    app.fetch_loop = BatchFetcher(agent, kafka.topics.trades).run
+    app.fetch_loop = BatchFetcher(agent, kafka.topics.trades, liveness).run
     app.fetch_max_bytes = MAX_FETCH_TOTAL_BYTES
     app.topics.add(app.topic(kafka.topics.trades, acks=False, key_serializer="raw", value_serializer="raw"))
     on_rebalance(app, lambda tps: agent.on_revoked(tps, rebalance_timeout_s), agent.on_assigned)

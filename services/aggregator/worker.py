@@ -44,6 +44,7 @@ from services.aggregator.sending import warm_metadata
 from services.aggregator.state import Stats
 from services.shared.kafka import TopicSpec, check_reachable, ensure_topics, make_producer
 from services.shared.lifecycle import HealthServer, Shutdown
+from services.shared.liveness import Liveness
 from services.shared.logs import log_event
 from services.shared.memory import release_periodically
 from services.shared.metrics import Observed, ServiceMetrics
@@ -190,7 +191,8 @@ class AggregatorWorker:
             flush_timeout_s=min(5.0, settings.service.shutdown_grace_s / 2),
             max_in_flight=settings.persistence.max_in_flight,
         )
-        self.app = make_app(settings, engine, instance_id=self._instance_id)
+        self.liveness = Liveness.from_settings(settings.service)
+        self.app = make_app(settings, engine, instance_id=self._instance_id, liveness=self.liveness)
         engine.attach(FaustGroup(self.app))
         routes = [web.get("/snapshot", self._snapshot)]
         if isinstance(self.clock, ManualClock) or self._steppable() is not None:
@@ -203,6 +205,8 @@ class AggregatorWorker:
             exporter=aggregator_exporter(engine),
             routes=routes,
             admin_token=settings.service.admin_token(),
+            liveness=self.liveness,
+            liveness_port=settings.service.liveness_port,
         )
         await self.http.start()
         await self.app.start()

@@ -56,6 +56,7 @@ from services.gateway.protocol import (
 )
 from services.shared.kafka import check_reachable
 from services.shared.lifecycle import Counters, HealthServer, Shutdown, StartupError, run_service
+from services.shared.liveness import Liveness
 from services.shared.logs import log_event
 from services.shared.metrics import AllExcept, Distribution, Observed, ServiceMetrics
 from services.shared.settings import Settings
@@ -678,6 +679,8 @@ async def serve(
         metrics=gateway.metrics,
         exporter=gateway.exporter(),
         routes=gateway.routes(),
+        liveness=Liveness.from_settings(settings.service),
+        liveness_port=settings.service.liveness_port,
     )
     try:
         await health.start()
@@ -701,6 +704,8 @@ async def serve(
     dispatcher = asyncio.create_task(gateway.dispatch())
     try:
         if await feed.start(shutdown):
+            # Liveness: from here on every getmany of the feed's consumer is a poll (services/shared/liveness.py).
+            feed._consumer = health.liveness.observe(feed._consumer, "gateway feed")
             sweeper = asyncio.create_task(gateway.sweep(shutdown))
             if started is not None:
                 started(gateway, health)

@@ -70,6 +70,7 @@ from services.ingest.shard import Shard
 from services.ingest.symbols import SymbolRequestError, SymbolSelection, WrongShard, tradable
 from services.shared.kafka import check_reachable, ensure_topics, make_producer, topic_specs
 from services.shared.lifecycle import HealthServer, Shutdown
+from services.shared.liveness import Liveness, Poller
 from services.shared.logs import log_event
 from services.shared.messages import Gap, dead_letter_value
 from services.shared.metrics import ServiceMetrics
@@ -195,6 +196,7 @@ class IngestService:
         self.selection = SymbolSelection(base=set(market.symbols), shard=self.shard)
         self.publisher: TradePublisher | None = None
         self.health: HealthServer | None = None
+        self._tick_poller: Poller | None = None
         self.fatal: str | None = None
         self.recovered: dict[str, int] = {}
         self.started = False
@@ -571,8 +573,12 @@ class IngestService:
                 exporter=self.exporter(),
                 routes=[web.post("/symbols", self._post_symbols), web.get("/symbols", self._get_symbols)],
                 admin_token=service.admin_token(),  # POST /symbols needs it (services/shared/admin.py)
+                liveness=Liveness.from_settings(service, self._clock),
+                liveness_port=service.liveness_port,
             )
             await self.health.start()
+            # Liveness: the tick loop (reorder windows -> backfill) must keep turning (services/shared/liveness.py).
+            self._tick_poller = self.health.liveness.poller("ingest tick")
         assert self.publisher is not None
         self._spawn(self.publisher.run(), "ingest-publisher")
         self._spawn(self._tick_loop(), "ingest-tick")
@@ -622,6 +628,8 @@ class IngestService:
         seq = self.sequencer
         while True:
             await asyncio.sleep(self.tuning.tick_s)
+            if self._tick_poller is not None:
+                self._tick_poller.polled()
             for symbol in seq.due(self._clock()):
                 held = seq.held(symbol)
                 missing = seq.backfill_range(symbol)

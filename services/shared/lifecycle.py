@@ -4,9 +4,11 @@
 a graceful stop (stop polling, flush, commit, close), so the sum of the steps never exceeds the grace period
 the orchestrator gives (compose 10 s, Kubernetes 30 s).
 
-``HealthServer`` serves ``/healthz`` (the process is alive), ``/readyz`` (it does its job: connected, assigned,
-schema checked), ``/metrics`` (the Prometheus text exposition, see :mod:`services.shared.metrics`) and
-``/metrics.json`` (the same figures as one JSON object, for people and the local runner) on a small aiohttp app.
+``HealthServer`` serves ``/healthz`` (the process is alive: its event loop turns and its consumers poll, see
+:mod:`services.shared.liveness`; also from a thread on ``service.liveness_port`` when that is set),
+``/readyz`` (it does its job: connected, assigned, schema checked), ``/metrics`` (the Prometheus text exposition,
+see :mod:`services.shared.metrics`) and ``/metrics.json`` (the same figures as one JSON object, for people and the
+local runner) on a small aiohttp app.
 Its state-changing routes (any method but GET, HEAD and OPTIONS) sit behind one
 :class:`~services.shared.admin.AdminGuard`: a bearer token from ``service.admin_token_file``, or loopback only.
 
@@ -51,8 +53,9 @@ from pydantic import SecretStr
 
 from services.shared.admin import SAFE_METHODS, AdminGuard
 from services.shared.kafka import KafkaUnreachable
+from services.shared.liveness import Liveness, LivenessServer, stop_heartbeat
 from services.shared.logs import setup_logging
-from services.shared.metrics import Readiness, ServiceMetrics
+from services.shared.metrics import LoopHealth, Readiness, ServiceMetrics
 from services.shared.settings import ConfigError, Settings, load_settings
 
 #: Exit codes of every service process (see the module docstring).
@@ -125,6 +128,12 @@ class HealthServer:
     A route in ``routes`` that changes state (POST, PUT, PATCH, DELETE) needs ``Authorization: Bearer
     <admin_token>`` (the content of ``service.admin_token_file``); without a token it is served only when
     ``host`` is loopback (see :mod:`services.shared.admin`). Refusals are counted as ``admin_auth_failures``.
+
+    ``liveness`` is the process's :class:`~services.shared.liveness.Liveness` (the service registers its pollers
+    on it; default: one with the default bounds): :meth:`start` starts its heartbeat and, when ``liveness_port``
+    is not None (0: any free port), the thread that answers ``/healthz`` on that port while the loop is blocked.
+    ``/metrics`` exports its loop lag and poll ages (``klines_service_loop_lag_seconds``,
+    ``klines_service_poll_age_seconds``).
     """
 
     def __init__(
@@ -137,10 +146,16 @@ class HealthServer:
         exporter: ServiceMetrics,
         routes: list[web.RouteDef] | None = None,
         admin_token: SecretStr | None = None,
+        liveness: Liveness | None = None,
+        liveness_port: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._ready = ready
+        self.liveness = liveness if liveness is not None else Liveness()
+        self.liveness_port = liveness_port
+        self._liveness_server: LivenessServer | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self.admin = AdminGuard(host, admin_token)
         guarded = [r for r in routes or [] if r.method.upper() not in SAFE_METHODS]
         self._metrics = metrics if not guarded else self._with_admin_figures(metrics)
@@ -148,6 +163,7 @@ class HealthServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(exporter)
         self.registry.register(Readiness(exporter.service, ready))
+        self.registry.register(LoopHealth(exporter.service, self.liveness.verdict))
         if guarded:
             self.registry.register(
                 ServiceMetrics(exporter.service, self._admin_figures, counters={"admin_auth_failures"})
@@ -178,7 +194,8 @@ class HealthServer:
         return lambda: {**metrics(), **self._admin_figures()}
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
+        verdict = self.liveness.verdict()
+        return web.json_response(verdict.to_dict(), status=verdict.http_status)
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         ok = self._ready()
@@ -188,18 +205,45 @@ class HealthServer:
         return web.json_response(dict(self._metrics()))
 
     async def start(self) -> None:
+        """Serve the routes, start the heartbeat and, with ``liveness_port``, the liveness thread.
+
+        Raises ``OSError`` when the HTTP port is taken, :class:`StartupError` when the liveness port is; nothing
+        is left running then.
+        """
         self._runner = web.AppRunner(self._app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            site = web.TCPSite(self._runner, self.host, self.port)
+            await site.start()
+            if self.liveness_port is not None:
+                self._liveness_server = LivenessServer(self.liveness, self.host, self.liveness_port)
+                try:
+                    self._liveness_server.start()
+                except OSError as exc:
+                    self._liveness_server = None
+                    raise StartupError(
+                        f"cannot listen on {self.host}:{self.liveness_port} "
+                        f"(service.http_host, service.liveness_port): {exc.strerror or exc}"
+                    ) from None
+                self.liveness_port = self._liveness_server.port
+        except BaseException:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
         if self.port == 0:
             server: Any = site._server
             self.port = int(server.sockets[0].getsockname()[1])
+        self._heartbeat = asyncio.create_task(self.liveness.run_heartbeat(), name="liveness-heartbeat")
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await stop_heartbeat(self._heartbeat)
+        self._heartbeat = None
+        if self._liveness_server is not None:
+            await asyncio.to_thread(self._liveness_server.stop)
+            self._liveness_server = None
 
 
 class StartupError(Exception):

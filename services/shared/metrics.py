@@ -200,6 +200,41 @@ class Readiness(Collector):
         return self.collect()
 
 
+class LoopHealth(Collector):
+    """The liveness figures of :mod:`services.shared.liveness`, for every service under the same names:
+    ``klines_service_loop_lag_seconds{service=...}`` (how late the heartbeat woke, or how long the loop has been
+    silent) and ``klines_service_poll_age_seconds{service=...,poller=...}`` (since each loop's last poll).
+
+    ``verdict()`` returns an object with ``loop_lag_s`` and ``polled_ago_s`` (a :class:`Verdict
+    <services.shared.liveness.Verdict>`).
+    """
+
+    def __init__(self, service: str, verdict: Callable[[], Any]) -> None:
+        self.service = service
+        self._verdict = verdict
+
+    def collect(self) -> Iterator[Metric]:
+        verdict = self._verdict()
+        lag = GaugeMetricFamily(
+            f"{PREFIX}_service_loop_lag_seconds",
+            "Seconds the event loop's heartbeat came late (or has been silent beyond its interval)",
+            labels=["service"],
+        )
+        lag.add_metric([self.service], float(verdict.loop_lag_s))
+        yield lag
+        ages = GaugeMetricFamily(
+            f"{PREFIX}_service_poll_age_seconds",
+            "Seconds since each consumer loop last polled (or re-evaluated a deliberate pause)",
+            labels=["service", "poller"],
+        )
+        for poller, age in sorted(verdict.polled_ago_s.items()):
+            ages.add_metric([self.service, poller], float(age))
+        yield ages
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return 1.0 if value else 0.0

@@ -226,8 +226,15 @@ class ServiceSettings(_Section):
     # A file holding the bearer token that state-changing endpoints (ingest's POST /symbols) require; "" = none,
     # and then those endpoints answer only when http_host is loopback (services/shared/admin.py).
     admin_token_file: Path | None = None
+    # Liveness (/healthz, services/shared/liveness.py): 503 "wedged" when the event loop's heartbeat is older than
+    # liveness_loop_stall_s, 503 "stale" when a consumer loop has not polled for liveness_poll_stale_s (above the
+    # longest wait without a poll that is no fault: a request to a broker that went away, 30 s). With
+    # liveness_port set, a thread also answers /healthz on that port while the loop is blocked; "" = none.
+    liveness_loop_stall_s: float = Field(default=10.0, gt=0)
+    liveness_poll_stale_s: float = Field(default=60.0, gt=0)
+    liveness_port: int | None = Field(default=None, ge=0, lt=65536)
 
-    @field_validator("admin_token_file", mode="before")
+    @field_validator("admin_token_file", "liveness_port", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -22,6 +22,7 @@ from services.shared import clickhouse
 from services.shared.embedded import EmbeddedClient
 from services.shared.kafka import check_reachable, make_consumer, make_producer
 from services.shared.lifecycle import DependencyUnreachable, HealthServer, Shutdown, run_service
+from services.shared.liveness import Liveness
 from services.shared.logs import log_event
 from services.shared.metrics import Observed, ServiceMetrics
 from services.shared.settings import Settings
@@ -87,6 +88,7 @@ async def serve(
     consumers: list[Any] = []
     engines: list[WriterEngine] = []
     health: HealthServer | None = None
+    liveness = Liveness.from_settings(settings.service)  # every getmany of a writer is a poll of its own
     clean = False
     try:
         for spec in specs:
@@ -101,7 +103,7 @@ async def serve(
             engines.append(
                 make_writer(
                     spec,
-                    consumer,
+                    liveness.observe(consumer, spec.component),
                     client=client,
                     settings=settings,
                     dead_letters=dead_letters,
@@ -117,6 +119,8 @@ async def serve(
             ready=lambda: all(e.ready for e in engines),
             metrics=lambda: combined_metrics(engines),
             exporter=writers_exporter(engines),
+            liveness=liveness,
+            liveness_port=settings.service.liveness_port,
         )
         await health.start()
         log_event(

@@ -565,15 +565,35 @@ def test_deployment_probes_grace_and_security(
     (container,) = pod["containers"]
     port = SERVICE_PORTS[service](settings)
     assert [p["containerPort"] for p in container["ports"] if p["name"] == "http"] == [port]
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
-        http = container[probe]["httpGet"]
-        assert http["path"] == path and http["port"] in ("http", port), f"{probe}: {http}"
+    http = container["readinessProbe"]["httpGet"]
+    assert http["path"] == "/readyz" and http["port"] in ("http", port), f"readinessProbe: {http}"
     assert pod["terminationGracePeriodSeconds"] > settings.service.shutdown_grace_s
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] > 0
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     resources = container["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+
+
+@pytest.mark.parametrize("service", list(SERVICE_PORTS))
+def test_liveness_probe_asks_the_liveness_thread_within_the_bounds(
+    manifests: list[dict[str, Any]], service: str, clean_environment: pytest.MonkeyPatch
+) -> None:
+    """The liveness probe asks the thread that answers while the loop is blocked (services/shared/liveness.py), on
+    the port the pod's settings give it, and its timing fits the bounds it judges by."""
+    (container,) = _deployments_by_service(manifests)[service]["spec"]["template"]["spec"]["containers"]
+    loaded = _settings_with(_resolved_env(container, manifests), clean_environment)
+    assert loaded.service.liveness_port is not None, "KLINES_SERVICE__LIVENESS_PORT is not set for the pod"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    probe = container["livenessProbe"]
+    http = probe["httpGet"]
+    assert http["path"] == "/healthz" and ports.get(http["port"], http["port"]) == loaded.service.liveness_port, http
+    assert loaded.service.liveness_port != ports["http"]
+    # The thread answers in milliseconds: a probe that times out means even it could not run (the GIL held).
+    assert probe.get("timeoutSeconds", 1) < loaded.service.liveness_loop_stall_s
+    # A loop silent for the bound is seen by the next probe, and one late beat is not a restart.
+    assert probe.get("periodSeconds", 10) <= loaded.service.liveness_loop_stall_s
+    assert probe.get("failureThreshold", 3) >= 2
 
 
 def _mebibytes(quantity: str) -> float:
