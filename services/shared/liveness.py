@@ -44,12 +44,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: The heartbeat wakes at most this far apart (less when ``loop_stall_s`` is short: five beats per bound).
 MAX_BEAT_INTERVAL_S = 1.0
@@ -83,9 +86,17 @@ class Poller:
         return self._report
 
     def _reevaluate(self, now: float) -> None:
-        """At a beat, in the loop: a poller paused on purpose counts as reported now, with its reason."""
+        """At a beat, in the loop: a poller paused on purpose counts as reported now, with its reason.
+
+        A ``paused`` that raises counts as "not paused" (logged): a bug there must not stop the heartbeat, which
+        would report the whole loop wedged.
+        """
         if self.paused is not None:
-            reason = self.paused()
+            try:
+                reason = self.paused()
+            except Exception as exc:
+                log.warning("liveness: %s's pause check failed: %s: %s", self.name, type(exc).__name__, exc)
+                return
             if reason is not None:
                 self._report = (now, reason)
 

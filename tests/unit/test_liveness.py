@@ -135,6 +135,20 @@ def test_a_pause_on_purpose_is_live_while_the_loop_turns_and_re_evaluates_it(
     assert liveness.verdict().status == "stale"
 
 
+def test_a_pause_check_that_raises_counts_as_not_paused_and_the_heartbeat_goes_on(
+    liveness: Liveness, clock: FakeClock
+) -> None:
+    def broken() -> str | None:
+        raise RuntimeError("bug")
+
+    liveness.poller("fetch", paused=broken)
+    for _ in range(31):
+        clock.advance(1.0)
+        liveness.beat()
+    verdict = liveness.verdict()
+    assert verdict.status == "stale" and verdict.loop_lag_s == 0.0
+
+
 def test_the_paused_question_is_asked_in_the_loop_never_by_the_verdict(liveness: Liveness) -> None:
     asked: list[str] = []
     liveness.poller("fetch", paused=lambda: asked.append(threading.current_thread().name) or None)
