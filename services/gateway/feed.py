@@ -27,6 +27,7 @@ from services.gateway.board import Update
 from services.gateway.protocol import decode_record
 from services.shared.kafka import make_consumer
 from services.shared.lifecycle import Counters, Shutdown
+from services.shared.liveness import Liveness
 from services.shared.logs import log_event
 from services.shared.settings import Settings
 
@@ -71,6 +72,11 @@ class KlineFeed:
     @property
     def lag(self) -> int:
         return sum(self._lag.values())
+
+    def report_polls(self, liveness: Liveness) -> None:
+        """From now on every ``getmany`` of the feed's consumer is a poll of liveness poller "gateway feed"
+        (:mod:`services.shared.liveness`); called once the feed has started, so its warm-up is not judged."""
+        self._consumer = liveness.observe(self._consumer, "gateway feed")
 
     async def start(self, shutdown: Shutdown) -> bool:
         """Steps 1-2; False when a stop was requested before the topics appeared."""

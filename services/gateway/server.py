@@ -704,8 +704,7 @@ async def serve(
     dispatcher = asyncio.create_task(gateway.dispatch())
     try:
         if await feed.start(shutdown):
-            # Liveness: from here on every getmany of the feed's consumer is a poll (services/shared/liveness.py).
-            feed._consumer = health.liveness.observe(feed._consumer, "gateway feed")
+            feed.report_polls(health.liveness)
             sweeper = asyncio.create_task(gateway.sweep(shutdown))
             if started is not None:
                 started(gateway, health)
