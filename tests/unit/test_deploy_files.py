@@ -394,8 +394,12 @@ def test_every_compose_service_has_a_healthcheck_and_a_grace_period(
         grace = _duration_s(svc.get("stop_grace_period", "10s"))
         assert grace > settings.service.shutdown_grace_s, f"{name}: stop_grace_period {grace}s"
     for name, port_of in SERVICE_PORTS.items():
+        # The probe asks the liveness thread's own port (a wedged loop answers 503 "wedged" there instead of
+        # timing out), which is not the service's HTTP port.
         probe = " ".join(compose["services"][name]["healthcheck"]["test"])
-        assert f"http://127.0.0.1:{port_of(settings)}/healthz" in probe, f"{name}: probes {probe}"
+        liveness_port = _compose_environment(compose, name).get("KLINES_SERVICE__LIVENESS_PORT")
+        assert liveness_port and liveness_port != str(port_of(settings)), f"{name}: liveness port {liveness_port}"
+        assert f"http://127.0.0.1:{liveness_port}/healthz" in probe, f"{name}: probes {probe}"
 
 
 def test_compose_start_order(compose: dict[str, Any]) -> None:
