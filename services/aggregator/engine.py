@@ -389,12 +389,12 @@ class Aggregator:
         for record in batch:
             key = record.key
             if key is None:
-                self._out.dead_letter(record, "record has no key: trades must be keyed by symbol")
+                self._out.dead_letter(record, "record has no key: trades must be keyed by symbol", "symbol")
                 continue
             try:
                 symbol = key.decode()
             except UnicodeDecodeError:
-                self._out.dead_letter(record, "record key is not UTF-8")
+                self._out.dead_letter(record, "record key is not UTF-8", "symbol")
                 continue
             offset = record.offset
             if offset < skip_below(symbol, 0):
@@ -414,7 +414,7 @@ class Aggregator:
             try:
                 decoded = self._decoder.decode(record.value, key)
             except InvalidInput as exc:
-                self._out.dead_letter(record, exc.reason)
+                self._out.dead_letter(record, exc.reason, exc.category)
                 continue
             book = touched.get(symbol) or touched.setdefault(symbol, books.book(symbol))
             run = runs.pop(symbol, None)
@@ -485,7 +485,7 @@ class Aggregator:
             except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
                 log.exception("the book of %s raised on a run of records", symbol)
                 for k in order[start:end]:
-                    self._out.dead_letter(batch[k], f"internal error applying the batch: {exc!r}")
+                    self._out.dead_letter(batch[k], f"internal error applying the batch: {exc!r}", "internal")
             else:
                 if folded:
                     applied += count
@@ -520,7 +520,7 @@ class Aggregator:
             except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
                 log.exception("the book of %s raised on a run of records", book.symbol)
                 for record in records:
-                    self._out.dead_letter(record, f"internal error applying the batch: {exc!r}")
+                    self._out.dead_letter(record, f"internal error applying the batch: {exc!r}", "internal")
                 return
             if folded:
                 self.stats.trades_applied += len(columns[0])
@@ -533,7 +533,7 @@ class Aggregator:
             try:  # a check failed: the contract gives the reason (or, against expectations, accepts it)
                 decoded = self._decoder.decode(record.value, record.key)
             except InvalidInput as exc:
-                self._out.dead_letter(record, exc.reason)
+                self._out.dead_letter(record, exc.reason, exc.category)
                 continue
             self._apply_decoded(book, record, decoded)
 
@@ -559,13 +559,16 @@ class Aggregator:
                 count = len(trades[0])
         except Exception as exc:  # the book rejects bad trades itself; this guards against a bug
             log.exception("the book of %s raised on the record at offset %s", book.symbol, record.offset)
-            self._out.dead_letter(record, f"internal error applying the batch: {exc!r}")
+            self._out.dead_letter(record, f"internal error applying the batch: {exc!r}", "internal")
             return
         self.stats.trades_applied += count
         if book.rejected != rejected_before:
             for rejected in book.drain_rejected():
                 self._out.dead_letter(
-                    record, rejected.reason, value=encode_trade_batch(rejected.trade.s, [rejected.trade])
+                    record,
+                    rejected.reason,
+                    rejected.category,
+                    value=encode_trade_batch(rejected.trade.s, [rejected.trade]),
                 )
 
     def _check_start_offset(self, part: PartitionState, first: int) -> None:

@@ -32,7 +32,7 @@ from aiokafka.structs import ConsumerRecord
 from services.aggregator.outbox import Outbox
 from services.aggregator.sending import NotEnqueued
 from services.aggregator.state import KlineIdent, PartitionState, Stats
-from services.core.models import Kline
+from services.core.models import REASON_CATEGORIES, Kline, ReasonCategory
 from services.shared.logs import log_event
 from services.shared.messages import dead_letter_value, encode_kline, kline_key
 from services.shared.metrics import CLOSE_LATENCY_MS_BUCKETS, Distribution
@@ -74,6 +74,9 @@ class Output:
         self.dead_letters: Outbox[tuple[bytes | None, bytes]] = Outbox(
             snapshots, dead_letter_topic, _encode_dead_letter, name="dead-letter"
         )
+        #: Dead letters per reason category (each category from the start: a counter that appears at 1 would
+        #: hide its first increase from ``rate``).
+        self.dead_letters_by_reason: dict[ReasonCategory, int] = dict.fromkeys(REASON_CATEGORIES, 0)
         #: Set at the stop, once the final checkpoint carries what is still unconfirmed.
         self.closed = False
 
@@ -161,12 +164,16 @@ class Output:
             reason=reason,
         )
 
-    def dead_letter(self, record: ConsumerRecord[Any, Any], reason: str, *, value: bytes | None = None) -> None:
+    def dead_letter(
+        self, record: ConsumerRecord[Any, Any], reason: str, category: ReasonCategory, *, value: bytes | None = None
+    ) -> None:
         self.stats.dead_letters += 1
+        self.dead_letters_by_reason[category] += 1
         payload = dead_letter_value(
             SERVICE,
             reason,
             record.value if value is None else value,
+            category=category,
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
@@ -262,6 +269,7 @@ class Output:
             "finalized_longest_send_wait_s": round(self.finalized.longest_wait_s, 3),
             "snapshots_queued": self.snapshots.queued,
             "dead_letters_queued": self.dead_letters.queued,
+            "dead_letters_by_reason": dict(self.dead_letters_by_reason),
         }
 
 

@@ -62,17 +62,18 @@ FINALIZED_BATCH_BYTES = 1_000_000
 #: The checkpoint producer's request limit and the checkpoint topic's max.message.bytes: above the largest
 #: record the checkpointer writes (a larger one defers the checkpoint instead, see its module).
 CHECKPOINT_REQUEST_BYTES = MAX_RECORD_BYTES + 64 * 1024
-#: The engine's figures that only increase: its hot-path counters (``Stats``, but the longest apply, a maximum)
-#: and what each partition's books count.
+#: The engine's figures that only increase: its hot-path counters (``Stats``, but the longest apply, a maximum),
+#: what each partition's books count, and the dead letters per reason category.
 COUNTER_FIGURES = frozenset(
     {f.name for f in dataclasses.fields(Stats) if f.name != "longest_apply_s"}
-    | {"late_trades", "duplicate_trades", "rejected_trades", "decoded_fast", "decoded_slow"}
+    | {"late_trades", "duplicate_trades", "rejected_trades", "decoded_fast", "decoded_slow", "dead_letters_by_reason"}
 )
 
 
 def aggregator_exporter(engine: Aggregator) -> ServiceMetrics:
-    """``/metrics``: the engine's figures as ``klines_aggregator_*``; each partition's read offset labelled; the
-    close -> acknowledged latency of finalized klines per interval as a histogram."""
+    """``/metrics``: the engine's figures as ``klines_aggregator_*``; each partition's read offset and the dead
+    letters per reason category labelled; the close -> acknowledged latency of finalized klines per interval as a
+    histogram."""
 
     def histograms() -> Iterator[Observed]:
         for interval, dist in sorted(engine.close_to_produced.items()):
@@ -87,7 +88,7 @@ def aggregator_exporter(engine: Aggregator) -> ServiceMetrics:
         "aggregator",
         engine.metrics,
         counters=COUNTER_FIGURES,
-        labels={"read_offsets": "partition"},
+        labels={"read_offsets": "partition", "dead_letters_by_reason": "reason"},
         histograms=histograms,
     )
 

@@ -59,7 +59,7 @@ from services.core.intervals import (
     open_time,
     sort_intervals,
 )
-from services.core.models import MAX_DECIMALS, MAX_INTEGER_DIGITS, AggTrade, Kline
+from services.core.models import MAX_DECIMALS, MAX_INTEGER_DIGITS, AggTrade, Kline, ReasonCategory
 
 # Layout of a kline state: a plain list of ints (fast to update, compact to export).
 N, O, H, LO, C, V, QV, BV, BQ, F, L, OT, OA, CT, CA = range(15)  # noqa: E741
@@ -103,10 +103,11 @@ _EXACT = Context(prec=400, traps=[Inexact, InvalidOperation, Overflow])
 
 @dataclass(frozen=True, slots=True)
 class RejectedTrade:
-    """A trade the book could not apply, with the reason (for the dead-letter topic)."""
+    """A trade the book could not apply, with the reason and its category (for the dead-letter topic)."""
 
     trade: AggTrade
     reason: str
+    category: ReasonCategory
 
 
 class _NeedScale(Exception):
@@ -540,10 +541,10 @@ class KlineBook:
         return True
 
     def _apply_one_or_reject(self, trade: AggTrade) -> None:
-        reason = self._apply_one(trade)
-        if reason is not None:
+        rejected = self._apply_one(trade)
+        if rejected is not None:
             self.rejected += 1
-            self._rejected.append(RejectedTrade(trade, reason))
+            self._rejected.append(rejected)
 
     def _scaled_all(self, texts: Sequence[str], cached: bool) -> list[int] | None:
         """Scaled ints for ``texts``, or None if one is not a valid decimal > 0. May raise the book's scale.
@@ -715,14 +716,14 @@ class KlineBook:
         for trade in ordered:
             self._apply_one_or_reject(trade)
 
-    def _apply_one(self, trade: AggTrade) -> str | None:
+    def _apply_one(self, trade: AggTrade) -> RejectedTrade | None:
         if trade.s != self._symbol:
-            return f"trade of symbol {trade.s!r} given to the book of {self._symbol!r}"
+            return RejectedTrade(trade, f"trade of symbol {trade.s!r} given to the book of {self._symbol!r}", "symbol")
         a, t, f, last, m = trade.a, trade.T, trade.f, trade.l, trade.m
         if type(a) is not int or type(t) is not int or type(f) is not int or type(last) is not int:
-            return "a, T, f and l must be integers"
+            return RejectedTrade(trade, "a, T, f and l must be integers", "field")
         if a < 0 or f > last:
-            return f"invalid ids a={a} f={f} l={last}"
+            return RejectedTrade(trade, f"invalid ids a={a} f={f} l={last}", "field")
         if self._seen(a):
             self.duplicates += 1
             return None
@@ -734,7 +735,7 @@ class KlineBook:
                 if scale == self._scale:
                     break
         except ValueError as exc:
-            return f"bad price or quantity: {exc}"
+            return RejectedTrade(trade, f"bad price or quantity: {exc}", "field")
         if self._gs is None:
             self._start(t)
         assert self._gs is not None
@@ -750,9 +751,11 @@ class KlineBook:
         else:
             horizon = self._horizon
             if horizon is not None and t < self._gs - horizon:
-                return (
+                return RejectedTrade(
+                    trade,
                     f"trade time {t} is more than the repair horizon ({horizon} ms) before the book's "
-                    f"position {self._gs}; its klines can no longer be corrected exactly"
+                    f"position {self._gs}; its klines can no longer be corrected exactly",
+                    "late",
                 )
             self._fold_late(t, a, p, q, f, last, bool(m))
         self._mark(a)
@@ -1200,6 +1203,7 @@ class KlineBook:
                 [
                     [r.trade.s, r.trade.a, r.trade.p, r.trade.q, r.trade.f, r.trade.l, r.trade.T, r.trade.m],
                     r.reason,
+                    r.category,
                 ]
                 for r in self._rejected
             ],
@@ -1246,11 +1250,23 @@ class KlineBook:
                 book.forgotten_holes,
             ) = (int(v) for v in state["counters"])
             book._closed_out = [Kline.from_dict(d) for d in state["pending"]]
-            book._rejected = [RejectedTrade(AggTrade(*fields), str(reason)) for fields, reason in state["rejected"]]
+            book._rejected = [
+                RejectedTrade(
+                    AggTrade(*entry[0]), str(entry[1]), entry[2] if len(entry) > 2 else _category_of(entry[1])
+                )
+                for entry in state["rejected"]
+            ]
         except (KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"not a KlineBook state: {exc!r}") from None
         book._dirty_all = book._gs is not None
         return book
+
+
+def _category_of(reason: str) -> ReasonCategory:
+    """The category of a rejection saved by a book from before categories (its state has only the reason)."""
+    if reason.startswith("trade of symbol"):
+        return "symbol"
+    return "late" if reason.startswith("trade time") else "field"
 
 
 class KlineBooks:

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 from services.core.intervals import close_time, is_kline_span, open_time, validate_interval
 
@@ -34,12 +34,42 @@ SYMBOL_PATTERN: Final = r"[A-Z0-9][A-Z0-9_]{0,39}"
 _SYMBOL = re.compile(SYMBOL_PATTERN)
 
 
-class InvalidInput(ValueError):
-    """Input that must be rejected (dead-lettered), with a specific human-readable ``reason``."""
+#: The kind of a rejection: a small, fixed vocabulary next to the free-text reason, small enough to be a Prometheus
+#: label (``dead_letters_by_reason{reason=...}``) and carried by each dead letter as its ``category``.
+#:
+#: * ``malformed``: not the contract's shape: no value, not JSON, not a JSON object, an unknown record kind or
+#:   event, a combined-stream envelope whose ``stream`` or ``data`` is not what it must be;
+#: * ``field``: a field missing, of the wrong type, or outside its range or format (ids, decimals, booleans, the
+#:   interval, ``source``, ``version``, ``seq``; a value the ClickHouse column cannot hold exactly);
+#: * ``time``: a trade time outside the accepted window (:data:`MIN_TIME_MS` .. :data:`MAX_TIME_MS`; a feed
+#:   sending microseconds lands here);
+#: * ``symbol``: no usable symbol: a record without a key or with a key that is not one, a symbol that is not a
+#:   symbol, a payload's symbol that disagrees with its key or stream, a symbol ingest is not subscribed to, a
+#:   trade handed to another symbol's book;
+#: * ``inconsistent``: each field valid, but they contradict each other: ``f > l``, a kline's ``t``/``T`` not a
+#:   span of its interval, prices not ``0 < l <= o,c <= h``, taker-buy volume above the total;
+#: * ``topic``: a valid record that does not belong on its topic: an open kline on ``klines.finalized``, a
+#:   snapshot without ``seq``;
+#: * ``late``: a trade older than the book's repair horizon (its klines can no longer be corrected exactly);
+#: * ``internal``: a guard against a bug fired (the book or the frame classifier raised where it should not);
+#:   the record itself may be fine.
+ReasonCategory = Literal["malformed", "field", "time", "symbol", "inconsistent", "topic", "late", "internal"]
+REASON_CATEGORIES: Final[tuple[ReasonCategory, ...]] = get_args(ReasonCategory)
 
-    def __init__(self, reason: str) -> None:
+
+class InvalidInput(ValueError):
+    """Input that must be rejected (dead-lettered), with a specific human-readable ``reason`` and its ``category``
+    (:data:`ReasonCategory`).
+
+    Every raise site on a dead-letter path names the category (a unit test holds that). The default is for the
+    two readers whose rejections never become dead letters, the gateway's kline reader and the reference-file
+    loader, which report only the reason; most of what they reject is a bad field.
+    """
+
+    def __init__(self, reason: str, category: ReasonCategory = "field") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.category: ReasonCategory = category
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,39 +94,42 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
-def _require_int(obj: Mapping[str, Any], key: str, low: int, high: int, what: str) -> int:
+def _require_int(
+    obj: Mapping[str, Any], key: str, low: int, high: int, what: str, outside: ReasonCategory = "field"
+) -> int:
     if key not in obj:
-        raise InvalidInput(f"missing field {key!r} ({what})")
+        raise InvalidInput(f"missing field {key!r} ({what})", "field")
     value = obj[key]
     if type(value) is not int:  # bool is an int subclass; reject it too
-        raise InvalidInput(f"field {key!r} ({what}) must be an integer, got {_type_name(value)}")
+        raise InvalidInput(f"field {key!r} ({what}) must be an integer, got {_type_name(value)}", "field")
     if not low <= value <= high:
-        raise InvalidInput(f"field {key!r} ({what}) = {value} is outside [{low}, {high}]")
+        raise InvalidInput(f"field {key!r} ({what}) = {value} is outside [{low}, {high}]", outside)
     return value
 
 
 def check_positive_decimal(value: object, key: str, what: str) -> str:
     """Return ``value`` if it is a plain decimal string > 0, else raise :class:`InvalidInput`."""
     if type(value) is not str:
-        raise InvalidInput(f"field {key!r} ({what}) must be a decimal string, got {_type_name(value)}")
+        raise InvalidInput(f"field {key!r} ({what}) must be a decimal string, got {_type_name(value)}", "field")
     match = _PLAIN_DECIMAL.fullmatch(value)
     if match is None:
         shown = value if len(value) <= 40 else value[:40] + "..."
         raise InvalidInput(
             f"field {key!r} ({what}) = {shown!r} is not a plain decimal "
-            f"(digits with an optional point, at most {MAX_DECIMALS} decimals; no sign, exponent, NaN or Inf)"
+            f"(digits with an optional point, at most {MAX_DECIMALS} decimals; no sign, exponent, NaN or Inf)",
+            "field",
         )
     if match.group(1).strip("0") == "" and (match.group(2) is None or match.group(2).strip("0") == ""):
-        raise InvalidInput(f"field {key!r} ({what}) = {value!r} must be greater than zero")
+        raise InvalidInput(f"field {key!r} ({what}) = {value!r} must be greater than zero", "field")
     return value
 
 
 def _require_symbol(value: object, where: str) -> str:
     if type(value) is not str:
-        raise InvalidInput(f"{where} must be a string, got {_type_name(value)}")
+        raise InvalidInput(f"{where} must be a string, got {_type_name(value)}", "symbol")
     symbol = value.upper()
     if _SYMBOL.fullmatch(symbol) is None:
-        raise InvalidInput(f"{where} = {value[:50]!r} is not a symbol (letters, digits, '_'; at most 40)")
+        raise InvalidInput(f"{where} = {value[:50]!r} is not a symbol (letters, digits, '_'; at most 40)", "symbol")
     return symbol
 
 
@@ -108,38 +141,38 @@ def parse_agg_trade(obj: Mapping[str, Any], symbol: str | None = None) -> AggTra
     rejection raises :class:`InvalidInput` whose ``reason`` names the field and what was wrong with it.
     """
     if not isinstance(obj, Mapping):
-        raise InvalidInput(f"aggTrade payload must be a JSON object, got {_type_name(obj)}")
+        raise InvalidInput(f"aggTrade payload must be a JSON object, got {_type_name(obj)}", "malformed")
     if "e" in obj and obj["e"] != "aggTrade":
-        raise InvalidInput(f"field 'e' (event type) = {str(obj['e'])[:40]!r}, expected 'aggTrade'")
+        raise InvalidInput(f"field 'e' (event type) = {str(obj['e'])[:40]!r}, expected 'aggTrade'", "malformed")
     if "s" in obj:
         s = _require_symbol(obj["s"], "field 's' (symbol)")
         if symbol is not None and _require_symbol(symbol, "supplied symbol") != s:
-            raise InvalidInput(f"field 's' (symbol) = {s!r} does not match the stream's symbol {symbol!r}")
+            raise InvalidInput(f"field 's' (symbol) = {s!r} does not match the stream's symbol {symbol!r}", "symbol")
     elif symbol is not None:
         s = _require_symbol(symbol, "supplied symbol")
     else:
-        raise InvalidInput("missing field 's' (symbol) and no symbol supplied")
+        raise InvalidInput("missing field 's' (symbol) and no symbol supplied", "symbol")
     a = _require_int(obj, "a", 0, MAX_ID, "aggregate trade id")
     f = _require_int(obj, "f", 0, MAX_ID, "first trade id")
     last = _require_int(obj, "l", 0, MAX_ID, "last trade id")
     if f > last:
-        raise InvalidInput(f"first trade id f = {f} is greater than last trade id l = {last}")
-    t = _require_int(obj, "T", MIN_TIME_MS, MAX_TIME_MS, "trade time in ms, years 2010..2100")
+        raise InvalidInput(f"first trade id f = {f} is greater than last trade id l = {last}", "inconsistent")
+    t = _require_int(obj, "T", MIN_TIME_MS, MAX_TIME_MS, "trade time in ms, years 2010..2100", "time")
     if "p" not in obj:
-        raise InvalidInput("missing field 'p' (price)")
+        raise InvalidInput("missing field 'p' (price)", "field")
     p = check_positive_decimal(obj["p"], "p", "price")
     if "q" not in obj:
-        raise InvalidInput("missing field 'q' (quantity)")
+        raise InvalidInput("missing field 'q' (quantity)", "field")
     q = check_positive_decimal(obj["q"], "q", "quantity")
     if "m" not in obj:
-        raise InvalidInput("missing field 'm' (buyer is maker)")
+        raise InvalidInput("missing field 'm' (buyer is maker)", "field")
     m = obj["m"]
     if type(m) is not bool:
-        raise InvalidInput(f"field 'm' (buyer is maker) must be true or false, got {_type_name(m)}")
+        raise InvalidInput(f"field 'm' (buyer is maker) must be true or false, got {_type_name(m)}", "field")
     if "E" in obj and type(obj["E"]) is not int:
-        raise InvalidInput(f"field 'E' (event time) must be an integer, got {_type_name(obj['E'])}")
+        raise InvalidInput(f"field 'E' (event time) must be an integer, got {_type_name(obj['E'])}", "field")
     if "M" in obj and type(obj["M"]) is not bool:
-        raise InvalidInput(f"field 'M' (best match) must be true or false, got {_type_name(obj['M'])}")
+        raise InvalidInput(f"field 'M' (best match) must be true or false, got {_type_name(obj['M'])}", "field")
     return AggTrade(s, a, p, q, f, last, t, m)
 
 
@@ -266,17 +299,17 @@ class Kline:
     def from_dict(cls, d: Mapping[str, Any]) -> Kline:
         """Inverse of :meth:`to_dict`; raises :class:`InvalidInput` on anything malformed or inconsistent."""
         if not isinstance(d, Mapping):
-            raise InvalidInput(f"kline must be a JSON object, got {_type_name(d)}")
+            raise InvalidInput(f"kline must be a JSON object, got {_type_name(d)}", "malformed")
         if "s" not in d:
-            raise InvalidInput("missing field 's' (symbol)")
+            raise InvalidInput("missing field 's' (symbol)", "symbol")
         s = _require_symbol(d["s"], "field 's' (symbol)")
         i = d.get("i")
         if type(i) is not str:
-            raise InvalidInput(f"field 'i' (interval) must be a string, got {_type_name(i)}")
+            raise InvalidInput(f"field 'i' (interval) must be a string, got {_type_name(i)}", "field")
         try:
             validate_interval(i)
         except ValueError as exc:
-            raise InvalidInput(f"field 'i' (interval): {exc}") from None
+            raise InvalidInput(f"field 'i' (interval): {exc}", "field") from None
         ints = {}
         for key in _INT_FIELDS:
             low = -1 if key in ("f", "L") else 0
@@ -284,13 +317,13 @@ class Kline:
         decimals = {key: _kline_decimal(d, key) for key in _DECIMAL_FIELDS}
         x = d.get("x")
         if type(x) is not bool:
-            raise InvalidInput(f"field 'x' (closed) must be true or false, got {_type_name(x)}")
+            raise InvalidInput(f"field 'x' (closed) must be true or false, got {_type_name(x)}", "field")
         version = d.get("version", 0)
         if type(version) is not int or version < 0:
-            raise InvalidInput(f"field 'version' must be a non-negative integer, got {version!r:.40}")
+            raise InvalidInput(f"field 'version' must be a non-negative integer, got {version!r:.40}", "field")
         source = d.get("source", "live")
         if type(source) is not str or source not in KLINE_SOURCES:
-            raise InvalidInput(f"field 'source' = {source!r:.40} is not one of {sorted(KLINE_SOURCES)}")
+            raise InvalidInput(f"field 'source' = {source!r:.40} is not one of {sorted(KLINE_SOURCES)}", "field")
         return cls.from_fields(
             s,
             i,
@@ -343,27 +376,27 @@ class Kline:
         """
         if not is_kline_span(i, t, T):
             if open_time(i, t) != t:
-                raise InvalidInput(f"field 't' = {t} is not an open time of interval {i!r}")
-            raise InvalidInput(f"field 'T' = {T} is not the close time {close_time(i, t)} of t = {t}")
+                raise InvalidInput(f"field 't' = {t} is not an open time of interval {i!r}", "inconsistent")
+            raise InvalidInput(f"field 'T' = {T} is not the close time {close_time(i, t)} of t = {t}", "inconsistent")
         if not (l <= o <= h and l <= c <= h and l > 0):
-            raise InvalidInput(f"inconsistent prices: o={o} h={h} l={l} c={c} (need 0 < l <= o,c <= h)")
+            raise InvalidInput(f"inconsistent prices: o={o} h={h} l={l} c={c} (need 0 < l <= o,c <= h)", "inconsistent")
         if V > v or Q > q:
-            raise InvalidInput("taker-buy volume V/Q exceeds total volume v/q")
+            raise InvalidInput("taker-buy volume V/Q exceeds total volume v/q", "inconsistent")
         return cls(s, i, t, T, f, L, o, h, l, c, v, n, x, q, V, Q, version, source)
 
 
 def _kline_decimal(d: Mapping[str, Any], key: str) -> Decimal:
     if key not in d:
-        raise InvalidInput(f"missing field {key!r}")
+        raise InvalidInput(f"missing field {key!r}", "field")
     value = d[key]
     if type(value) is int and value >= 0:
         return Decimal(value)
     if isinstance(value, Decimal):
         if not value.is_finite() or value < 0:
-            raise InvalidInput(f"field {key!r} = {value} must be a finite decimal >= 0")
+            raise InvalidInput(f"field {key!r} = {value} must be a finite decimal >= 0", "field")
         return value
     if type(value) is not str:
-        raise InvalidInput(f"field {key!r} must be a decimal string, got {_type_name(value)}")
+        raise InvalidInput(f"field {key!r} must be a decimal string, got {_type_name(value)}", "field")
     if _KLINE_DECIMAL.fullmatch(value) is None:
-        raise InvalidInput(f"field {key!r} = {value[:40]!r} is not a plain non-negative decimal string")
+        raise InvalidInput(f"field {key!r} = {value[:40]!r} is not a plain non-negative decimal string", "field")
     return Decimal(value)

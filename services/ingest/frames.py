@@ -14,8 +14,8 @@ Pure and total: :func:`parse_frame` accepts any ``str`` or ``bytes`` and never r
   ``SUBSCRIBE``/``UNSUBSCRIBE`` (``{"result": null, "id": 1}``), an error answer (``{"error": {...}}``) or a
   ``serverShutdown`` event (top level, inside a combined wrapper, or inside ``{"event": {...}}``), which tells
   the client to open a replacement connection before this one is closed;
-* :class:`RejectedFrame` - everything else, with a reason a person can act on (it goes to the dead-letter
-  topic) and the symbol when one could be read (it becomes the dead-letter record's key).
+* :class:`RejectedFrame` - everything else, with a reason a person can act on and its category (both go to the
+  dead-letter topic) and the symbol when one could be read (it becomes the dead-letter record's key).
 """
 
 from __future__ import annotations
@@ -25,7 +25,15 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
-from services.core.models import MAX_ID, MAX_TIME_MS, MIN_TIME_MS, AggTrade, InvalidInput, parse_agg_trade
+from services.core.models import (
+    MAX_ID,
+    MAX_TIME_MS,
+    MIN_TIME_MS,
+    AggTrade,
+    InvalidInput,
+    ReasonCategory,
+    parse_agg_trade,
+)
 from services.shared.messages import encode_trade_batch
 
 #: The stream type ingest subscribes to; the suffix of every stream name it expects.
@@ -44,6 +52,7 @@ class ControlFrame:
 @dataclass(frozen=True, slots=True)
 class RejectedFrame:
     reason: str
+    category: ReasonCategory
     symbol: str | None = None
 
 
@@ -169,17 +178,17 @@ def _parse_general(raw: str | bytes) -> AggTrade | ControlFrame | RejectedFrame:
         # Decoding first is cheaper than json.loads(bytes), which sniffs the encoding of every frame.
         obj = json.loads(raw.decode() if isinstance(raw, bytes | bytearray) else raw)
     except RecursionError:
-        return RejectedFrame("not JSON: nested too deeply")
+        return RejectedFrame("not JSON: nested too deeply", "malformed")
     except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return RejectedFrame(f"not JSON: {_short(str(exc))}")
+        return RejectedFrame(f"not JSON: {_short(str(exc))}", "malformed")
     if not isinstance(obj, dict):
-        return RejectedFrame(f"expected a JSON object, got {_json_type(obj)}")
+        return RejectedFrame(f"expected a JSON object, got {_json_type(obj)}", "malformed")
     try:
         return _classify(obj)
     except InvalidInput as exc:
-        return RejectedFrame(exc.reason, _symbol_hint(obj))
+        return RejectedFrame(exc.reason, exc.category, _symbol_hint(obj))
     except (TypeError, ValueError, AttributeError, RecursionError) as exc:  # defence in depth: never crash
-        return RejectedFrame(f"unreadable frame ({type(exc).__name__}: {_short(str(exc))})", None)
+        return RejectedFrame(f"unreadable frame ({type(exc).__name__}: {_short(str(exc))})", "internal")
 
 
 def _classify(obj: dict[str, Any]) -> AggTrade | ControlFrame | RejectedFrame:
@@ -198,33 +207,35 @@ def _classify(obj: dict[str, Any]) -> AggTrade | ControlFrame | RejectedFrame:
     if "error" in obj:
         return ControlFrame("error", _request_id(obj.get("id")), _short(json.dumps(obj.get("error"))))
     if event is not None:
-        return RejectedFrame(f"unexpected event type {_short(str(event))!r}: expected 'aggTrade'")
-    return RejectedFrame(f"unrecognised frame with keys {_short(', '.join(sorted(map(str, obj))))}")
+        return RejectedFrame(f"unexpected event type {_short(str(event))!r}: expected 'aggTrade'", "malformed")
+    return RejectedFrame(f"unrecognised frame with keys {_short(', '.join(sorted(map(str, obj))))}", "malformed")
 
 
 def _combined(obj: dict[str, Any]) -> AggTrade | ControlFrame | RejectedFrame:
     stream = obj.get("stream")
     data = obj.get("data")
     if not isinstance(stream, str):
-        return RejectedFrame(f"combined frame: 'stream' must be a string, got {_json_type(stream)}")
+        return RejectedFrame(f"combined frame: 'stream' must be a string, got {_json_type(stream)}", "malformed")
     if not isinstance(data, dict):
-        return RejectedFrame(f"combined frame: 'data' must be an object, got {_json_type(data)}")
+        return RejectedFrame(f"combined frame: 'data' must be an object, got {_json_type(data)}", "malformed")
     if data.get("e") == "serverShutdown":
         return ControlFrame("server_shutdown", detail=_short(stream))
     name, at, kind = stream.partition("@")
     if not at or "@" + kind != AGG_TRADE_SUFFIX:
-        return RejectedFrame(f"combined frame: stream {_short(stream)!r} is not an aggTrade stream")
+        return RejectedFrame(f"combined frame: stream {_short(stream)!r} is not an aggTrade stream", "malformed")
     if not name.isascii() or not name.isalnum():
-        return RejectedFrame(f"combined frame: stream {_short(stream)!r} does not name a symbol")
+        return RejectedFrame(f"combined frame: stream {_short(stream)!r} does not name a symbol", "symbol")
     symbol = name.upper()
     try:
         if "s" not in data:
             return parse_agg_trade(data, symbol)
         trade = parse_agg_trade(data)  # validates 's' once; the comparison below is the other half
     except InvalidInput as exc:
-        return RejectedFrame(exc.reason, symbol)
+        return RejectedFrame(exc.reason, exc.category, symbol)
     if trade.s != symbol:
-        return RejectedFrame(f"field 's' (symbol) = {trade.s!r} does not match the stream's symbol {symbol!r}", symbol)
+        return RejectedFrame(
+            f"field 's' (symbol) = {trade.s!r} does not match the stream's symbol {symbol!r}", "symbol", symbol
+        )
     return trade
 
 

@@ -59,6 +59,7 @@ from typing import Any
 
 from aiohttp import web
 
+from services.core.models import REASON_CATEGORIES, ReasonCategory
 from services.ingest.backfill import Backfiller, BackfillOptions
 from services.ingest.connections import ConnectionOptions, ConnectionPool, StreamConnection
 from services.ingest.frames import ControlFrame, RejectedFrame, WireTrade, fast_trade, parse_frame_general
@@ -95,6 +96,7 @@ COUNTER_FIGURES = frozenset(
         "records_sent",
         "gaps_published",
         "dead_letters",
+        "dead_letters_by_reason",
         "dead_letters_published",
         "duplicates",
         "trades_held",
@@ -211,6 +213,9 @@ class IngestService:
             "symbol_refreshes": 0,
             "symbol_refresh_failures": 0,
         }
+        #: Frames rejected per reason category (each category from the start: a counter that appears at 1 would
+        #: hide its first increase from ``rate``).
+        self.dead_letters_by_reason: dict[ReasonCategory, int] = dict.fromkeys(REASON_CATEGORIES, 0)
         self._known_last: dict[str, int] = {}
         self._removed_at: dict[str, float] = {}
         self._room = asyncio.Event()
@@ -289,23 +294,34 @@ class IngestService:
                 log_event(log, logging.WARNING, "exchange answered an error", connection=conn.name, error=frame.detail)
         else:
             assert type(frame) is RejectedFrame
-            self._reject(frame.reason, frame.symbol, raw, conn)
+            self._reject(frame.reason, frame.category, frame.symbol, raw, conn)
 
     def _unknown_symbol(self, trade: WireTrade, raw: bytes, conn: StreamConnection, now: float) -> None:
         removed = self._removed_at.get(trade.s)
         if removed is not None and now - removed < self.tuning.removed_grace_s:
             self.counts["frames_unsubscribed"] += 1
         else:
-            self._reject(f"symbol {trade.s} is not subscribed", trade.s, raw, conn)
+            self._reject(f"symbol {trade.s} is not subscribed", "symbol", trade.s, raw, conn)
 
-    def _reject(self, reason: str, symbol: str | None, raw: bytes, conn: StreamConnection) -> None:
+    def _reject(
+        self, reason: str, category: ReasonCategory, symbol: str | None, raw: bytes, conn: StreamConnection
+    ) -> None:
         self.counts["frames_rejected"] += 1
+        self.dead_letters_by_reason[category] += 1
         if self.publisher is not None:
             self.publisher.dead_letter(
                 symbol.encode() if symbol else None,
-                dead_letter_value(SERVICE, reason, raw, topic=f"websocket {conn.base_url}"),
+                dead_letter_value(SERVICE, reason, raw, category=category, topic=f"websocket {conn.base_url}"),
             )
-        log_event(log, logging.WARNING, "frame rejected", reason=reason, symbol=symbol, connection=conn.name)
+        log_event(
+            log,
+            logging.WARNING,
+            "frame rejected",
+            reason=reason,
+            category=category,
+            symbol=symbol,
+            connection=conn.name,
+        )
 
     def _on_gap(self, gap: Gap) -> None:
         self.counts["data_loss_events"] += 1
@@ -447,6 +463,7 @@ class IngestService:
             records_sent=pub.records_sent if pub else 0,
             gaps_published=pub.gaps_published if pub else 0,
             dead_letters=self.counts["frames_rejected"],
+            dead_letters_by_reason=dict(self.dead_letters_by_reason),
             dead_letters_published=pub.dead_letters_published if pub else 0,
             duplicates=seq.duplicates,
             trades_held=seq.held,
@@ -486,8 +503,14 @@ class IngestService:
         return out
 
     def exporter(self) -> ServiceMetrics:
-        """``/metrics``: the figures of :meth:`metrics` as ``klines_ingest_*``."""
-        return ServiceMetrics(SERVICE, self.metrics, counters=COUNTER_FIGURES)
+        """``/metrics``: the figures of :meth:`metrics` as ``klines_ingest_*``, the dead letters per reason category
+        labelled."""
+        return ServiceMetrics(
+            SERVICE,
+            self.metrics,
+            counters=COUNTER_FIGURES,
+            labels={"dead_letters_by_reason": "reason"},
+        )
 
     # ------------------------------------------------------------------ run
     async def run(self) -> int:

@@ -20,8 +20,10 @@
 ``klines.finalized`` (key = ``symbol|interval``): :meth:`Kline.to_dict` of a closed kline (``x`` true).
 ``klines.snapshots`` (key = ``symbol|interval``, compacted): the same for an in-progress kline plus ``seq``,
 increasing per key. :func:`decode_kline_record` reads both, quickly for what :func:`encode_kline` writes.
-Dead-letter topic (key = the rejected record's key): ``{"service", "reason", "topic", "partition", "offset",
-"value"}`` where ``value`` is the rejected text (or ``base64:`` + bytes when not UTF-8).
+Dead-letter topic (key = the rejected record's key): ``{"service", "reason", "category", "topic", "partition",
+"offset", "value"}`` where ``category`` is the reason's kind (:data:`~services.core.models.ReasonCategory`:
+``malformed``, ``field``, ``time``, ``symbol``, ``inconsistent``, ``topic``, ``late`` or ``internal``) and
+``value`` is the rejected text (or ``base64:`` + bytes when not UTF-8).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from services.core.models import (
     AggTrade,
     InvalidInput,
     Kline,
+    ReasonCategory,
     parse_agg_trade,
 )
 
@@ -89,33 +92,33 @@ def decode_trades_value(raw: bytes | None, key: bytes | None = None) -> TradeBat
     means the record was not written by ingest and cannot be trusted in part.
     """
     if raw is None:
-        raise InvalidInput("empty record (null value)")
+        raise InvalidInput("empty record (null value)", "malformed")
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"not JSON: {exc}") from None
+        raise InvalidInput(f"not JSON: {exc}", "malformed") from None
     if not isinstance(obj, dict):
-        raise InvalidInput(f"expected a JSON object, got {type(obj).__name__}")
+        raise InvalidInput(f"expected a JSON object, got {type(obj).__name__}", "malformed")
     kind = obj.get("type")
     if kind == "trades":
         symbol = _symbol(obj, key)
         items = obj.get("trades")
         if not isinstance(items, list) or not items:
-            raise InvalidInput("'trades' must be a non-empty list")
+            raise InvalidInput("'trades' must be a non-empty list", "field")
         trades = []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
-                raise InvalidInput(f"trades[{index}] is not an object")
+                raise InvalidInput(f"trades[{index}] is not an object", "malformed")
             try:
                 trades.append(parse_agg_trade(item, symbol))
             except InvalidInput as exc:
-                raise InvalidInput(f"trades[{index}]: {exc.reason}") from None
+                raise InvalidInput(f"trades[{index}]: {exc.reason}", exc.category) from None
         return TradeBatch(symbol, trades)
     if kind == "gap":
         symbol = _symbol(obj, key)
         from_a, to_a = obj.get("from_a"), obj.get("to_a")
         if not isinstance(from_a, int) or not isinstance(to_a, int) or isinstance(from_a, bool) or from_a > to_a:
-            raise InvalidInput("gap needs integer from_a <= to_a")
+            raise InvalidInput("gap needs integer from_a <= to_a", "field")
         return Gap(symbol, from_a, to_a, str(obj.get("reason", "")))
     if obj.get("e") == "aggTrade":
         trade = parse_agg_trade(obj)
@@ -124,7 +127,8 @@ def decode_trades_value(raw: bytes | None, key: bytes | None = None) -> TradeBat
         trade = _enveloped_trade(obj)
         return TradeBatch(trade.s, [trade])
     raise InvalidInput(
-        f"unknown record type {kind!r}: expected 'trades', 'gap', an aggTrade payload or a combined-stream envelope"
+        f"unknown record type {kind!r}: expected 'trades', 'gap', an aggTrade payload or a combined-stream envelope",
+        "malformed",
     )
 
 
@@ -136,26 +140,30 @@ def _enveloped_trade(obj: dict[str, Any]) -> AggTrade:
     """The aggTrade in a combined-stream envelope ``{"stream": "<symbol>@aggTrade", "data": {...}}``."""
     stream, data = obj.get("stream"), obj.get("data")
     if not isinstance(stream, str):
-        raise InvalidInput(f"combined-stream envelope: 'stream' must be a string, got {type(stream).__name__}")
+        raise InvalidInput(
+            f"combined-stream envelope: 'stream' must be a string, got {type(stream).__name__}", "malformed"
+        )
     if not isinstance(data, dict):
-        raise InvalidInput(f"combined-stream envelope: 'data' must be an object, got {type(data).__name__}")
+        raise InvalidInput(
+            f"combined-stream envelope: 'data' must be an object, got {type(data).__name__}", "malformed"
+        )
     name, at, kind = stream.partition("@")
     if not at or kind != AGG_TRADE_STREAM:
-        raise InvalidInput(f"combined-stream envelope: stream {stream[:60]!r} is not an aggTrade stream")
+        raise InvalidInput(f"combined-stream envelope: stream {stream[:60]!r} is not an aggTrade stream", "malformed")
     if not (name.isascii() and name.isalnum()):
-        raise InvalidInput(f"combined-stream envelope: stream {stream[:60]!r} does not name a symbol")
+        raise InvalidInput(f"combined-stream envelope: stream {stream[:60]!r} does not name a symbol", "symbol")
     try:
         return parse_agg_trade(data, name.upper())
     except InvalidInput as exc:
-        raise InvalidInput(f"data: {exc.reason}") from None
+        raise InvalidInput(f"data: {exc.reason}", exc.category) from None
 
 
 def _symbol(obj: dict[str, Any], key: bytes | None) -> str:
     symbol = obj.get("s")
     if not isinstance(symbol, str) or not symbol.isalnum():
-        raise InvalidInput(f"'s' must be a symbol, got {symbol!r}")
+        raise InvalidInput(f"'s' must be a symbol, got {symbol!r}", "symbol")
     if key is not None and key.decode(errors="replace") != symbol:
-        raise InvalidInput(f"record key {key!r} does not match symbol {symbol!r}")
+        raise InvalidInput(f"record key {key!r} does not match symbol {symbol!r}", "symbol")
     return symbol
 
 
@@ -333,22 +341,31 @@ def decode_kline_run(values: Sequence[bytes | None]) -> tuple[list[KlineWire], l
 
 def _decode_kline_fully(raw: bytes | None) -> tuple[Kline, int | None]:
     if raw is None:
-        raise InvalidInput("empty record (null value)")
+        raise InvalidInput("empty record (null value)", "malformed")
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"not JSON: {exc}") from None
+        raise InvalidInput(f"not JSON: {exc}", "malformed") from None
     if not isinstance(obj, dict):
-        raise InvalidInput(f"expected a JSON object, got {type(obj).__name__}")
+        raise InvalidInput(f"expected a JSON object, got {type(obj).__name__}", "malformed")
     seq = obj.pop("seq", None)
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
-        raise InvalidInput(f"'seq' must be a non-negative integer, got {seq!r}")
+        raise InvalidInput(f"'seq' must be a non-negative integer, got {seq!r}", "field")
     return Kline.from_dict(obj), seq
 
 
 def dead_letter_value(
-    service: str, reason: str, value: bytes | None, *, topic: str = "", partition: int = -1, offset: int = -1
+    service: str,
+    reason: str,
+    value: bytes | None,
+    *,
+    category: ReasonCategory,
+    topic: str = "",
+    partition: int = -1,
+    offset: int = -1,
 ) -> bytes:
+    """A dead-letter record's value (see the module docstring): ``category`` is the reason's kind, one of
+    :data:`~services.core.models.REASON_CATEGORIES`, what the services count dead letters by."""
     if value is None:
         text = None
     else:
@@ -360,6 +377,7 @@ def dead_letter_value(
         {
             "service": service,
             "reason": reason,
+            "category": category,
             "topic": topic,
             "partition": partition,
             "offset": offset,

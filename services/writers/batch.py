@@ -39,7 +39,7 @@ def check_fits_table(kline: Kline, version: int) -> Decimals:
     for name in _DECIMAL_FIELDS:
         value: Decimal = getattr(kline, name)
         if not _fits_decimal_38_18(value):
-            raise InvalidInput(f"field {name!r} = {value} does not fit Decimal(38, 18) exactly")
+            raise InvalidInput(f"field {name!r} = {value} does not fit Decimal(38, 18) exactly", "field")
     check_version(version)
     return kline_decimals(kline)
 
@@ -56,7 +56,7 @@ def row_text(record: DecodedKline, version: int) -> str:
 def check_version(version: int) -> None:
     """Raise :class:`InvalidInput` unless ``version`` fits the ``UInt64`` version column."""
     if not 0 <= version < UINT64_LIMIT:
-        raise InvalidInput(f"version {version} does not fit UInt64")
+        raise InvalidInput(f"version {version} does not fit UInt64", "field")
 
 
 def _fits_decimal_38_18(value: Decimal) -> bool:

@@ -51,7 +51,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from services.core.models import InvalidInput
+from services.core.models import REASON_CATEGORIES, InvalidInput, ReasonCategory
 from services.shared.clickhouse import ClickHouseRejected, InsertSelectDenied, KlineEntry
 from services.shared.lifecycle import Counters, Shutdown
 from services.shared.logs import log_event
@@ -188,6 +188,9 @@ class WriterEngine:
         self.insert_seconds = Distribution(INSERT_SECONDS_BUCKETS)
         self.batch_rows = Distribution(BATCH_ROWS_BUCKETS)
         self.close_to_stored: dict[str, Distribution] = {}  # interval -> latency in ms (exported in seconds)
+        #: Dead letters per reason category (each category from the start: a counter that appears at 1 would
+        #: hide its first increase from ``rate``).
+        self.dead_letters_by_reason: dict[ReasonCategory, int] = dict.fromkeys(REASON_CATEGORIES, 0)
 
         self._buffer = Batch()
         self._last_rows = 0  # rows the last batch stored
@@ -598,7 +601,7 @@ class WriterEngine:
                 version = version_of(decoded.kline, decoded.seq)
                 text = row_text(decoded, version)
             except InvalidInput as exc:
-                dead.append(self._dead_letter(record, exc.reason))
+                dead.append(self._dead_letter(record, exc.reason, exc.category))
                 continue
             entries.append((partition, record.offset, decoded.kline, version, text))
         return entries, dead, skipped
@@ -623,13 +626,15 @@ class WriterEngine:
         offsets = [record.offset for record in batch]
         return list(zip(repeat(partition, len(offsets)), offsets, wires, versions, texts, strict=True))
 
-    def _dead_letter(self, record: ConsumerRecordLike, reason: str) -> DeadLetter:
+    def _dead_letter(self, record: ConsumerRecordLike, reason: str, category: ReasonCategory) -> DeadLetter:
+        self.dead_letters_by_reason[category] += 1
         log_event(
             log,
             logging.WARNING,
             "rejected record goes to the dead-letter topic",
             component=self.spec.component,
             reason=reason,
+            category=category,
             partition=record.partition,
             offset=record.offset,
         )
@@ -637,6 +642,7 @@ class WriterEngine:
             self.spec.component,
             reason,
             record.value,
+            category=category,
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,

@@ -18,6 +18,7 @@ from typing import Any
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
+from services.core.models import REASON_CATEGORIES
 from services.shared import clickhouse
 from services.shared.embedded import EmbeddedClient
 from services.shared.kafka import check_reachable, make_consumer, make_producer
@@ -189,7 +190,8 @@ _WORST_OF = {"last_flush_latency_ms": max, "flush_age_s": max, "buffer_age_s": m
 
 def combined_metrics(engines: Sequence[WriterEngine]) -> dict[str, Any]:
     """``/metrics.json``: process-wide figures at the top level (``rows_inserted``, ``lag``, ``dead_letters`` ...
-    summed over the writers; latency and flush age the worst writer's), and each writer's own under ``writers``.
+    summed over the writers; latency and flush age the worst writer's), ``dead_letters_by_reason`` (per reason
+    category, summed over the writers), and each writer's own under ``writers``.
     """
     per_writer = {e.spec.component: e.metrics() for e in engines}
     combined: dict[str, Any] = {}
@@ -199,18 +201,24 @@ def combined_metrics(engines: Sequence[WriterEngine]) -> dict[str, Any]:
                 combined[key] = _WORST_OF.get(key, sum)((combined[key], value))
             else:
                 combined[key] = value
+    combined["dead_letters_by_reason"] = {
+        category: sum(e.dead_letters_by_reason[category] for e in engines) for category in REASON_CATEGORIES
+    }
     combined["writers"] = per_writer
     return combined
 
 
 def writers_exporter(engines: Sequence[WriterEngine]) -> ServiceMetrics:
     """``/metrics``: each writer's figures as ``klines_writers_*{writer=...}`` (the process-wide sums are left to
-    PromQL), and its histograms: insert duration, rows per batch, and close -> stored latency per interval."""
+    PromQL), the process's dead letters per reason category as
+    ``klines_writers_dead_letters_by_reason_total{reason=...}`` (a family has one label here: the split by writer
+    is ``klines_writers_dead_letters_total``), and its histograms: insert duration, rows per batch, and
+    close -> stored latency per interval."""
     return ServiceMetrics(
         "writers",
         lambda: combined_metrics(engines),
-        counters=COUNTER_FIGURES,
-        labels={"writers": "writer"},
+        counters=COUNTER_FIGURES | {"dead_letters_by_reason"},
+        labels={"writers": "writer", "dead_letters_by_reason": "reason"},
         histograms=lambda: _writer_histograms(engines),
     )
 

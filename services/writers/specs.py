@@ -63,14 +63,14 @@ class WriterSpec:
 def finalized_version(kline: Kline | KlineWire, seq: int | None) -> int:
     """The row version of a finalized kline: its own ``version``; an open kline does not belong here."""
     if not kline.x:
-        raise InvalidInput("kline is not closed (x=false) on the finalized topic")
+        raise InvalidInput("kline is not closed (x=false) on the finalized topic", "topic")
     return kline.version
 
 
 def snapshot_version(kline: Kline | KlineWire, seq: int | None) -> int:
     """The row version of a snapshot: its ``seq``, without which it cannot be ordered against the others."""
     if seq is None:
-        raise InvalidInput("snapshot without 'seq' (the per-key snapshot sequence that versions its row)")
+        raise InvalidInput("snapshot without 'seq' (the per-key snapshot sequence that versions its row)", "topic")
     return seq
 
 

@@ -335,6 +335,7 @@ async def test_malformed_frames_go_to_the_dead_letter_topic_with_reasons(setting
     assert len(reasons) == 4
     assert all(letter["service"] == "ingest" and letter["value"] for letter in letters)
     assert any(r.startswith("not JSON") for r in reasons)
+    assert sorted(letter["category"] for letter in letters) == ["field", "field", "field", "malformed"]
     assert any("missing field 'p'" in r for r in reasons)
     assert any("'a'" in r and "integer" in r for r in reasons)
     assert any("'p'" in r and "plain decimal" in r for r in reasons)

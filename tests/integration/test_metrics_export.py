@@ -19,9 +19,10 @@ from prometheus_client.samples import Sample
 
 from services.aggregator.clock import ManualClock
 from services.aggregator.worker import AggregatorWorker
+from services.core.models import REASON_CATEGORIES
 from services.finalized_writer import finalized_spec
 from services.replay import ReplayExchange
-from services.shared.messages import encode_trade_batch
+from services.shared.messages import encode_kline, encode_trade_batch, kline_key
 from services.shared.settings import Settings
 from services.snapshot_writer import snapshot_spec
 
@@ -89,12 +90,28 @@ def assert_types(scraped: Scrape, expected: Mapping[str, str]) -> None:
         assert scraped.types.get(family) == kind, f"{family}: {scraped.types.get(family)} instead of {kind}"
 
 
+def assert_dead_letters_by_reason(
+    scraped: Scrape, figures: Mapping[str, Any], service: str, expected: Mapping[str, int]
+) -> None:
+    """``klines_<service>_dead_letters_by_reason_total{reason=...}``: a counter per category (the others at 0),
+    the same as ``dead_letters_by_reason`` in ``/metrics.json``, and adding up to the service's dead letters."""
+    name = f"klines_{service}_dead_letters_by_reason"
+    assert scraped.types.get(name) == "counter", scraped.types.get(name)
+    by_reason = {s.labels["reason"]: s.value for s in scraped.samples if s.name == f"{name}_total"}
+    assert by_reason == {category: float(expected.get(category, 0)) for category in REASON_CATEGORIES}
+    assert figures["dead_letters_by_reason"] == {category: int(n) for category, n in by_reason.items()}
+    assert sum(scraped.values(f"klines_{service}_dead_letters_total")) == sum(expected.values())
+
+
 async def test_aggregator_exports_its_counters_lag_and_partition_offsets(agg_settings: Settings) -> None:
     s = agg_settings
     streams = scripted_trades(["BTCUSDT", "ETHUSDT"], minutes=4, seed=5)
     records: list[tuple[bytes | None, bytes]] = [
         (sym.encode(), encode_trade_batch(sym, b)) for sym, b in batches(streams, 3)
     ]
+    # Two bad records among them: a trade with a negative price, and a value that is not JSON.
+    bad_trade = encode_trade_batch("BTCUSDT", streams["BTCUSDT"][:1]).replace(b'"p":"', b'"p":"-', 1)
+    records[len(records) // 2 : len(records) // 2] = [(b"BTCUSDT", bad_trade), (b"ETHUSDT", b"{not json")]
     clock = ManualClock()
 
     async def body(worker: AggregatorWorker) -> tuple[Scrape, dict[str, Any]]:
@@ -131,6 +148,7 @@ async def test_aggregator_exports_its_counters_lag_and_partition_offsets(agg_set
     offsets = {s.labels["partition"]: s.value for s in scraped.samples if s.name == "klines_aggregator_read_offsets"}
     assert offsets == {str(p): float(v) for p, v in figures["read_offsets"].items()}
     assert sum(offsets.values()) == len(records)
+    assert_dead_letters_by_reason(scraped, figures, "aggregator", {"field": 1, "malformed": 1})
 
 
 async def test_writers_export_per_writer_figures_and_histograms(settings: Settings) -> None:
@@ -139,7 +157,10 @@ async def test_writers_export_per_writer_figures_and_histograms(settings: Settin
     finals = finalized_script(120)  # every fifth kline comes again as a correction (version 1)
     snaps = snapshot_script(60)
     await produce(settings, settings.kafka.topics.finalized, finalized_records(finals))
-    await produce(settings, settings.kafka.topics.snapshots, snapshot_records(snaps))
+    # Two bad records on the snapshot topic: one without 'seq' (it cannot be ordered), one that is not JSON.
+    unordered = (kline_key(snaps[0][0].s, snaps[0][0].i), encode_kline(snaps[0][0]))
+    bad = [unordered, (unordered[0], b"{not json")]
+    await produce(settings, settings.kafka.topics.snapshots, snapshot_records(snaps) + bad)
     served = await start_serving(settings, ["finalized", "snapshot"])
     try:
         await until(lambda: writer_drained(settings, finalized_spec(settings)), 30, "finalized committed")
@@ -179,6 +200,8 @@ async def test_writers_export_per_writer_figures_and_histograms(settings: Settin
         finals
     )
     assert scraped.values("klines_writers_close_to_stored_seconds_count", **snap) == []  # open klines: no latency
+    assert scraped.value("klines_writers_dead_letters_total", **snap) == 2
+    assert_dead_letters_by_reason(scraped, figures, "writers", {"topic": 1, "malformed": 1})
     # Process-wide sums are left to PromQL: no unlabelled duplicate of a per-writer family.
     assert all(s.labels.get("writer") for s in scraped.samples if s.name == "klines_writers_rows_inserted_total")
 
@@ -216,6 +239,12 @@ async def test_ingest_exports_trades_gaps_and_data_loss(settings: Settings) -> N
         async with ingest(s) as service:
             ex.start_feed()
             await ingest_drained(service, ex, ("BTCUSDT", "ETHUSDT"))
+            # Two bad frames: cut in half (not JSON), and a negative price.
+            assert ex.faults.send_malformed("bad_json", "BTCUSDT") == 1
+            assert ex.faults.send_malformed("negative_price", "ETHUSDT") == 1
+            publisher = service.publisher
+            assert publisher is not None
+            await eventually(lambda: publisher.dead_letters_published == 2 and publisher.idle, 10, "dead letters sent")
             assert service.health is not None
             scraped, figures = await scrape(service.health.port)
 
@@ -237,3 +266,4 @@ async def test_ingest_exports_trades_gaps_and_data_loss(settings: Settings) -> N
     assert scraped.value("klines_ingest_data_loss_events_total") == 0
     assert scraped.value("klines_ingest_connections_open") >= 1
     assert "klines_ingest_fatal" not in scraped.types  # text (or None) is left to /metrics.json
+    assert_dead_letters_by_reason(scraped, figures, "ingest", {"malformed": 1, "field": 1})

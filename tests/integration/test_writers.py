@@ -605,9 +605,15 @@ async def test_poison_records_reach_the_dead_letter_topic_with_reasons_and_are_c
     assert by_service["snapshot_writer"] == [
         "snapshot without 'seq' (the per-key snapshot sequence that versions its row)"
     ]
+    assert sorted((d["service"], d["category"]) for d in letters) == [
+        *[("finalized_writer", c) for c in ("field", "inconsistent", "malformed", "malformed", "malformed", "topic")],
+        ("snapshot_writer", "topic"),
+    ]
     binary = next(d for d in letters if d["value"] and d["value"].startswith("base64:"))
     assert binary["topic"] == fin.topic and binary["offset"] >= 0
     assert engines["finalized_writer"].counters.get("dead_letters") == 6
+    assert {k: n for k, n in engines["finalized_writer"].dead_letters_by_reason.items() if n} == {
+        "malformed": 3, "inconsistent": 1, "topic": 1, "field": 1}  # fmt: skip
     assert table_final(settings, fin.table) == expected_final(good)
     assert len(provenance(settings, snap.table)) == 5
 

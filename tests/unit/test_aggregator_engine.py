@@ -579,6 +579,10 @@ async def test_bad_records_go_to_the_dead_letter_topic_with_the_reason() -> None
     letters = sorted((json.loads(v)["offset"], json.loads(v)["reason"]) for v in broker.values(DLQ))
     assert [offset for offset, _ in letters] == [0, 1, 2]
     assert "not JSON" in letters[0][1] and "no key" in letters[1][1] and "field 'a'" in letters[2][1]
+    categories = [json.loads(v)["category"] for v in broker.values(DLQ)]
+    assert sorted(categories) == ["field", "malformed", "symbol"]
+    by_reason = h.engine.metrics()["dead_letters_by_reason"]
+    assert {k: n for k, n in by_reason.items() if n} == {"field": 1, "malformed": 1, "symbol": 1}
     assert h.engine.stats.gaps == 1 and h.engine.stats.trades_applied == 2
     assert not h.engine.parts[p].books.book("BTCUSDT").continuous
 

@@ -157,7 +157,7 @@ def test_trades_older_than_the_repair_horizon_are_rejected_with_a_reason() -> No
     book = book_with(tr(2, T0 + 20 * M), repair_horizon_ms=10 * M)
     book.apply([tr(1, T0 + 5 * M)])
     (rejected,) = book.drain_rejected()
-    assert rejected.trade.a == 1 and "repair horizon" in rejected.reason
+    assert rejected.trade.a == 1 and "repair horizon" in rejected.reason and rejected.category == "late"
     assert book.rejected == 1 and book.late == 0 and book.holes() == []
     book.apply([tr(3, T0 + 11 * M)])  # within the horizon: accepted as late
     assert book.late == 1 and book.drain_rejected() == []
@@ -166,8 +166,10 @@ def test_trades_older_than_the_repair_horizon_are_rejected_with_a_reason() -> No
 def test_bad_trades_are_rejected_not_raised() -> None:
     book = book_with(tr(1, T0))
     book.apply([tr(2, T0 + 1, symbol="ETHUSDT"), tr(3, T0 + 2, p="-1"), tr(4, T0 + 3, q="0"), tr(5, T0 + 4, p="x")])
-    reasons = [r.reason for r in book.drain_rejected()]
+    rejections = book.drain_rejected()
+    reasons = [r.reason for r in rejections]
     assert len(reasons) == 4 and "ETHUSDT" in reasons[0] and all("price or quantity" in r for r in reasons[1:])
+    assert [r.category for r in rejections] == ["symbol", "field", "field", "field"]
     book.apply([tr(6, T0 + 5, p="NaN")])
     assert book.rejected == 5
     assert book.current()[0].n == 1

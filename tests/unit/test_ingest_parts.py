@@ -224,6 +224,8 @@ def test_frames_for_symbols_not_followed() -> None:
     reasons = [json.loads(value)["reason"] for _, value in letters.letters]
     assert keys == [b"ETHUSDT", None]
     assert reasons[0] == "symbol ETHUSDT is not subscribed" and reasons[1].startswith("not JSON")
+    assert [json.loads(value)["category"] for _, value in letters.letters] == ["symbol", "malformed"]
+    assert {k: n for k, n in service.dead_letters_by_reason.items() if n} == {"symbol": 1, "malformed": 1}
     assert json.loads(letters.letters[1][1])["value"] == "\x00garbage"
 
 

@@ -9,6 +9,7 @@ broker and the real engine are exercised in tests/integration/test_writers.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -377,6 +378,9 @@ async def test_invalid_records_are_dead_lettered_with_the_reason_and_committed_p
     assert "null value" in reasons[4]
     assert all(d.key == b"BTCUSDT|1m" and b'"service":"finalized_writer"' in d.value for d in r.dlq.letters)
     assert r.engine.counters.get("dead_letters") == 4
+    categories = {d.offset: json.loads(d.value)["category"] for d in r.dlq.letters}
+    assert categories == {1: "malformed", 2: "topic", 3: "field", 4: "malformed"}
+    assert {k: n for k, n in r.engine.dead_letters_by_reason.items() if n} == {"malformed": 2, "topic": 1, "field": 1}
 
 
 async def test_tombstones_on_the_snapshot_topic_are_skipped_not_dead_lettered() -> None:
@@ -709,6 +713,7 @@ async def test_a_refused_batch_is_validated_and_only_its_bad_records_are_dead_le
         (1, "kline is not closed (x=false) on the finalized topic"), (2, "empty record (null value)")]  # fmt: skip
     assert r.engine.counters.get("dead_letters") == 2 and r.engine.counters.get("rows_inserted") == 3
     assert r.engine.counters.get("insert_retries") == 0  # a refusal is not retried
+    assert {k: n for k, n in r.engine.dead_letters_by_reason.items() if n} == {"topic": 1, "malformed": 1}
 
 
 async def test_values_whose_insert_answer_is_lost_are_retried_as_they_were_and_stored_once() -> None:
