@@ -25,7 +25,7 @@ from prometheus_client.samples import Sample
 from services.aggregator.clock import ManualClock
 from services.aggregator.engine import Aggregator
 from services.aggregator.worker import aggregator_exporter
-from services.core.models import Kline
+from services.core.models import REASON_CATEGORIES, Kline
 from services.finalized_writer import finalized_spec
 from services.gateway.server import Gateway
 from services.ingest.service import IngestService, IngestTuning
@@ -156,8 +156,29 @@ def test_the_exported_families_cover_each_service(exported: list[Sample]) -> Non
         "klines_gateway_delivery_latency_seconds_bucket",
         "klines_aggregator_data_loss_total",
         "klines_ingest_data_loss_events_total",
+        "klines_ingest_dead_letters_by_reason_total",
+        "klines_aggregator_dead_letters_by_reason_total",
+        "klines_writers_dead_letters_by_reason_total",
     ):
         assert name in names, name
+
+
+@pytest.mark.parametrize("service", ["ingest", "aggregator", "writers"])
+def test_dead_letters_are_counted_by_reason_category_from_the_start(service: str, exported: list[Sample]) -> None:
+    """Every category is a series at 0 before the first dead letter (a counter first seen at 1 would hide that
+    increase from ``rate``), under the one label ``reason``."""
+    samples = [s for s in exported if s.name == f"klines_{service}_dead_letters_by_reason_total"]
+    assert sorted(s.labels["reason"] for s in samples) == sorted(REASON_CATEGORIES)
+    assert all(set(s.labels) == {"reason"} and s.value == 0 for s in samples), samples
+
+
+def test_the_dead_letter_panel_shows_each_service_by_reason() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    (panel,) = [panel for panel in dashboard["panels"] if panel["title"] == "Dead letters/s"]
+    queries = [target["expr"] for target in panel["targets"]]
+    for service in ("ingest", "aggregator", "writers"):
+        (query,) = [q for q in queries if f"klines_{service}_dead_letters_by_reason_total" in q]
+        assert "by (reason)" in query, query
 
 
 def test_every_dashboard_query_asks_for_exported_metrics(exported: list[Sample]) -> None:
