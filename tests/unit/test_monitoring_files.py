@@ -222,8 +222,10 @@ def test_prometheus_in_compose_scrapes_every_klines_service() -> None:
     for name, svc in compose["services"].items():
         command = svc.get("command") or []
         if command[:2] == ["python", "-m"] and command[2] not in ("services.replay", "services.cli"):
-            port = re.search(r"127\.0\.0\.1:(\d+)/healthz", " ".join(svc["healthcheck"]["test"]))
-            assert port is not None, f"{name}: no /healthz port in its healthcheck"
+            # /metrics is on the service's HTTP port: the container port it publishes (its healthcheck asks the
+            # liveness thread's port instead).
+            port = re.fullmatch(r".*:(\d+)", str(svc["ports"][0]))
+            assert port is not None, f"{name}: no published HTTP port"
             services[name] = f"{name}:{port.group(1)}"
     assert "ingest-1" in services and "aggregator" in services, sorted(services)
     assert set(services.values()) <= scraped, f"not scraped: {sorted(set(services.values()) - scraped)}"
