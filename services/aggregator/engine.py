@@ -540,7 +540,7 @@ class Aggregator:
     def _apply_decoded(self, book: KlineBook, record: ConsumerRecord[Any, Any], decoded: TradeBatch | Gap) -> None:
         """A record the contract's decoder accepted: a gap marks the book, a batch is applied."""
         if isinstance(decoded, Gap):
-            book.mark_gap()
+            book.mark_gap(decoded.to_a)  # open until the first trade past it (KlineBook.mark_gap)
             self.stats.gaps += 1
         else:
             self._apply_record(book, record, decoded.trades)

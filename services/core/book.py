@@ -27,7 +27,10 @@ Closing, empties and continuity
 2. A closed kline with trades is emitted with ``source="live"``. An interval without trades is emitted as an
    empty kline (o=h=l=c=previous close, zero volumes, n=0, f=L=-1, ``source="empty"``) only while the book is
    ``continuous`` and a previous close is known; otherwise it is skipped for good — a gap stays visible as a
-   gap. The first kline after a fresh start therefore never comes out empty.
+   gap. The first kline after a fresh start therefore never comes out empty. A gap record from ingest
+   (:meth:`KlineBook.mark_gap` with its last missing id) makes the book not continuous only until the first
+   trade past the gap: the span the gap leaves unknown is skipped, the intervals after that trade are
+   empty for certain and are emitted again.
 3. A trade for a kline that is already closed (late: delivered after the clock or a later trade closed it, or
    backfilled into a hole) produces a corrected kline: same ``t``, ``version`` + 1, ``source="repaired"``, on
    the closed list. If it changes that kline's close, the empty klines after it are re-priced the same way. A
@@ -313,6 +316,8 @@ class KlineBook:
         self._cache = _scaled_cache(DEFAULT_SCALE)
         self._prices = _price_decimals(DEFAULT_SCALE)
         self._continuous = True
+        #: An open gap's last missing id (``mark_gap(through_a)``): continuity returns with the first trade past it.
+        self._gap_until: int | None = None
         self._closed_out: list[Kline] = []
         self._rejected: list[RejectedTrade] = []
         self._dirty: set[int] = set()
@@ -360,12 +365,27 @@ class KlineBook:
             self._continuous = bool(value)
             self._dirty_all = self._gs is not None  # an empty open kline appears or disappears
 
-    def mark_gap(self) -> None:
-        """The feed has an unrepaired gap: from now on intervals without trades are skipped, not emitted."""
+    def mark_gap(self, through_a: int | None = None) -> None:
+        """The feed has an unrepaired gap: intervals without trades are skipped, not emitted, while it is open.
+
+        With ``through_a`` (the gap's last missing id: ingest publishes a gap record in the symbol's order, and
+        every trade after it is above that id and contiguous again), the gap closes by itself with the first
+        trade past it: the intervals between the last trade before the gap and that trade are unknown and stay
+        skipped; from that trade on the feed is continuous and empty intervals are emitted again. A gap whose
+        ids are all below a trade already applied is history (a record read again) and changes nothing. Without
+        ``through_a`` the gap stays open until :meth:`mark_continuous`.
+        """
+        if through_a is not None:
+            last = self.last_a
+            if last is not None and last > through_a:
+                return
+            gap_until = self._gap_until
+            self._gap_until = through_a if gap_until is None else max(gap_until, through_a)
         self.continuous = False
 
     def mark_continuous(self) -> None:
         """The feed is provably continuous again: empty klines are emitted from now on (not retroactively)."""
+        self._gap_until = None
         self.continuous = True
 
     def holes(self) -> list[tuple[int, int]]:
@@ -396,6 +416,8 @@ class KlineBook:
         :meth:`apply_columns`, for callers that handle the rest themselves (the aggregator joins consecutive
         records of a symbol and falls back record by record).
         """
+        if self._gap_until is not None:
+            return False  # apply() ends the open gap at its first trade past it
         ids, times, prices, quantities, firsts, lasts, makers = columns
         if len(ids) == 1:
             return self._next(ids[0], times[0], prices[0], quantities[0], firsts[0], lasts[0], makers[0])
@@ -411,6 +433,32 @@ class KlineBook:
         Corrections caused by late trades of one batch are coalesced: each corrected kline is emitted once per
         batch, with its version raised by one.
         """
+        if self._gap_until is not None:
+            self._apply_across_gap(trades)
+            return
+        self._apply(trades)
+
+    def _apply_across_gap(self, trades: Sequence[AggTrade]) -> None:
+        """:meth:`apply` while a gap is open: the trades up to the first one past the gap still close the unknown
+        span without empty klines; that trade proves the feed continuous (:meth:`mark_gap`), so the rest are
+        folded with empty intervals emitted again."""
+        through = self._gap_until
+        assert through is not None
+        try:
+            ordered = sorted(trades, key=_ORDER)
+        except TypeError:  # not comparable: each trade is rejected with its reason by the usual way
+            self._apply(trades)
+            return
+        for k, trade in enumerate(ordered):
+            if type(trade.a) is int and trade.a > through:
+                self._apply(ordered[: k + 1])
+                self.mark_continuous()
+                if k + 1 < len(ordered):
+                    self._apply(ordered[k + 1 :])
+                return
+        self._apply(ordered)
+
+    def _apply(self, trades: Sequence[AggTrade]) -> None:
         if len(trades) == 1 and self._apply_next(trades[0]):
             return  # the common case of a quiet symbol: one trade that simply continues the stream
         self._apply_batch(trades)
@@ -1175,6 +1223,7 @@ class KlineBook:
             "repair_horizon_ms": self._horizon,
             "scale": self._scale,
             "continuous": self._continuous,
+            "gap_until": self._gap_until,
             "ranges": [list(r) for r in self._ranges],
             "hi": list(self._hi),
             "gs": self._gs,
@@ -1227,6 +1276,8 @@ class KlineBook:
             book._cache = _scaled_cache(book._scale)
             book._prices = _price_decimals(book._scale)
             book._continuous = bool(state["continuous"])
+            gap_until = state.get("gap_until")  # absent from checkpoints written before it existed
+            book._gap_until = None if gap_until is None else int(gap_until)
             book._ranges = [[int(low), int(high)] for low, high in state["ranges"]]
             book._hi = (int(state["hi"][0]), int(state["hi"][1]))
             book._gs = None if state["gs"] is None else int(state["gs"])
@@ -1320,8 +1371,8 @@ class KlineBooks:
         for book in self._books.values():
             book.advance(now_ms)
 
-    def mark_gap(self, symbol: str) -> None:
-        self.book(symbol).mark_gap()
+    def mark_gap(self, symbol: str, through_a: int | None = None) -> None:
+        self.book(symbol).mark_gap(through_a)
 
     def mark_continuous(self, symbol: str) -> None:
         self.book(symbol).mark_continuous()
