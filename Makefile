@@ -36,7 +36,7 @@ e2e: setup
 # the aggregator stopped mid-tape) and the chaos tier (every service killed, every dependency down, bad input);
 # CI runs them after `make test`.
 test-long: setup
-	$(PY) -m pytest -q -m "long or chaos"
+	$(PY) -m pytest -q --durations=40 --durations-min=5 -m "long or chaos"
 
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
