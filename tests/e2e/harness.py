@@ -77,6 +77,15 @@ def generated_tape(out: Path, kind: str, symbols: list[str], start: str, days: f
     return Tape(tuple(f"{path}:{symbol}" for symbol, path in paths.items()), intervals)
 
 
+def trades_in(tape: Tape) -> int:
+    """How many trades the tape's files hold (their CSV lines, a header left out)."""
+    total = 0
+    for spec in tape.files:
+        with Path(spec.rpartition(":")[0]).open() as f:
+            total += sum(1 for line in f if line[:1].isdigit())
+    return total
+
+
 def run_argv(tape: Tape, *, speed: str) -> list[str]:
     return [
         sys.executable, "-m", "services.cli", "run", "--offline", *tape.file_args(), "--venue", tape.venue,

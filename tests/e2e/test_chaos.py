@@ -45,6 +45,7 @@ from harness import (
     isolated_env,
     member_lines,
     run_faulted,
+    trades_in,
 )
 
 from services.shared.kafka import end_offsets, make_consumer, make_producer
@@ -411,12 +412,16 @@ def test_wall_clock_steps_forward_and_back_on_the_aggregator(
     monkeypatch.setenv("KLINES_SERVICE__ADMIN_TOKEN_FILE", str(token))
     start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 300))
     tape = generated_tape(tmp_path / "tape", "market", SYMBOLS, start, 40 / 86_400, "1s,1m,5m")
+    # The market starts at the wall clock, so how busy its 40 s are depends on the time of day (1,164 to 3,466
+    # trades over a day's starts): the steps are placed by share of the tape, never past its end.
+    total = trades_in(tape)
+    assert total >= 400, f"a tape of {total} trades is too short for four steps"
     day = 86_400_000
     steps = [
-        Step(300, "the aggregator's system clock steps a day forward", step_clock(day)),
-        Step(700, "... two days back", step_clock(-2 * day)),
-        Step(1_100, "... a day forward (in step again)", step_clock(day)),
-        Step(1_500, "... an hour forward, to the end", step_clock(3_600_000)),
+        Step(total * 15 // 100, "the aggregator's system clock steps a day forward", step_clock(day)),
+        Step(total * 35 // 100, "... two days back", step_clock(-2 * day)),
+        Step(total * 55 // 100, "... a day forward (in step again)", step_clock(day)),
+        Step(total * 75 // 100, "... an hour forward, to the end", step_clock(3_600_000)),
     ]
     pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=1.0, pipeline_class=WallClockPipeline)
     verify(tape, state, tmp_path, out, code)
