@@ -30,7 +30,8 @@ from services.finalized_writer import finalized_spec
 from services.gateway.server import Gateway
 from services.ingest.service import IngestService, IngestTuning
 from services.shared.lifecycle import Counters, Shutdown
-from services.shared.metrics import Readiness, ServiceMetrics
+from services.shared.liveness import Liveness
+from services.shared.metrics import LoopHealth, Readiness, ServiceMetrics
 from services.shared.settings import Settings, load_settings
 from services.snapshot_writer import snapshot_spec
 from services.writers.engine import WriterEngine
@@ -111,13 +112,17 @@ def _exporters(settings: Settings) -> Iterator[ServiceMetrics]:
 
 @pytest.fixture(scope="module")
 def exported() -> list[Sample]:
-    """Every sample the four services' ``/metrics`` would carry (plus readiness and the process's own)."""
+    """Every sample the four services' ``/metrics`` would carry (plus readiness, liveness and the process's
+    own)."""
     settings = load_settings(REPO / "config" / "klines.toml")
     registries = []
     for exporter in _exporters(settings):  # one registry per service, as each HealthServer has
         registry = CollectorRegistry(auto_describe=False)
         registry.register(exporter)
         registry.register(Readiness(exporter.service, lambda: True))
+        liveness = Liveness.from_settings(settings.service)
+        liveness.poller(f"{exporter.service} consumer")
+        registry.register(LoopHealth(exporter.service, liveness.verdict))  # as HealthServer registers it
         ProcessCollector(registry=registry)
         registries.append(registry)
     texts = [generate_latest(registry).decode() for registry in registries]
