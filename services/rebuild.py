@@ -60,7 +60,7 @@ def rebuild(
         if not path.is_file():
             raise FileNotFoundError(f"no such aggTrades file: {path}")
         trades = read_aggtrades_csv(path, symbol)
-        books = KlineBooks(intervals)
+        books = KlineBooks(intervals, repair_horizon_ms=settings.aggregator.repair_horizon_ms)
         closed: list[Kline] = []
         progress = Progress(len(trades), f"{path.name} ({symbol})", err)
         for start in range(0, len(trades), CHUNK_TRADES):

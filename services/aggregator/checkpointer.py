@@ -35,7 +35,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from services.aggregator.checkpoint import MARKER_KEY, PartitionCheckpoint, encode_marker, encode_symbol
 from services.aggregator.state import PartitionState, Stats
-from services.core.book import KlineBooks
+from services.core.book import DEFAULT_REPAIR_HORIZON_MS, KlineBooks
 from services.shared.logs import log_event
 
 log = logging.getLogger("services.aggregator")
@@ -85,6 +85,7 @@ class Checkpointer:
         reader: CheckpointSource,
         intervals: tuple[str, ...],
         grace_ms: int,
+        repair_horizon_ms: int = DEFAULT_REPAIR_HORIZON_MS,
         stats: Stats,
         restore_timeout_s: float = 60.0,
         max_record_bytes: int = MAX_RECORD_BYTES,
@@ -99,6 +100,7 @@ class Checkpointer:
         self._reader = reader
         self._intervals = intervals
         self._grace_ms = grace_ms
+        self._repair_horizon_ms = repair_horizon_ms
         self._stats = stats
         self._restore_timeout = restore_timeout_s
         self._max_record_bytes = max_record_bytes
@@ -280,9 +282,10 @@ class Checkpointer:
                     "format": 1,
                     "intervals": list(self._intervals),
                     "grace_ms": self._grace_ms,
-                    "repair_horizon_ms": next(iter(books.values())).get("repair_horizon_ms"),
+                    "repair_horizon_ms": self._repair_horizon_ms,
                     "books": books,
-                }
+                },
+                repair_horizon_ms=self._repair_horizon_ms,  # the setting, not what the books were saved with
             )
         if other_grace:
             log_event(

@@ -110,7 +110,7 @@ from services.aggregator.clock import Clock
 from services.aggregator.decode import TradeFields, TradesDecoder
 from services.aggregator.output import Output
 from services.aggregator.state import PartitionState, Phase, Stats
-from services.core.book import KlineBook, KlineBooks, TradeColumns
+from services.core.book import DEFAULT_REPAIR_HORIZON_MS, KlineBook, KlineBooks, TradeColumns
 from services.core.models import AggTrade, InvalidInput, Kline
 from services.shared.logs import log_event
 from services.shared.messages import Gap, TradeBatch, encode_trade_batch
@@ -184,6 +184,7 @@ class Aggregator:
         flush_timeout_s: float = 5.0,
         restore_timeout_s: float = 60.0,
         max_in_flight: int = MAX_IN_FLIGHT,
+        repair_horizon_ms: int = DEFAULT_REPAIR_HORIZON_MS,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.trades_topic = trades_topic
@@ -193,6 +194,7 @@ class Aggregator:
         self.checkpoint_topic = checkpoint_topic
         self.intervals = tuple(intervals)
         self.grace_ms = grace_ms
+        self.repair_horizon_ms = repair_horizon_ms
         self.clock = clock
         self._group: GroupConsumer | None = None
         self._checkpoint_every = max(1, checkpoint_every_ticks)
@@ -207,6 +209,7 @@ class Aggregator:
             reader=reader,
             intervals=self.intervals,
             grace_ms=grace_ms,
+            repair_horizon_ms=repair_horizon_ms,
             stats=self.stats,
             restore_timeout_s=restore_timeout_s,
             monotonic=monotonic,
@@ -694,7 +697,9 @@ class Aggregator:
                 self.parts[tp.partition] = part
                 self.stats.reused_partitions += 1
                 continue
-            part = PartitionState(tp, KlineBooks(self.intervals, self.grace_ms))
+            part = PartitionState(
+                tp, KlineBooks(self.intervals, self.grace_ms, repair_horizon_ms=self.repair_horizon_ms)
+            )
             self.parts[tp.partition] = part
             restoring.append(part)
         self._out.disown(parked.values())

@@ -183,6 +183,7 @@ class AggregatorWorker:
             checkpoint_topic=ckpt_topic,
             intervals=settings.market.intervals,
             grace_ms=settings.aggregator.grace_ms,
+            repair_horizon_ms=settings.aggregator.repair_horizon_ms,
             clock=self.clock,
             finalized=finalized,
             snapshots=snapshots,

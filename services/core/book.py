@@ -70,6 +70,12 @@ N, O, H, LO, C, V, QV, BV, BQ, F, L, OT, OA, CT, CA = range(15)  # noqa: E741
 VER: Final = 15
 
 DEFAULT_SCALE: Final = 8
+#: Default of ``aggregator.repair_horizon_ms``: how long closed klines are kept for corrections by late trades.
+#: Each kept closed kline costs 0.4-0.6 KiB, so a symbol's cost is that times the klines closing within the
+#: horizon, summed over the intervals (``benchmarks/bench_repair_horizon.py``): ~1.5 MiB per hour of horizon
+#: with ``1s`` among the intervals (3,600 ``1s`` klines), ~41 KiB per hour for the default ``1m`` to ``1w``;
+#: at 2,000 symbols ~2.9 GiB and ~81 MiB per hour. So the default is not the trades retention (7 days: ~13 GiB
+#: at 2,000 symbols even without ``1s``).
 DEFAULT_REPAIR_HORIZON_MS: Final = 600_000
 #: A single jump over more empty intervals than this is treated as unproven continuity (a runaway clock or a
 #: far-future timestamp must not make the book emit millions of empty klines).
@@ -111,6 +117,13 @@ class RejectedTrade:
     trade: AggTrade
     reason: str
     category: ReasonCategory
+
+
+class _Keep:
+    """The type of :data:`_KEEP`: "keep what the saved state says" (``None`` means "no horizon")."""
+
+
+_KEEP: Final = _Keep()
 
 
 class _NeedScale(Exception):
@@ -1259,8 +1272,13 @@ class KlineBook:
         }
 
     @classmethod
-    def restore(cls, state: dict[str, Any]) -> KlineBook:
-        """Rebuild a book from :meth:`export_state` output; raises ``ValueError`` if it is not such state."""
+    def restore(cls, state: dict[str, Any], *, repair_horizon_ms: int | _Keep | None = _KEEP) -> KlineBook:
+        """Rebuild a book from :meth:`export_state` output; raises ``ValueError`` if it is not such state.
+
+        ``repair_horizon_ms``, when given, replaces the saved horizon (a setting changed across a restart): a
+        shorter one forgets the older closed klines at the next trade or tick, a longer one keeps the klines
+        that close from now on longer (those already forgotten stay forgotten).
+        """
         try:
             if state["format"] != _STATE_FORMAT:
                 raise ValueError(f"unsupported KlineBook state format {state['format']!r}")
@@ -1268,7 +1286,9 @@ class KlineBook:
                 state["symbol"],
                 state["intervals"],
                 grace_ms=state["grace_ms"],
-                repair_horizon_ms=state["repair_horizon_ms"],
+                repair_horizon_ms=state["repair_horizon_ms"]
+                if isinstance(repair_horizon_ms, _Keep)
+                else repair_horizon_ms,
             )
             if len(state["tracks"]) != len(book._tracks):
                 raise ValueError("state has a different number of intervals")
@@ -1428,12 +1448,17 @@ class KlineBooks:
         }
 
     @classmethod
-    def restore(cls, state: dict[str, Any]) -> KlineBooks:
+    def restore(cls, state: dict[str, Any], *, repair_horizon_ms: int | _Keep | None = _KEEP) -> KlineBooks:
+        """Rebuild from :meth:`export_state` output; ``repair_horizon_ms``, when given, replaces the saved
+        horizon of every book (see :meth:`KlineBook.restore`)."""
         try:
             if state["format"] != _STATE_FORMAT:
                 raise ValueError(f"unsupported KlineBooks state format {state['format']!r}")
-            books = cls(state["intervals"], state["grace_ms"], repair_horizon_ms=state["repair_horizon_ms"])
-            books._books = {symbol: KlineBook.restore(saved) for symbol, saved in state["books"].items()}
+            horizon = state["repair_horizon_ms"] if isinstance(repair_horizon_ms, _Keep) else repair_horizon_ms
+            books = cls(state["intervals"], state["grace_ms"], repair_horizon_ms=horizon)
+            books._books = {
+                symbol: KlineBook.restore(saved, repair_horizon_ms=horizon) for symbol, saved in state["books"].items()
+            }
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a KlineBooks state: {exc!r}") from None
         return books

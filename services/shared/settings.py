@@ -26,6 +26,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from services.core.book import DEFAULT_REPAIR_HORIZON_MS
 from services.core.intervals import INTERVALS, validate_interval
 from services.shared.admin import read_token_file
 
@@ -188,6 +189,11 @@ class AggregatorSettings(_Section):
     # "event": no clock; a kline closes only by a later trade of its symbol, as `klines replay` (replays, any speed).
     clock: Literal["wall", "event"] = "wall"
     grace_ms: int = Field(default=500, ge=0)
+    # How long closed klines are kept so that a late trade (a REST backfill after an outage, a redelivery) still
+    # corrects them (a new version, source "repaired"); an older trade is dead-lettered with category "late".
+    # Memory grows with it: 0.4-0.6 KiB per kept closed kline (DEFAULT_REPAIR_HORIZON_MS has the figures).
+    # `klines replay` folds with the same horizon, so pipeline and replay agree.
+    repair_horizon_ms: int = Field(default=DEFAULT_REPAIR_HORIZON_MS, ge=0)
     http_port: int = Field(default=8081, ge=0, lt=65536)
 
 

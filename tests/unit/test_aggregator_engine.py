@@ -28,6 +28,7 @@ from services.aggregator import output as output_module
 from services.aggregator.checkpoint import PartitionCheckpoint, decode_partition
 from services.aggregator.clock import Clock, EventClock, ManualClock
 from services.aggregator.engine import SEQ_LEASE, Aggregator
+from services.core.book import DEFAULT_REPAIR_HORIZON_MS
 from services.core.intervals import close_time
 from services.core.models import AggTrade, Kline
 from services.core.reference import reference_klines
@@ -153,6 +154,7 @@ class Harness:
         intervals: tuple[str, ...] = INTERVALS,
         grace_ms: int = 0,
         max_in_flight: int = 20_000,
+        repair_horizon_ms: int = DEFAULT_REPAIR_HORIZON_MS,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker = broker
@@ -175,6 +177,7 @@ class Harness:
             reader=self.reader,
             flush_timeout_s=0.2,
             max_in_flight=max_in_flight,
+            repair_horizon_ms=repair_horizon_ms,
             monotonic=monotonic,
         )
         self.group = FakeGroup(broker)
