@@ -124,7 +124,7 @@ async def test_a_restore_after_the_removal_does_not_resurrect_the_book() -> None
     h.engine.tick()  # ... and are checkpointed with the symbol's tombstone
     await asyncio.sleep(0.01)
     assert broker.committed[p] == 2
-    (record,) = [json.loads(v) for k, v in broker.logs[("t.ckpt", p)] if k == SYMBOL.encode()][-1:]
+    (record,) = [json.loads(v or b"") for k, v in broker.logs[("t.ckpt", p)] if k == SYMBOL.encode()][-1:]
     assert record["book"] is None and record["next_offset"] == 2
     assert {(k["i"], k["source"]) for k in record["unconfirmed"]} >= {("1m", "closed"), ("5m", "closed")}
     h.crash()
