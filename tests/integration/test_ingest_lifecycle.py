@@ -9,9 +9,13 @@ within ``removed_grace_s`` (counted, never published).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import aiohttp
 import pytest
 from test_ingest import (
+    FAST,
+    drained,
     exchange_config,
     for_exchange,
     ids_of,
@@ -93,3 +97,27 @@ async def test_post_symbols_remove_publishes_the_removal_after_the_last_trade_an
     eth = await records_of(s, "ETHUSDT")
     assert not [r for r in eth if isinstance(r, SymbolEvent)]
     assert ids_of(eth) == [t.a for t in ex.trades("ETHUSDT")]
+
+
+async def test_a_symbol_gone_from_exchange_info_gets_its_removal_record_after_its_last_trade(
+    settings: Settings,
+) -> None:
+    """The other way a symbol leaves: ``discover = true`` and the refresh no longer lists it as TRADING."""
+    tuning = replace(FAST, discover_refresh_s=0.2)
+    async with ReplayExchange(exchange_config(symbols=SYMBOLS, minutes=4)) as ex:
+        s = for_exchange(settings, ex, symbols=(), discover=True, quote_asset="USDT")
+        async with ingest(s, tuning) as service:
+            ex.start_feed()
+            await until(lambda: published(ex, "ETHUSDT") > 300, 10, "ETH trades")
+            ex.set_status("ETHUSDT", "BREAK")
+            await until(lambda: "ETHUSDT" not in service.sequencer.symbols, 5, "the refresh to drop ETH")
+            await drained(service, ex, ("BTCUSDT",))
+            metrics = service.metrics()
+        records = await records_of(s, "ETHUSDT")
+    events = [r for r in records if isinstance(r, SymbolEvent)]
+    assert events == [SymbolEvent("ETHUSDT", "removed", ids_of(records)[-1], "exchangeInfo")]
+    assert isinstance(records[-1], SymbolEvent)  # after every ETH trade published
+    ids = ids_of(records)
+    assert ids == [t.a for t in ex.trades("ETHUSDT")][: len(ids)] and len(ids) < len(ex.trades("ETHUSDT"))
+    assert metrics["symbol_events_published"] == 1
+    assert not [r for r in await records_of(s, "BTCUSDT") if isinstance(r, SymbolEvent)]
