@@ -94,7 +94,9 @@ next life. Applied by the rule of step 2 like any record (``next[S]`` moves past
 3. **A new life starts clean.** An addition record changes nothing (a book exists only if the removal never
    reached the topic, and then the symbol's stream simply goes on); the symbol's next trade creates a new book,
    whose first kline is that trade's, with empty klines only after it, as for a new symbol: nothing is made up
-   for the span it was away.
+   for the span it was away. A symbol back within the interval it left in (a quick re-add: ingest catches up
+   from the last id it published) gets a second kline for that interval, version 0 like the ``closed`` one, with
+   only the new life's trades; downstream, ``FINAL`` keeps whichever was written last.
 
 Snapshot sequence numbers are one counter per partition, so they increase per key; a restart continues above the
 newest lease on the topic, which is above every number used before. The clock closes quiet klines of a
