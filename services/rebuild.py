@@ -10,6 +10,10 @@ the result against Binance's own kline file for the same symbol, field by field.
 
 The last kline of a file is still open when the file ends (the next trade is not in the file): it is stored
 only with ``--close-last``, for files known to end exactly at a kline boundary.
+
+A file holds trades only: the ``trades`` topic's gap and symbol lifecycle records (a removal ends a symbol's
+book in the aggregator) cannot appear in it, and ``klines run --file`` never changes its symbols while the files
+play, so the pipeline's klines of a tape are the klines this command folds.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ The topic (``<group>-checkpoint``, compacted, as many partitions as ``trades``) 
 * one **symbol record** per symbol (key = the symbol): the symbol's :meth:`KlineBook.export_state
   <services.core.book.KlineBook.export_state>`, the trades offset its state is current through
   (``next_offset``: every record of this symbol below it is applied, none at or above), and the finalized
-  klines it closed whose delivery was not confirmed yet (``unconfirmed``; re-sent after a restore);
+  klines it closed whose delivery was not confirmed yet (``unconfirmed``; re-sent after a restore). A symbol
+  removed from the feed keeps its record as a tombstone: ``"book": null``, with its ``next_offset`` (its old
+  records stay skipped) and its unconfirmed klines (the ones its removal closed), and a restore creates no book
+  for it (the symbol lifecycle on :mod:`services.aggregator.engine`);
 * one **marker** (key ``@marker``): the partition's ``next_offset`` — written only after every symbol record
   of that checkpoint was acknowledged by the broker, so when a marker says ``N`` every symbol with a record
   below ``N`` has its state on the topic — and ``seq_limit``, the snapshot sequence numbers this partition may
@@ -42,7 +45,8 @@ class CheckpointError(Exception):
 class SymbolCheckpoint:
     symbol: str
     next_offset: int
-    book: dict[str, Any]
+    #: None: the symbol was removed (a tombstone; no book to restore).
+    book: dict[str, Any] | None
     unconfirmed: list[Kline]
 
 
@@ -61,7 +65,7 @@ def _dumps(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def encode_symbol(symbol: str, next_offset: int, book: Mapping[str, Any], unconfirmed: Iterable[Kline]) -> bytes:
+def encode_symbol(symbol: str, next_offset: int, book: Mapping[str, Any] | None, unconfirmed: Iterable[Kline]) -> bytes:
     return _dumps(
         {
             "kind": "symbol",
@@ -107,8 +111,8 @@ def decode_partition(topic: str, partition: int, latest: Mapping[bytes | None, b
                 if key is None or key.decode() != symbol:
                     raise CheckpointError(f"{where}: record of symbol {symbol!r} under another key")
                 book = obj["book"]
-                if not isinstance(book, dict):
-                    raise CheckpointError(f"{where}: 'book' is not an object")
+                if book is not None and not isinstance(book, dict):
+                    raise CheckpointError(f"{where}: 'book' is neither an object nor null")
                 checkpoint.symbols[symbol] = SymbolCheckpoint(
                     symbol,
                     int(obj["next_offset"]),

@@ -166,7 +166,8 @@ class Checkpointer:
             unconfirmed = part.unconfirmed.get(symbol, {})
             too_large = len(unconfirmed) > MAX_UNCONFIRMED_PER_RECORD
             if not too_large:
-                state = part.books.book(symbol).export_state()
+                book = part.books.get(symbol)  # none: a removed symbol (its record is a tombstone)
+                state = None if book is None else book.export_state()
                 value = encode_symbol(symbol, part.next_offsets.get(symbol, 0), state, unconfirmed.values())
                 too_large = len(value) > self._max_record_bytes
             if too_large:
@@ -262,6 +263,11 @@ class Checkpointer:
         books: dict[str, Any] = {}
         other_grace = 0
         for symbol, saved in checkpoint.symbols.items():
+            part.next_offsets[symbol] = saved.next_offset
+            if saved.unconfirmed:
+                part.unconfirmed[symbol] = {(k.i, k.t, k.version): k for k in saved.unconfirmed}
+            if saved.book is None:
+                continue  # a removed symbol: its records below next_offset stay skipped, its book stays gone
             intervals = tuple(saved.book.get("intervals", ()))
             if set(intervals) != set(self._intervals):
                 raise RuntimeError(
@@ -273,9 +279,6 @@ class Checkpointer:
             if saved.book.get("grace_ms") != self._grace_ms:
                 other_grace += 1
             books[symbol] = saved.book
-            part.next_offsets[symbol] = saved.next_offset
-            if saved.unconfirmed:
-                part.unconfirmed[symbol] = {(k.i, k.t, k.version): k for k in saved.unconfirmed}
         if books:
             part.books = KlineBooks.restore(
                 {

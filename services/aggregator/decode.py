@@ -31,11 +31,12 @@ that no object is built per trade (:meth:`KlineBook.apply_columns
    :meth:`KlineBook.extend <services.core.book.KlineBook.extend>`, which applies the same rule while it
    converts them.
 
-Anything else — a gap event, a payload whose symbol is not its key, a lower-case symbol, extra top-level
-fields of a batch, a record that is not ASCII where that matters, and every record that fails a check — goes
-through the contract's own decoder, which either accepts it or raises :class:`~services.core.models.InvalidInput`
-with the reason. So the fast path can only accept what the contract accepts, with the same values, and every
-rejection carries the contract's reason (a property test holds the two together, for every layout).
+Anything else — a gap record, a symbol's lifecycle record, a payload whose symbol is not its key, a lower-case
+symbol, extra top-level fields of a batch, a record that is not ASCII where that matters, and every record that
+fails a check — goes through the contract's own decoder, which either accepts it or raises
+:class:`~services.core.models.InvalidInput` with the reason. So the fast path can only accept what the contract
+accepts, with the same values, and every rejection carries the contract's reason (a property test holds the two
+together, for every layout).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from msgspec import UNSET, UnsetType
 
 from services.core.book import TradeColumns
 from services.core.models import MAX_DECIMALS, MAX_ID, MAX_INTEGER_DIGITS, MAX_TIME_MS, MIN_TIME_MS, AggTrade
-from services.shared.messages import AGG_TRADE_STREAM, Gap, TradeBatch, decode_trades_value
+from services.shared.messages import AGG_TRADE_STREAM, TradeBatch, TradesRecord, decode_trades_value
 
 _Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
 _Time = Annotated[int, msgspec.Meta(ge=MIN_TIME_MS, le=MAX_TIME_MS)]
@@ -119,7 +120,7 @@ class TradesDecoder:
         """Records handed to the contract's decoder (accepted or rejected; after failing step 2, too)."""
         self._symbols: set[str] = set()
 
-    def decode(self, raw: bytes | None, key: bytes | None) -> TradeBatch | Gap:
+    def decode(self, raw: bytes | None, key: bytes | None) -> TradesRecord:
         """The record as :func:`~services.shared.messages.decode_trades_value` reads it, or its InvalidInput."""
         if key is not None:
             symbol = key.decode(errors="replace")

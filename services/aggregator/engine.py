@@ -74,6 +74,30 @@ Per ``trades`` partition ``p``. ``next[S]`` is the offset after the last applied
 10. **Crash** anywhere: the restart restores (7). Klines closed after the last checkpoint close again during
     the replay and are sent again; duplicates are harmless downstream (ReplacingMergeTree by version).
 
+Symbol lifecycle
+----------------
+
+Ingest publishes a ``{"type": "symbol"}`` record (:class:`~services.shared.messages.SymbolEvent`) in a symbol's
+order: a removal after the last trade it published for the symbol, an addition before the first trade of its
+next life. Applied by the rule of step 2 like any record (``next[S]`` moves past it), by
+:meth:`Aggregator._end_symbol`:
+
+1. **Removal: close, send, drop.** The klines the book closed and not yet sent, then every in-progress kline
+   finalized as it stands (``source="closed"``; :meth:`KlineBook.close <services.core.book.KlineBook.close>`),
+   go out as finalized klines by step 3 (unconfirmed until acknowledged, never dropped), and the book is
+   dropped: the clock no longer sees it, so no empty kline follows. A removal for a symbol without a book
+   changes nothing (a record read again: step 2 already skips those below ``next[S]``).
+2. **The state stays a tombstone.** ``next[S]`` is kept, and the symbol stays dirty, so the next checkpoint
+   writes its record with no book (``"book": null``) but with ``next_offset`` and the closed klines still
+   unconfirmed (step 4). A restore (step 7) installs ``next[S]`` and re-sends those klines, but no book: the
+   records of the old life below ``next[S]`` are skipped, and nothing resurrects it.
+3. **A new life starts clean.** An addition record changes nothing (a book exists only if the removal never
+   reached the topic, and then the symbol's stream simply goes on); the symbol's next trade creates a new book,
+   whose first kline is that trade's, with empty klines only after it, as for a new symbol: nothing is made up
+   for the span it was away. A symbol back within the interval it left in (a quick re-add: ingest catches up
+   from the last id it published) gets a second kline for that interval, version 0 like the ``closed`` one, with
+   only the new life's trades; downstream, ``FINAL`` keeps whichever was written last.
+
 Snapshot sequence numbers are one counter per partition, so they increase per key; a restart continues above the
 newest lease on the topic, which is above every number used before. The clock closes quiet klines of a
 partition only when the partition is read to its high watermark, so a restart with a backlog never closes a
@@ -113,7 +137,7 @@ from services.aggregator.state import PartitionState, Phase, Stats
 from services.core.book import DEFAULT_REPAIR_HORIZON_MS, KlineBook, KlineBooks, TradeColumns
 from services.core.models import AggTrade, InvalidInput, Kline
 from services.shared.logs import log_event
-from services.shared.messages import Gap, TradeBatch, encode_trade_batch
+from services.shared.messages import Gap, SymbolEvent, TradesRecord, encode_trade_batch
 from services.shared.metrics import Distribution
 
 __all__ = ["SEQ_LEASE", "Aggregator", "CheckpointSource", "GroupConsumer", "PartitionState", "Phase", "Stats"]
@@ -419,10 +443,14 @@ class Aggregator:
             except InvalidInput as exc:
                 self._out.dead_letter(record, exc.reason, exc.category)
                 continue
-            book = touched.get(symbol) or touched.setdefault(symbol, books.book(symbol))
             run = runs.pop(symbol, None)
             if run is not None:
-                self._apply_run(book, *run)
+                self._apply_run(touched.get(symbol) or touched.setdefault(symbol, books.book(symbol)), *run)
+            if isinstance(decoded, SymbolEvent):
+                touched.pop(symbol, None)  # a removal drops the book: a later record starts a new one
+                self._end_symbol(part, symbol, decoded)
+                continue
+            book = touched.get(symbol) or touched.setdefault(symbol, books.book(symbol))
             self._apply_decoded(book, record, decoded)
         for symbol, run in runs.items():
             self._apply_run(touched.get(symbol) or touched.setdefault(symbol, books.book(symbol)), *run)
@@ -540,13 +568,42 @@ class Aggregator:
                 continue
             self._apply_decoded(book, record, decoded)
 
-    def _apply_decoded(self, book: KlineBook, record: ConsumerRecord[Any, Any], decoded: TradeBatch | Gap) -> None:
-        """A record the contract's decoder accepted: a gap marks the book, a batch is applied."""
+    def _apply_decoded(self, book: KlineBook, record: ConsumerRecord[Any, Any], decoded: TradesRecord) -> None:
+        """A record the contract's decoder accepted: a gap marks the book, a batch is applied (a symbol record
+        never reaches a book: :meth:`_apply_partition` hands it to :meth:`_end_symbol`)."""
         if isinstance(decoded, Gap):
             book.mark_gap(decoded.to_a)  # open until the first trade past it (KlineBook.mark_gap)
             self.stats.gaps += 1
+        elif isinstance(decoded, SymbolEvent):  # not a fast layout, so never inside a run of trades
+            self._out.dead_letter(record, "a symbol record cannot be applied to a book", "internal")
         else:
             self._apply_record(book, record, decoded.trades)
+
+    def _end_symbol(self, part: PartitionState, symbol: str, event: SymbolEvent) -> None:
+        """Symbol lifecycle, steps 1-3 (module docstring): a removal closes the symbol's open klines as they
+        stand, sends them as finalized and drops the book; ``next[S]`` stays (the caller moves it past the
+        record), and the symbol is dirty, so its checkpoint becomes a tombstone. An addition changes nothing."""
+        if not event.removed:
+            self.stats.symbols_added += 1
+            return
+        book = part.books.remove(symbol)
+        if book is None:
+            return  # no book: nothing open (a removal read again, or a symbol that never traded here)
+        self.stats.symbols_removed += 1
+        closed = book.close()
+        if closed:
+            self._out.finalize(part, symbol, closed)
+        part.dirty.add(symbol)
+        log_event(
+            log,
+            logging.INFO,
+            "symbol removed: its open klines are finalized and its book dropped",
+            partition=part.partition,
+            symbol=symbol,
+            last_a=event.last_a,
+            klines_closed=len(closed),
+            reason=event.reason,
+        )
 
     def _apply_record(
         self, book: KlineBook, record: ConsumerRecord[Any, Any], trades: list[AggTrade] | TradeColumns

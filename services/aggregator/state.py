@@ -75,6 +75,9 @@ class Stats:
     trades_applied: int = 0
     records_replayed: int = 0
     gaps: int = 0
+    #: Symbol records applied: removals that ended a book, additions.
+    symbols_removed: int = 0
+    symbols_added: int = 0
     dead_letters: int = 0
     dead_letters_dropped: int = 0
     klines_finalized: int = 0

@@ -39,6 +39,11 @@ Closing, empties and continuity
 4. Closed klines are kept for ``repair_horizon_ms`` behind the current grid cell; a trade older than that can
    no longer be folded exactly and is rejected with a reason (:meth:`KlineBook.drain_rejected`), never dropped
    silently.
+5. A symbol that leaves the feed (ingest's removal record) ends its book: :meth:`KlineBook.close` finalizes
+   every in-progress kline as it stands, ``x`` true and ``source="closed"`` (its interval has not ended: the
+   trades it would still have had were never published), and the caller drops the book
+   (:meth:`KlineBooks.remove`). Nothing of it is carried over: a symbol that comes back starts a new book at its
+   first trade, so no empty kline is ever made up for the span it was away.
 
 State can be exported to JSON-serialisable data at any point and restored: applying the rest of the stream to
 the restored book gives exactly the klines the original would have given.
@@ -48,7 +53,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from itertools import compress, islice, repeat
 from operator import attrgetter, itemgetter, le, lt, mul, sub
@@ -1201,6 +1206,23 @@ class KlineBook:
         out, self._rejected = self._rejected, []
         return out
 
+    def close(self) -> list[Kline]:
+        """End the book (module docstring, rule 5): the klines closed and not drained yet, then every
+        in-progress kline finalized as it stands (``x`` true, ``source="closed"``, shortest interval first).
+
+        The book has nothing open afterwards; the caller drops it (a later trade of the symbol belongs to a new
+        book). Rejections are left to :meth:`drain_rejected`.
+        """
+        out = self.drain_closed()
+        out.extend(replace(kline, x=True, source="closed") for kline in self.current())
+        self._gs = None  # nothing open: advance() and current() see an empty book
+        self._part = self._pending = None
+        for track in self._tracks:
+            track.acc = None
+        self._dirty_all = False
+        self._dirty = set()
+        return out
+
     # ------------------------------------------------------------------------------------------ scale
 
     def _rescale(self, decimals: int) -> None:
@@ -1376,6 +1398,10 @@ class KlineBooks:
 
     def symbols(self) -> list[str]:
         return list(self._books)
+
+    def get(self, symbol: str) -> KlineBook | None:
+        """The book of ``symbol`` if there is one (unlike :meth:`book`, never creates it)."""
+        return self._books.get(symbol)
 
     def remove(self, symbol: str) -> KlineBook | None:
         """Stop tracking ``symbol``; returns its book (drain it first if its output matters)."""

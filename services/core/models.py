@@ -23,7 +23,7 @@ MAX_ID: Final = 2**63 - 1
 MAX_DECIMALS: Final = 18
 MAX_INTEGER_DIGITS: Final = 24
 
-KLINE_SOURCES: Final = frozenset({"live", "repaired", "empty"})
+KLINE_SOURCES: Final = frozenset({"live", "repaired", "empty", "closed"})
 
 # A plain non-negative decimal: digits, optionally a point and more digits. No sign, exponent, NaN or Inf.
 _PLAIN_DECIMAL = re.compile(rf"([0-9]{{1,{MAX_INTEGER_DIGITS}}})(?:\.([0-9]{{1,{MAX_DECIMALS}}}))?")
@@ -195,8 +195,10 @@ class Kline:
     """A Binance kline (candlestick) plus ``version`` (corrections count up) and ``source``.
 
     ``source`` is ``"live"`` (built from the live stream), ``"empty"`` (an interval without trades while the
-    feed was provably continuous: o=h=l=c=previous close, zero volumes, n=0, f=L=-1) or ``"repaired"`` (a
-    correction after a late trade, or a kline first built from late trades).
+    feed was provably continuous: o=h=l=c=previous close, zero volumes, n=0, f=L=-1), ``"repaired"`` (a
+    correction after a late trade, or a kline first built from late trades) or ``"closed"`` (finalized as it
+    stood before its interval ended, because its symbol left the feed: :meth:`KlineBook.close
+    <services.core.book.KlineBook.close>`).
     """
 
     s: str

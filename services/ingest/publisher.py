@@ -4,7 +4,9 @@ Every ``linger_s`` (a few ms) the publisher takes what the sequencer accepted an
 
 * each run of consecutive trades as one or more :func:`~services.shared.messages.encode_trade_batch` records
   (at most ``max_batch_trades`` trades each), key = symbol;
-* each gap as one :func:`~services.shared.messages.encode_gap` record, in its place between the trades.
+* each gap as one :func:`~services.shared.messages.encode_gap` record, and each lifecycle record (the symbol
+  left or joined the wanted set) as one :func:`~services.shared.messages.encode_symbol_event` record, in its
+  place between the trades.
 
 The producer is idempotent with ``acks=all`` and keeps records of one partition in order, so every symbol's
 records land in the order the sequencer produced them: strictly increasing, contiguous ``a``.
@@ -33,7 +35,7 @@ from aiokafka.errors import KafkaError
 
 from services.ingest.frames import batch_value
 from services.ingest.sequencer import Outbox, OutboxItem
-from services.shared.messages import Gap, encode_gap
+from services.shared.messages import Gap, SymbolEvent, encode_gap, encode_symbol_event
 
 log = logging.getLogger("services.ingest.publisher")
 
@@ -75,6 +77,7 @@ class TradePublisher:
         self.trades_published = 0
         self.records_sent = 0
         self.gaps_published = 0
+        self.symbol_events_published = 0
         self.dead_letters_published = 0
         self.failure: str | None = None
         self._stopping = False
@@ -140,13 +143,17 @@ class TradePublisher:
         run: list[bytes] = []  # the trades' fields (frames.WireTrade): a batch record is their join
         limit = self.max_batch_trades
         for index, entry in enumerate(entries):
-            if isinstance(entry, Gap):
+            if isinstance(entry, Gap | SymbolEvent):
                 if run:
                     await self._send(self.trades_topic, key, batch_value(key, run), len(run))
                     run = []
                     handed[symbol] = index
-                await self._send(self.trades_topic, key, encode_gap(entry), 0)
-                self.gaps_published += 1
+                if isinstance(entry, Gap):
+                    await self._send(self.trades_topic, key, encode_gap(entry), 0)
+                    self.gaps_published += 1
+                else:
+                    await self._send(self.trades_topic, key, encode_symbol_event(entry), 0)
+                    self.symbol_events_published += 1
                 handed[symbol] = index + 1
                 continue
             run.append(entry.fields)

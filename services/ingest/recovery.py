@@ -2,7 +2,9 @@
 
 A symbol lives in one partition (key = symbol, the producer's default murmur2 partitioner), and its records
 there are in increasing ``a`` (ingest publishes them so). So its last ``a`` is in its last record in that
-partition: the last trade of a batch, the ``to_a`` of a gap, or the ``a`` of a hand-injected aggTrade.
+partition: the last trade of a batch, the ``to_a`` of a gap, the ``a`` of a hand-injected aggTrade, or the
+``last_a`` of a lifecycle record (a symbol removed and wanted again after a restart continues after it; a
+record without ``last_a`` says nothing, and the scan goes on to the records before it).
 
 Per partition, the scan reads backwards in chunks of ``chunk`` records from the end offset until every wanted
 symbol of that partition was seen, the beginning is reached, or ``max_records`` were read. A wanted symbol not
@@ -82,6 +84,8 @@ def last_id_of(value: bytes | None) -> tuple[str, int] | None:
             last = trades[-1].get("a")
     elif kind == "gap":
         last = obj.get("to_a")
+    elif kind == "symbol":
+        last = obj.get("last_a")
     elif obj.get("e") == "aggTrade":
         last = obj.get("a")
     if type(last) is not int or last < 0:

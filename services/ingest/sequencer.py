@@ -25,7 +25,8 @@ of its own.
 A symbol whose history is unknown (never published, nothing recovered from the topic) starts at the lowest id
 seen within its first reorder window, so a first pair of swapped frames loses nothing.
 
-The outbox keeps, per symbol, the trades and gaps in publishing order; the publisher drains it.
+The outbox keeps, per symbol, the trades, gaps and lifecycle records (:class:`~services.shared.messages.SymbolEvent`,
+added by the service when the symbol leaves or joins the wanted set) in publishing order; the publisher drains it.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from services.ingest.frames import WireTrade
-from services.shared.messages import Gap
+from services.shared.messages import Gap, SymbolEvent
 
-OutboxItem = WireTrade | Gap
+OutboxItem = WireTrade | Gap | SymbolEvent
 
 
 class Verdict(enum.Enum):
@@ -48,7 +49,8 @@ class Verdict(enum.Enum):
 
 
 class Outbox:
-    """Trades and gaps ready to publish, per symbol, in publishing order; drained by the publisher."""
+    """Trades, gaps and lifecycle records ready to publish, per symbol, in publishing order; drained by the
+    publisher."""
 
     __slots__ = ("_items", "trades")
 
@@ -67,6 +69,10 @@ class Outbox:
     def add_gap(self, gap: Gap) -> None:
         self._items.setdefault(gap.symbol, []).append(gap)
 
+    def add_symbol_event(self, event: SymbolEvent) -> None:
+        """A lifecycle record, after everything of its symbol already here (see the service's ``apply_symbols``)."""
+        self._items.setdefault(event.symbol, []).append(event)
+
     def take(self) -> dict[str, list[OutboxItem]]:
         """Everything waiting, per symbol, and an empty outbox."""
         items, self._items, self.trades = self._items, {}, 0
@@ -78,7 +84,7 @@ class Outbox:
             if not entries:
                 continue
             self._items[symbol] = entries + self._items.get(symbol, [])
-            self.trades += sum(1 for entry in entries if type(entry) is not Gap)
+            self.trades += sum(1 for entry in entries if type(entry) is WireTrade)
 
     def __bool__(self) -> bool:
         return bool(self._items)

@@ -73,7 +73,7 @@ from services.shared.kafka import check_reachable, ensure_topics, make_producer,
 from services.shared.lifecycle import HealthServer, Shutdown
 from services.shared.liveness import Liveness, Poller
 from services.shared.logs import log_event
-from services.shared.messages import Gap, dead_letter_value
+from services.shared.messages import Gap, SymbolEvent, dead_letter_value
 from services.shared.metrics import ServiceMetrics
 from services.shared.settings import Settings
 
@@ -95,6 +95,7 @@ COUNTER_FIGURES = frozenset(
         "trades_published",
         "records_sent",
         "gaps_published",
+        "symbol_events_published",
         "dead_letters",
         "dead_letters_by_reason",
         "dead_letters_published",
@@ -354,8 +355,22 @@ class IngestService:
             self._room.set()
 
     # ------------------------------------------------------------------ symbols
-    async def apply_symbols(self) -> frozenset[str]:
-        """Make sequencer and connections follow ``selection.wanted``; returns the wanted set."""
+    async def apply_symbols(self, reason: str) -> frozenset[str]:
+        """Make sequencer and connections follow ``selection.wanted``; returns the wanted set.
+
+        Every change of the set goes through here (``POST /symbols``, the ``exchangeInfo`` refresh, the start),
+        and a change while running is published as a lifecycle record on ``trades``
+        (:class:`~services.shared.messages.SymbolEvent`, ``reason`` says which), in the symbol's order:
+
+        1. **Removal.** The symbol's backfill is cancelled and the sequencer stops tracking it (its held trades are
+           dropped). From then on nothing adds to its outbox entries: the sequencer refuses its live frames
+           (``UNKNOWN_SYMBOL``; for ``removed_grace_s`` they are only counted as ``frames_unsubscribed``, not
+           published), its REST pages and its gaps. So the removal record, put in the outbox now, lands after
+           the last trade ingest will ever publish for this life of the symbol, and the aggregator ends its book
+           there (its open klines finalized, no empty klines after).
+        2. **Addition** (only once started: the symbols of the start are no news). The record goes to the outbox
+           before anything the sequencer accepts for the symbol, so it precedes the new life's first trade.
+        """
         async with self._symbols_lock:
             wanted = self.selection.wanted
             if self.stopped:
@@ -368,14 +383,27 @@ class IngestService:
                 if last is not None:
                     self._known_last[symbol] = last
                 self._removed_at[symbol] = now
-                log_event(log, logging.INFO, "symbol removed", symbol=symbol, last_a=last, shard=str(self.shard))
+                self.outbox.add_symbol_event(SymbolEvent(symbol, "removed", last, reason))
+                log_event(
+                    log,
+                    logging.INFO,
+                    "symbol removed",
+                    symbol=symbol,
+                    last_a=last,
+                    reason=reason,
+                    shard=str(self.shard),
+                )
             for symbol in sorted(wanted - current):
                 self._removed_at.pop(symbol, None)
                 last = self._known_last.get(symbol)
+                if self.started:
+                    self.outbox.add_symbol_event(SymbolEvent(symbol, "added", last, reason))
                 self.sequencer.track(symbol, last)
                 if last is not None and self.started:
                     self.backfiller.catch_up(symbol)
-                log_event(log, logging.INFO, "symbol added", symbol=symbol, last_a=last, shard=str(self.shard))
+                log_event(
+                    log, logging.INFO, "symbol added", symbol=symbol, last_a=last, reason=reason, shard=str(self.shard)
+                )
             self.pool.update(wanted)
             return wanted
 
@@ -410,7 +438,7 @@ class IngestService:
                 self.counts["symbol_refresh_failures"] += 1
                 log_event(log, logging.WARNING, "exchangeInfo refresh failed", error=str(exc))
                 continue
-            await self.apply_symbols()
+            await self.apply_symbols("exchangeInfo")
 
     async def _post_symbols(self, request: web.Request) -> web.Response:
         try:
@@ -426,7 +454,7 @@ class IngestService:
             return web.json_response(body, status=409)
         except (ValueError, SymbolRequestError) as exc:
             return web.json_response({"ok": False, "error": str(exc)}, status=400)
-        wanted = await self.apply_symbols()
+        wanted = await self.apply_symbols("POST /symbols")
         return web.json_response(
             {
                 "ok": True,
@@ -462,6 +490,7 @@ class IngestService:
             trades_published=pub.trades_published if pub else 0,
             records_sent=pub.records_sent if pub else 0,
             gaps_published=pub.gaps_published if pub else 0,
+            symbol_events_published=pub.symbol_events_published if pub else 0,
             dead_letters=self.counts["frames_rejected"],
             dead_letters_by_reason=dict(self.dead_letters_by_reason),
             dead_letters_published=pub.dead_letters_published if pub else 0,
@@ -607,7 +636,7 @@ class IngestService:
         self._spawn(self._tick_loop(), "ingest-tick")
         if market.discover:
             self._spawn(self._refresh_loop(), "ingest-discovery")
-        await self.apply_symbols()
+        await self.apply_symbols("start")
         self.started = True
         for symbol in sorted(self.sequencer.symbols):
             if self.sequencer.last(symbol) is not None:

@@ -223,6 +223,16 @@ class ReplayExchange:
         """The trades of ``symbol`` published so far (exactly what REST ``aggTrades`` can return)."""
         return self._symbol_tape(symbol).published_trades()
 
+    def set_status(self, symbol: str, status: str = "TRADING") -> None:
+        """The ``exchangeInfo`` status of ``symbol`` from now on (``BREAK``: halted or delisted; the feed itself
+        goes on, as a test of what a client does when the listing changes under a running stream)."""
+        self._symbol_tape(symbol)  # an unknown symbol is an error
+        assert self._rest is not None
+        if status == "TRADING":
+            self._rest.statuses.pop(symbol, None)
+        else:
+            self._rest.statuses[symbol] = status
+
     def start_feed(self) -> None:
         """Start market time now (for ``autostart="never"``, or to not wait for a subscriber)."""
         self._require_started()

@@ -10,7 +10,8 @@ Spot serves ``/api/v3/...``, USD-M futures ``/fapi/v1/...``:
   klines with ``startTime <= t <= endTime``, computed with the reference oracle from the published trades: the
   closed ones plus the one in progress at market time, empty intervals filled with the previous close like
   Binance. Without ``startTime``, the newest ``limit`` klines up to ``endTime`` (or now).
-* ``exchangeInfo`` (every symbol ``TRADING``), ``time`` (``serverTime`` = market time), ``ping``.
+* ``exchangeInfo`` (every symbol ``TRADING``, unless :attr:`RestApi.statuses` says otherwise: a symbol halted
+  or delisted for a test, e.g. ``BREAK``), ``time`` (``serverTime`` = market time), ``ping``.
 
 Errors are Binance's JSON with HTTP 400: ``{"code":-1121,"msg":"Invalid symbol."}``, -1120 invalid interval,
 -1100 illegal characters, -1102 missing parameter, -1023 start after end.
@@ -111,6 +112,9 @@ class RestApi:
         self.limiter = limiter
         self.prefix = "/api/v3" if venue == "spot" else "/fapi/v1"
         self.klines_max = 1000 if venue == "spot" else 1500
+        #: ``exchangeInfo`` status per symbol, where it is not ``TRADING`` (:meth:`ReplayExchange.set_status
+        #: <services.replay.exchange.ReplayExchange.set_status>`).
+        self.statuses: dict[str, str] = {}
 
     def add_routes(self, app: web.Application) -> None:
         """Register the venue's endpoints."""
@@ -302,7 +306,8 @@ class RestApi:
         return web.json_response(self.kline_rows(tape, interval, start, end, limit))
 
     async def exchange_info(self, request: web.Request) -> web.Response:
-        """``exchangeInfo``: every listed symbol, status ``TRADING`` (``?symbol=`` filters)."""
+        """``exchangeInfo``: every listed symbol, status ``TRADING`` or its :attr:`statuses` entry (``?symbol=``
+        filters)."""
         wanted = request.query.get("symbol")
         symbols = []
         for tape in self.tape.by_index:
@@ -310,7 +315,7 @@ class RestApi:
                 continue
             entry: dict[str, Any] = {
                 "symbol": tape.symbol,
-                "status": "TRADING",
+                "status": self.statuses.get(tape.symbol, "TRADING"),
                 "baseAsset": tape.base_asset,
                 "quoteAsset": tape.quote_asset,
             }

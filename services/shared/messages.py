@@ -1,6 +1,6 @@
 """The JSON carried on the project's topics: one documented, ``kcat``-readable contract per topic.
 
-``trades`` (key = symbol). Three kinds of value, told apart by ``type`` (a raw aggTrade has ``e`` instead):
+``trades`` (key = symbol). Four kinds of value, told apart by ``type`` (a raw aggTrade has ``e`` instead):
 
 * a per-symbol batch, ordered by ``a`` (what ingest publishes: one message = a few ms of one symbol)::
 
@@ -15,7 +15,14 @@
   record's key is not compared (the aggregator applies a record to its key's book, which refuses another
   symbol's trade with a reason);
 * an explicit gap that backfill could not repair: ``{"type": "gap", "s": "BTCUSDT", "from_a": 10, "to_a": 19,
-  "reason": "..."}`` (ids ``from_a..to_a`` inclusive will never arrive).
+  "reason": "..."}`` (ids ``from_a..to_a`` inclusive will never arrive);
+* a symbol's lifecycle: ``{"type": "symbol", "s": "BTCUSDT", "event": "removed", "last_a": 26129, "reason":
+  "..."}`` (:class:`SymbolEvent`). ``event`` is ``removed`` (the symbol left ingest's wanted set: ``POST
+  /symbols`` or the ``exchangeInfo`` refresh) or ``added`` (it joined the set while ingest ran); ``last_a`` is
+  the last aggregate id ingest published for the symbol before the event (``null`` if none), ``reason`` says
+  why (``POST /symbols``, ``exchangeInfo``). Ingest publishes it in the symbol's order, so a removal comes
+  after every trade ingest published for that life of the symbol and an addition before every trade of the
+  next. Exactly these five fields (``last_a`` and ``reason`` may be omitted); anything else is rejected.
 
 ``klines.finalized`` (key = ``symbol|interval``): :meth:`Kline.to_dict` of a closed kline (``x`` true).
 ``klines.snapshots`` (key = ``symbol|interval``, compacted): the same for an in-progress kline plus ``seq``,
@@ -35,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from operator import le
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, Final, NamedTuple
 
 import msgspec
 
@@ -66,6 +73,25 @@ class Gap:
     reason: str
 
 
+#: What a :class:`SymbolEvent` says happened to its symbol.
+SYMBOL_EVENTS: Final = ("added", "removed")
+_SYMBOL_EVENT_FIELDS: Final = frozenset({"type", "s", "event", "last_a", "reason"})
+
+
+@dataclass(frozen=True, slots=True)
+class SymbolEvent:
+    """A symbol joined (``added``) or left (``removed``) the feed; see the module docstring for the record."""
+
+    symbol: str
+    event: str
+    last_a: int | None = None
+    reason: str = ""
+
+    @property
+    def removed(self) -> bool:
+        return self.event == "removed"
+
+
 def kline_key(symbol: str, interval: str) -> bytes:
     return f"{symbol}|{interval}".encode()
 
@@ -85,7 +111,18 @@ def encode_gap(gap: Gap) -> bytes:
     ).encode()
 
 
-def decode_trades_value(raw: bytes | None, key: bytes | None = None) -> TradeBatch | Gap:
+def encode_symbol_event(event: SymbolEvent) -> bytes:
+    return json.dumps(
+        {"type": "symbol", "s": event.symbol, "event": event.event, "last_a": event.last_a, "reason": event.reason},
+        separators=(",", ":"),
+    ).encode()
+
+
+#: A decoded ``trades`` record.
+TradesRecord = TradeBatch | Gap | SymbolEvent
+
+
+def decode_trades_value(raw: bytes | None, key: bytes | None = None) -> TradesRecord:
     """Decode one ``trades`` record; raise :class:`InvalidInput` with the reason for anything unusable.
 
     A batch with one bad trade is rejected whole: ingest validated every trade before producing, so a bad one
@@ -120,6 +157,8 @@ def decode_trades_value(raw: bytes | None, key: bytes | None = None) -> TradeBat
         if not isinstance(from_a, int) or not isinstance(to_a, int) or isinstance(from_a, bool) or from_a > to_a:
             raise InvalidInput("gap needs integer from_a <= to_a", "field")
         return Gap(symbol, from_a, to_a, str(obj.get("reason", "")))
+    if kind == "symbol":
+        return _symbol_event(obj, key)
     if obj.get("e") == "aggTrade":
         trade = parse_agg_trade(obj)
         return TradeBatch(trade.s, [trade])
@@ -127,9 +166,28 @@ def decode_trades_value(raw: bytes | None, key: bytes | None = None) -> TradeBat
         trade = _enveloped_trade(obj)
         return TradeBatch(trade.s, [trade])
     raise InvalidInput(
-        f"unknown record type {kind!r}: expected 'trades', 'gap', an aggTrade payload or a combined-stream envelope",
+        f"unknown record type {kind!r}: expected 'trades', 'gap', 'symbol', an aggTrade payload or a "
+        "combined-stream envelope",
         "malformed",
     )
+
+
+def _symbol_event(obj: dict[str, Any], key: bytes | None) -> SymbolEvent:
+    """A lifecycle record, strictly: it ends a symbol's book, so only exactly what ingest writes is accepted."""
+    extra = sorted(set(obj) - _SYMBOL_EVENT_FIELDS)
+    if extra:
+        raise InvalidInput(f"symbol record: unknown fields {extra[:5]}", "field")
+    symbol = _symbol(obj, key)
+    event = obj.get("event")
+    if event not in SYMBOL_EVENTS:
+        raise InvalidInput(f"symbol record: 'event' must be one of {list(SYMBOL_EVENTS)}, got {event!r:.40}", "field")
+    last_a = obj.get("last_a")
+    if last_a is not None and (type(last_a) is not int or not 0 <= last_a <= MAX_ID):
+        raise InvalidInput(f"symbol record: 'last_a' must be null or an id in 0..2**63-1, got {last_a!r:.40}", "field")
+    reason = obj.get("reason", "")
+    if not isinstance(reason, str):
+        raise InvalidInput(f"symbol record: 'reason' must be a string, got {type(reason).__name__}", "field")
+    return SymbolEvent(symbol, event, last_a, reason)
 
 
 #: The stream type of an envelope's ``stream`` (``<symbol>@aggTrade``).

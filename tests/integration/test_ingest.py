@@ -35,7 +35,7 @@ from services.ingest.service import IngestService, IngestTuning
 from services.ingest.shard import shard_of
 from services.replay import GeneratorFeed, ReplayConfig, ReplayExchange
 from services.shared.kafka import KafkaUnreachable, make_consumer
-from services.shared.messages import Gap, TradeBatch, decode_trades_value
+from services.shared.messages import Gap, TradeBatch, TradesRecord, decode_trades_value
 from services.shared.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -151,19 +151,19 @@ async def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None,
         await consumer.stop()
 
 
-async def published_by_symbol(settings: Settings) -> dict[str, list[TradeBatch | Gap]]:
-    out: dict[str, list[TradeBatch | Gap]] = {}
+async def published_by_symbol(settings: Settings) -> dict[str, list[TradesRecord]]:
+    out: dict[str, list[TradesRecord]] = {}
     for key, value in await read_topic(settings, settings.kafka.topics.trades):
         record = decode_trades_value(value, key)
         out.setdefault(record.symbol, []).append(record)
     return out
 
 
-def ids_of(records: list[TradeBatch | Gap]) -> list[int]:
+def ids_of(records: list[TradesRecord]) -> list[int]:
     return [t.a for r in records if isinstance(r, TradeBatch) for t in r.trades]
 
 
-def gaps_of(records: list[TradeBatch | Gap]) -> list[Gap]:
+def gaps_of(records: list[TradesRecord]) -> list[Gap]:
     return [r for r in records if isinstance(r, Gap)]
 
 

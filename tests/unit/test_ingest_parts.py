@@ -13,7 +13,7 @@ from services.ingest.connections import Backoff, ConnectionOptions, ConnectionSt
 from services.ingest.recovery import last_id_of, partition_for
 from services.ingest.rest import SymbolInfo
 from services.ingest.symbols import SymbolRequestError, SymbolSelection, tradable
-from services.shared.messages import Gap, encode_gap, encode_trade_batch
+from services.shared.messages import Gap, SymbolEvent, encode_gap, encode_symbol_event, encode_trade_batch
 
 pytestmark = pytest.mark.unit
 
@@ -66,12 +66,15 @@ def test_recovery_reads_the_last_id_of_each_record_kind() -> None:
     assert last_id_of(encode_gap(Gap("BTCUSDT", 8, 12, "x"))) == ("BTCUSDT", 12)
     raw = b'{"e":"aggTrade","s":"ethusdt","a":42,"p":"1","q":"1","f":1,"l":1,"T":1767225600000,"m":true}'
     assert last_id_of(raw) == ("ETHUSDT", 42)
+    removed = SymbolEvent("BTCUSDT", "removed", 12, "POST /symbols")
+    assert last_id_of(encode_symbol_event(removed)) == ("BTCUSDT", 12)
     for junk in (
         None,
         b"",
         b"[]",
         b'{"type":"trades","s":"X","trades":[]}',
         b'{"type":"gap","s":"X"}',
+        encode_symbol_event(SymbolEvent("BTCUSDT", "added", None, "POST /symbols")),  # nothing published before
         b'{"type":"trades","s":"BTC-USDT","trades":[{"a":1}]}',
         b"[" * 50_000,
     ):
