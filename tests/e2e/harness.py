@@ -143,8 +143,13 @@ def finalized(dsn: str) -> dict[tuple[str, str, int], Row]:
     return {(row[0], row[1], row[2]): row for row in rows}
 
 
-def assert_same_klines(pipeline: dict[tuple[str, str, int], Row], expected: dict[tuple[str, str, int], Row]) -> None:
-    """Field by field; on failure, the counts and the first differences, readable."""
+def assert_same_klines(
+    pipeline: dict[tuple[str, str, int], Row],
+    expected: dict[tuple[str, str, int], Row],
+    *,
+    columns: tuple[str, ...] = COLUMNS,
+) -> None:
+    """Field by field (rows of ``columns``); on failure, the counts and the first differences, readable."""
     missing = sorted(expected.keys() - pipeline.keys())
     extra = sorted(pipeline.keys() - expected.keys())
     differing = sorted(key for key in expected.keys() & pipeline.keys() if expected[key] != pipeline[key])
@@ -154,7 +159,7 @@ def assert_same_klines(pipeline: dict[tuple[str, str, int], Row], expected: dict
         for key in differing[:5]:
             fields = [
                 f"{name}: pipeline {a!r} replay {b!r}"
-                for name, a, b in zip(COLUMNS, pipeline[key], expected[key], strict=True)
+                for name, a, b in zip(columns, pipeline[key], expected[key], strict=True)
                 if a != b
             ]
             lines.append(f"{key}: " + "; ".join(fields))
@@ -169,6 +174,51 @@ def check_equal(out: str, state: Path, tape: Tape, tmp: Path) -> dict[tuple[str,
     assert expected, "klines replay stored nothing: the tape is empty"
     assert_same_klines(got, expected)
     assert f"stored {len(got)} (ClickHouse, FINAL)" in out, out
+    return got
+
+
+def last_trade_times(tape: Tape) -> dict[str, int]:
+    """Each symbol's last trade time (ms) in the tape's files (data.binance.vision layout: ``T`` is column 6)."""
+    last: dict[str, int] = {}
+    for spec in tape.files:
+        path, _, symbol = spec.rpartition(":")
+        with Path(path).open() as f:
+            times = [int(line.split(",")[5]) for line in f if line[:1].isdigit()]
+        last[symbol] = max(times)
+    return last
+
+
+def check_corrected(state: Path, tape: Tape, tmp: Path) -> dict[tuple[str, str, int], Row]:
+    """The pipeline's stored klines equal ``klines replay``'s in every value, where a kline corrected after it
+    was first finalized (a late trade: the wall clock closed it before its trades arrived) is stored as a higher
+    ``version`` with ``source="repaired"``; the pipeline's rows.
+
+    Only the klines that closed before each symbol's last trade are compared: after a tape ends, the wall clock
+    goes on closing the last open klines and empty ones after them, which a replay of the files never does.
+    """
+    got = finalized(f"chdb://{state / 'chdb'}")
+    replay(tape, f"chdb://{tmp / 'replay-chdb'}")
+    expected = finalized(f"chdb://{tmp / 'replay-chdb'}")
+    assert expected, "klines replay stored nothing: the tape is empty"
+    last = last_trade_times(tape)
+    close_time = COLUMNS.index("close_time")
+    values = [k for k, name in enumerate(COLUMNS) if name not in ("version", "source")]
+
+    def before_the_end(rows: dict[tuple[str, str, int], Row]) -> dict[tuple[str, str, int], Row]:
+        return {key: row for key, row in rows.items() if row[close_time] < last[key[0]]}
+
+    pipeline, replayed = before_the_end(got), before_the_end(expected)
+    assert_same_klines(
+        {key: tuple(row[k] for k in values) for key, row in pipeline.items()},
+        {key: tuple(row[k] for k in values) for key, row in replayed.items()},
+        columns=tuple(COLUMNS[k] for k in values),
+    )
+    version, source = COLUMNS.index("version"), COLUMNS.index("source")
+    for key, row in pipeline.items():
+        if row[version] > replayed[key][version]:
+            assert row[source] == "repaired", (key, row)
+        else:
+            assert row[version:] == replayed[key][version:], (key, row, replayed[key])
     return got
 
 
@@ -334,10 +384,18 @@ def child_pids(parent: int, marker: bytes) -> list[int]:
 
 
 def run_faulted(
-    tape: Tape, tmp: Path, steps: list[Step], *, speed: float, pipeline_class: type[FaultPipeline] = FaultPipeline
+    tape: Tape,
+    tmp: Path,
+    steps: list[Step],
+    *,
+    speed: float,
+    pipeline_class: type[FaultPipeline] = FaultPipeline,
+    verify: bool = False,
 ) -> tuple[FaultPipeline, str, int]:
     """Play ``tape`` through a :class:`FaultPipeline` in this process (its environment must be the run's:
-    :func:`isolated_env`), drain and stop as ``klines run`` does; the pipeline, its output and exit code."""
+    :func:`isolated_env`), drain and stop as ``klines run`` does; the pipeline, its output and exit code.
+    ``verify``: before the exchange stops, compare the stored klines with its REST klines (``klines run
+    --verify``; the summary's ``verify:`` line)."""
     from services.runner import RunOptions
     from services.shared.settings import load_settings
 
@@ -351,6 +409,7 @@ def run_faulted(
         replay_port=free_port(),
         fresh=False,
         drain_stall_s=90,
+        verify=verify,
     )
     code = 1
     with (tmp / "run.out").open("w") as out:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,11 +34,13 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 from harness import (
+    COLUMNS,
     REPO,
     FaultPipeline,
     Step,
     Tape,
     assert_no_loss,
+    check_corrected,
     check_equal,
     check_snapshots,
     free_port,
@@ -357,10 +360,12 @@ def test_exchange_faults_drop_stall_shutdown_and_429_during_backfill(state: Path
         Step(17_000, "serverShutdown, closed after 1 s", exchange("server_shutdown", {"close_after_s": 1.0})),
         Step(23_000, "REST 429 during a backfill", rate_limited_backfill),
     ]
-    pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
+    pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED, verify=True)
     verify(tape, state, tmp_path, out, code)
     ingest = pipeline.metrics["ingest"]
     assert ingest["reconnects"] >= 2 and ingest["server_shutdowns"] >= 1, ingest
+    # ... and `klines verify` against the exchange's own REST klines agrees.
+    assert re.search(r"^\s*verify: OK: \d+ klines checked .*, 0 mismatches, 0 gaps, 0 extras$", out, re.M), out
 
 
 # ------------------------------------------------------------------------------------------------ the clock
@@ -426,6 +431,55 @@ def test_wall_clock_steps_forward_and_back_on_the_aggregator(
     pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=1.0, pipeline_class=WallClockPipeline)
     verify(tape, state, tmp_path, out, code)
     assert pipeline.metrics["aggregator"]["clock_steps"] == 2, pipeline.metrics["aggregator"]
+
+
+def market_ahead_s(p: FaultPipeline) -> float:
+    """How far the exchange's market time (``GET /api/v3/time``) is ahead of this machine's clock, in seconds."""
+    with urllib.request.urlopen(f"{p.rest_url}/api/v3/time", timeout=5) as response:
+        server_ms = json.loads(response.read())["serverTime"]
+    return float(server_ms) / 1000 - time.time()
+
+
+def outage_on_the_wall_clock(stall_s: float) -> Callable[[FaultPipeline], None]:
+    """Bring the market to within a second ahead of the wall clock (pause the feed while it is further ahead),
+    then stall every connection ``stall_s``: the aggregator's wall clock closes the stalled trades' klines
+    before they arrive, so they come late and correct them."""
+
+    def action(p: FaultPipeline) -> None:
+        ahead = market_ahead_s(p)
+        if ahead > 1.0:
+            p.exchange_fault("pause")
+            time.sleep(ahead - 1.0)
+            p.exchange_fault("resume")
+        p.say(f"test: the market was {ahead:+.1f} s from the wall clock, now {market_ahead_s(p):+.1f} s")
+        p.exchange_fault("stall", {"seconds": stall_s})
+        time.sleep(stall_s + 1)
+
+    return action
+
+
+def test_an_outage_on_the_wall_clock_is_corrected_by_higher_versions(state: Path, tmp_path: Path) -> None:
+    """The aggregator on the wall clock (live mode) and a market at the wall clock: while the exchange stalls
+    8 s, the clock closes the klines of the trades held back (a quiet symbol's kline closes when its time is
+    over: live Binance does the same), and when they arrive they correct them. What is stored (``FINAL``) is
+    then the replay's klines in every value, the corrected ones as a higher ``version`` with
+    ``source="repaired"``, nothing lost, nothing dead-lettered (the trades are minutes within the repair
+    horizon)."""
+    # The market starts 15 s ahead, about when the pipeline is up; the step pauses it if it is further ahead
+    # then. If the start took longer, the market is behind the wall clock and more klines are corrected.
+    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 15))
+    tape = generated_tape(tmp_path / "tape", "market", SYMBOLS, start, 30 / 86_400, "1s,1m,5m")
+    total = trades_in(tape)
+    assert total >= 200, f"a tape of {total} trades is too short"
+    outage = outage_on_the_wall_clock(8.0)
+    steps = [Step(total // 5, "the market at the wall clock, then the exchange stalls 8 s", outage)]
+    _pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=1.0, pipeline_class=WallClockPipeline)
+    assert code == 0, out
+    assert_no_loss(out, state)
+    rows = check_corrected(state, tape, tmp_path)
+    corrected = [key for key, row in rows.items() if row[COLUMNS.index("version")] > 0]
+    assert corrected, "nothing was corrected: the stall held back no trade of a kline the clock closed"
+    assert check_snapshots(f"chdb://{state / 'chdb'}", rows) > 0
 
 
 # ------------------------------------------------------------------------------------------------ the broker
