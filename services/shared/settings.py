@@ -27,6 +27,7 @@ from pydantic_settings import (
 )
 
 from services.core.intervals import INTERVALS, validate_interval
+from services.core.models import SYMBOL_PATTERN
 from services.shared.admin import read_token_file
 
 ENV_PREFIX = "KLINES_"
@@ -189,6 +190,20 @@ class AggregatorSettings(_Section):
     clock: Literal["wall", "event"] = "wall"
     grace_ms: int = Field(default=500, ge=0)
     http_port: int = Field(default=8081, ge=0, lt=65536)
+    # With a clock that knows the time ("wall"), a trade more than this far past "now" is dead-lettered (category
+    # "time"), and so is one older than kafka.trades_retention_ms. At most the repair horizon (600 s): an accepted
+    # trade ahead of "now" then moves its book no further than the real trades behind it can still correct.
+    max_future_skew_ms: int = Field(default=600_000, ge=0, le=600_000)
+    # Symbols the aggregator folds; a record for another symbol is dead-lettered (category "symbol"). Empty: any.
+    symbols: tuple[str, ...] = ()
+
+    @field_validator("symbols")
+    @classmethod
+    def _symbols_are_symbols(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for symbol in value:
+            if re.fullmatch(SYMBOL_PATTERN, symbol.upper()) is None:
+                raise ValueError(f"symbol {symbol!r} must be letters, digits and '_' (at most 40)")
+        return tuple(s.upper() for s in value)
 
 
 class GatewaySettings(_Section):

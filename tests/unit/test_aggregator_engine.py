@@ -154,6 +154,7 @@ class Harness:
         grace_ms: int = 0,
         max_in_flight: int = 20_000,
         monotonic: Callable[[], float] = time.monotonic,
+        **options: Any,
     ) -> None:
         self.broker = broker
         self.finalized = FakeProducer(broker, auto=finalized_auto, capacity=capacity)
@@ -176,6 +177,7 @@ class Harness:
             flush_timeout_s=0.2,
             max_in_flight=max_in_flight,
             monotonic=monotonic,
+            **options,
         )
         self.group = FakeGroup(broker)
         self.engine.attach(self.group)
