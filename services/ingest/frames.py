@@ -89,6 +89,12 @@ def wire_trade(trade: AggTrade) -> WireTrade:
     return WireTrade(trade.s, trade.a, value[start:-3])
 
 
+def trade_time(fields: bytes) -> int:
+    """``T`` of a :class:`WireTrade`'s ``fields`` (its members always end with ``"T":<ms>,"m":<bool>``)."""
+    start = fields.rindex(b'"T":') + 4
+    return int(fields[start : fields.index(b",", start)])
+
+
 _BATCH_HEAD: Final = b'{"type":"trades","s":"'
 _BATCH_MID: Final = b'","trades":[{'
 _BATCH_TAIL: Final = b"}]}"
