@@ -116,6 +116,8 @@ COUNTER_FIGURES = frozenset(
         "rest_requests",
         "rest_rate_limited",
         "rest_bans",
+        "exchange_time_syncs",
+        "exchange_time_sync_failures",
         "reconnects",
         "rotations",
         "server_shutdowns",

@@ -25,11 +25,12 @@ from hypothesis import strategies as st
 from test_aggregator_engine import DLQ, INTERVALS, T0, TRADES, Broker, Harness, finalized, partition_of
 
 from services.aggregator.clock import EventClock, ManualClock
-from services.core.book import KlineBook, KlineBooks
+from services.core.book import DEFAULT_REPAIR_HORIZON_MS, KlineBook, KlineBooks
 from services.core.intervals import open_time
 from services.core.models import MAX_TIME_MS, REASON_CATEGORIES, AggTrade, Kline
 from services.core.reference import reference_klines
 from services.shared.messages import encode_trade_batch
+from services.shared.settings import ConfigError, load_settings
 
 pytestmark = pytest.mark.unit
 
@@ -206,6 +207,16 @@ def test_the_book_window_is_shared_moved_in_place_and_kept_across_a_restore() ->
     alone = KlineBook("ETHUSDT", INTERVALS)
     alone.set_time_window(NOW, 0, 0)
     assert alone.extend(([1, 2], [NOW, NOW + 1], ["1", "1"], ["1", "1"], [1, 2], [1, 2], [True, True])) is False
+
+
+def test_the_settings_check_the_allow_list_and_bound_the_skew_by_the_repair_horizon() -> None:
+    loaded = load_settings(None, aggregator={"symbols": ["btcusdt", "ETH_USDT"]})
+    assert loaded.aggregator.symbols == ("BTCUSDT", "ETH_USDT")
+    assert loaded.aggregator.max_future_skew_ms == DEFAULT_REPAIR_HORIZON_MS
+    with pytest.raises(ConfigError, match=r"aggregator\.symbols"):
+        load_settings(None, aggregator={"symbols": ["btc-usdt"]})
+    with pytest.raises(ConfigError, match=r"aggregator\.max_future_skew_ms"):
+        load_settings(None, aggregator={"max_future_skew_ms": DEFAULT_REPAIR_HORIZON_MS + 1})
 
 
 # ------------------------------------------------------------------------------------------ property
