@@ -42,6 +42,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -49,11 +50,13 @@ from aiokafka.errors import KafkaError
 
 from services.core.models import MAX_TIME_MS, MIN_TIME_MS
 from services.ingest.exchange_time import ExchangeTime
-from services.ingest.frames import batch_value, trade_time
+from services.ingest.frames import batch_value, trade_time, trade_time_texts
 from services.ingest.sequencer import Outbox, OutboxItem
 from services.shared.messages import Gap, dead_letter_value, encode_gap
 
 log = logging.getLogger("services.ingest.publisher")
+
+_FIELDS = attrgetter("fields")
 
 
 class PublishFailed(Exception):
@@ -191,7 +194,16 @@ class TradePublisher:
         give_up = self._time.give_up_s
         out: dict[str, list[OutboxItem]] = {}
         deferred: dict[str, list[OutboxItem]] = {}
+        # Every T has 13 digits, and so do the bounds once clamped to the contract's range: compared as bytes.
+        low_text, high_text = str(max(low, MIN_TIME_MS)).encode(), str(min(high, MAX_TIME_MS)).encode()
         for symbol, entries in items.items():
+            try:
+                times = trade_time_texts(map(_FIELDS, entries))
+            except AttributeError:  # a gap among the trades: the loop below
+                times = [b""]
+            if not times or (low_text <= min(times) and max(times) <= high_text):
+                out[symbol] = entries  # the usual round: every trade within the window
+                continue
             kept: list[OutboxItem] = []
             for index, entry in enumerate(entries):
                 if isinstance(entry, Gap) or low <= (t := trade_time(entry.fields)) <= high:

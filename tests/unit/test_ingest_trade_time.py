@@ -19,9 +19,9 @@ from test_ingest_publisher import StubProducer, publisher
 
 from services.core.models import MAX_TIME_MS, MIN_TIME_MS, AggTrade
 from services.ingest.exchange_time import ExchangeTime
-from services.ingest.frames import fast_trade, trade_time, wire_trade
+from services.ingest.frames import fast_trade, trade_time, trade_time_texts, wire_trade
 from services.ingest.sequencer import Outbox
-from services.shared.messages import decode_trades_value
+from services.shared.messages import Gap, decode_trades_value
 
 pytestmark = pytest.mark.unit
 
@@ -46,9 +46,8 @@ def trade(a: int, t: int, symbol: str = "BTCUSDT") -> Any:
 
 
 def published(producer: StubProducer) -> list[int]:
-    return [
-        t.a for topic, key, value in producer.sent if topic == "trades" for t in decode_trades_value(value, key).trades
-    ]  # type: ignore[union-attr]
+    records = [decode_trades_value(value, key) for topic, key, value in producer.sent if topic == "trades"]
+    return [t.a for record in records if not isinstance(record, Gap) for t in record.trades]
 
 
 def dead(producer: StubProducer) -> list[dict[str, Any]]:
@@ -59,12 +58,13 @@ def dead(producer: StubProducer) -> list[dict[str, Any]]:
 def test_trade_time_reads_t_from_the_published_fields(t: int, a: int, m: bool) -> None:
     fields = wire_trade(AggTrade("BTCUSDT", a, "1.5", "2", a, a, t, m)).fields
     assert trade_time(fields) == t
+    assert trade_time_texts([fields, fields]) == [str(t).encode()] * 2
     frame = (
         '{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1,"s":"BTCUSDT","a":1,"p":"1.5","q":"2",'
         f'"f":1,"l":1,"T":{t},"m":{"true" if m else "false"},"M":true}}}}'
     ).encode()
     fast = fast_trade(frame)
-    assert fast is not None and trade_time(fast.fields) == t
+    assert fast is not None and trade_time(fast.fields) == t and trade_time_texts([fast.fields]) == [str(t).encode()]
 
 
 async def test_a_future_trade_is_confirmed_by_a_fresh_server_time_then_dead_lettered() -> None:
@@ -139,3 +139,20 @@ async def test_without_an_exchange_time_there_is_no_window() -> None:
     assert await pub.flush(1.0)
     assert published(producer) == [1]
     await clock.close()
+
+
+async def test_a_gap_among_the_trades_keeps_its_place_and_the_screen_still_applies() -> None:
+    loop = asyncio.get_running_loop()
+    exchange = Exchange(NOW)
+    clock = ExchangeTime(exchange.server_time, clock=loop.time)
+    await clock.sync()
+    outbox, producer, fatal = Outbox(), StubProducer(), []
+    pub = publisher(producer, outbox, fatal, exchange_time=clock, max_future_skew_ms=60_000, max_trade_age_ms=None)
+    outbox.add_trade(trade(1, NOW))
+    outbox.add_gap(Gap("BTCUSDT", 2, 4, "test"))
+    outbox.add_trade(trade(5, NOW + 1))
+    outbox.add_trade(trade(6, YEAR_2090))
+    assert await pub.flush(1.0)
+    kinds = [decode_trades_value(value, key) for topic, key, value in producer.sent if topic == "trades"]
+    assert [type(k).__name__ for k in kinds] == ["TradeBatch", "Gap", "TradeBatch"]
+    assert published(producer) == [1, 5] and [letter["category"] for letter in dead(producer)] == ["time"]
