@@ -110,7 +110,9 @@ class TradePublisher:
         self._future = max_future_skew_ms
         self._age = max_trade_age_ms
         self._on_time_rejected = on_time_rejected
-        self._suspected: dict[tuple[str, int], float] = {}  # (symbol, a) -> when first suspected
+        # Per symbol whose entries wait behind a suspect: when that suspect (the first entry put back) was first
+        # suspected. One entry per waiting symbol, gone once its suspect is decided or found within the window.
+        self._suspected: dict[str, float] = {}
         self.trades_rejected_time = 0
 
     # ------------------------------------------------------------------ input
@@ -196,7 +198,9 @@ class TradePublisher:
         deferred: dict[str, list[OutboxItem]] = {}
         # Every T has 13 digits, and so do the bounds once clamped to the contract's range: compared as bytes.
         low_text, high_text = str(max(low, MIN_TIME_MS)).encode(), str(min(high, MAX_TIME_MS)).encode()
+        suspected = self._suspected
         for symbol, entries in items.items():
+            previous = suspected.pop(symbol, None) if suspected else None
             try:
                 times = trade_time_texts(map(_FIELDS, entries))
             except AttributeError:  # a gap among the trades: the loop below
@@ -209,12 +213,14 @@ class TradePublisher:
                 if isinstance(entry, Gap) or low <= (t := trade_time(entry.fields)) <= high:
                     kept.append(entry)
                     continue
-                seen = self._suspected.setdefault((symbol, entry.a), taken_at)
+                # The entry put back first is the suspect of an earlier round; any other is suspected from now
+                # (at the latest: a later time only asks for a fresher serverTime).
+                seen = previous if index == 0 and previous is not None else taken_at
                 if not final and (synced_at is None or synced_at < seen) and taken_at - seen < give_up:
+                    suspected[symbol] = seen
                     deferred[symbol] = entries[index:]  # not confirmed yet: wait, in order
                     self._time.request_sync()
                     break
-                del self._suspected[(symbol, entry.a)]
                 self._reject_time(symbol, entry.fields, t, low, high)
             out[symbol] = kept
         if deferred:

@@ -88,7 +88,7 @@ async def test_a_future_trade_is_confirmed_by_a_fresh_server_time_then_dead_lett
     assert letter["category"] == "time" and f"T={YEAR_2090}" in letter["reason"]
     assert json.loads(letter["value"])["trades"][0]["a"] == 2
     assert exchange.requests == 2 and rejected == [("BTCUSDT", letter["reason"])]
-    assert pub.trades_rejected_time == 1 and not outbox
+    assert pub.trades_rejected_time == 1 and not outbox and pub._suspected == {}
 
 
 async def test_a_replay_running_ahead_of_real_time_loses_nothing() -> None:
@@ -108,6 +108,7 @@ async def test_a_replay_running_ahead_of_real_time_loses_nothing() -> None:
     await asyncio.sleep(0.01)
     await pub.send_round()
     assert published(producer) == [1, 2, 3, 4, 5] and dead(producer) == []
+    assert pub._suspected == {}  # nothing is remembered of a suspect found within the window
 
 
 async def test_trades_older_than_the_retention_and_the_final_round() -> None:
