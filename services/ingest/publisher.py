@@ -23,8 +23,9 @@ Trade times are screened before a round is sent (:meth:`TradePublisher._screen`)
 
 1. a trade within ``[now - max_trade_age_ms, now + max_future_skew_ms]`` of the estimate is sent;
 2. a trade outside it is a suspect: if the estimate comes from a ``serverTime`` asked for after the trade was
-   first suspected (or it waited ``give_up_s`` for one), the trade is **rejected**: dead-lettered with the
-   reason (category ``time``) instead of published;
+   first suspected (or it waited ``give_up_s`` for one, or this is the last round of a stop, which asks for a
+   fresh ``serverTime`` first: :meth:`TradePublisher.flush`), the trade is **rejected**: dead-lettered with
+   the reason (category ``time``) instead of published;
 3. otherwise the symbol's entries from the suspect on wait in the outbox (its order is kept) and a fresh
    ``serverTime`` is requested; the next rounds look again.
 
@@ -307,8 +308,17 @@ class TradePublisher:
 
     # ------------------------------------------------------------------ shutdown
     async def flush(self, timeout_s: float) -> bool:
-        """Send everything waiting and wait for every acknowledgement; False if not done in ``timeout_s``."""
+        """Send everything waiting and wait for every acknowledgement; False if not done in ``timeout_s``.
+
+        The last round decides on every suspect trade (nothing may stay behind), so the exchange's time is asked
+        for first (within a quarter of ``timeout_s``): every trade waiting arrived before that request, so the
+        decisions are confirmed ones, as in any round; only without an answer does the estimate decide alone.
+        """
         deadline = self._clock() + timeout_s
+        if self._time is not None and self.outbox:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s / 4):
+                    await self._time.sync()
         try:
             if self.outbox or self._dead_letters:
                 await self.send_round(final=True)

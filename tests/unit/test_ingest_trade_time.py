@@ -120,10 +120,12 @@ async def test_trades_older_than_the_retention_and_the_final_round() -> None:
     pub = publisher(producer, outbox, fatal, exchange_time=clock, max_future_skew_ms=60_000, max_trade_age_ms=3_600_000)
     outbox.add_trade(trade(1, NOW - 2 * 3_600_000))
     outbox.add_trade(trade(2, NOW - 1_000))
-    await pub.send_round()  # suspected; the rate limit forbids a new request now
+    outbox.add_trade(trade(3, NOW + 600_000))  # a replay ahead of real time: true by the exchange's clock below
+    await pub.send_round()  # 1 is suspected; the rate limit forbids a new request now
     assert published(producer) == [] and exchange.requests == 1
-    assert await pub.flush(1.0)  # a stop: the estimate decides
-    assert published(producer) == [2]
+    exchange.now_ms = NOW + 600_000
+    assert await pub.flush(1.0)  # a stop: a fresh serverTime, then every suspect is decided
+    assert published(producer) == [2, 3] and exchange.requests == 2
     (letter,) = dead(producer)
     assert letter["category"] == "time" and "retention" in letter["reason"]
 
