@@ -103,6 +103,26 @@ newest lease on the topic, which is above every number used before. The clock cl
 partition only when the partition is read to its high watermark, so a restart with a backlog never closes a
 kline before its trades are applied.
 
+Hostile input
+-------------
+
+The ``trades`` topic takes raw Binance payloads from anyone, so a record is checked before it reaches a book:
+
+1. **Its symbol.** A record without a key, or with a key that is not a symbol, is dead-lettered (``symbol``);
+   so is one whose symbol is not on ``aggregator.symbols`` when that allow-list is set (empty: any symbol).
+2. **Its contract.** What the trade contract refuses (types, ranges, decimals, layout) is dead-lettered with
+   the contract's reason, record by record.
+3. **Its time, against the market's "now".** Before each batch the books' window is moved from the clock
+   (:meth:`~services.core.book.KlineBooks.set_time_window`): a trade with ``T > now + max_future_skew_ms`` or
+   ``T < now - kafka.trades_retention_ms`` is rejected by its book (category ``time``) before it can move the
+   book's position. One trade stamped 2090 would otherwise push the book there, and every real trade after it
+   would be rejected as late: the symbol would be poisoned. Past trades within the retention are normal (a
+   backlog caught up after downtime). A future skew no longer than the repair horizon (600 s) also bounds what
+   an accepted future trade can do: the real trades behind it are still corrections, never rejections. Under
+   the event clock (replays) there is no "now", hence no window: ingest, which checks every trade against the
+   exchange's own clock, is then the guard.
+4. **The book's own checks**: duplicates dropped, trades older than the repair horizon rejected (``late``).
+
 Not covered (no Kafka transactions here): a zombie — a worker the group has already expelled (stuck for longer
 than the session timeout) that then wakes up and writes one more checkpoint or snapshot for a partition that
 now belongs to another worker. Fencing it would need a transactional producer per partition owner.
@@ -115,7 +135,7 @@ import logging
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from itertools import accumulate, chain
 from operator import le
 from typing import Any, Final
@@ -147,6 +167,9 @@ log = logging.getLogger("services.aggregator")
 #: Default of ``persistence.max_in_flight``: output records (finalized klines queued or awaiting their
 #: acknowledgement, snapshots waiting, dead letters queued) above which the engine stops fetching trades.
 MAX_IN_FLIGHT: Final = 20_000
+#: Default of ``aggregator.max_future_skew_ms``: how far past the clock's "now" a trade time may be. The repair
+#: horizon: an accepted trade that far ahead moves its book no further than real trades can still correct.
+MAX_FUTURE_SKEW_MS: Final = DEFAULT_REPAIR_HORIZON_MS
 #: How often a paused input looks whether the output drained (and pushes waiting snapshots meanwhile).
 FLOW_POLL_S: Final = 0.01
 #: A fetched batch is applied in slices of at most this many bytes of values (about 10,000 trades of a REST
@@ -209,8 +232,13 @@ class Aggregator:
         restore_timeout_s: float = 60.0,
         max_in_flight: int = MAX_IN_FLIGHT,
         repair_horizon_ms: int = DEFAULT_REPAIR_HORIZON_MS,
+        max_future_skew_ms: int | None = MAX_FUTURE_SKEW_MS,
+        max_trade_age_ms: int | None = None,
+        symbols: Collection[str] = (),
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``max_future_skew_ms`` / ``max_trade_age_ms``: the trade-time window around the clock's "now" (hostile
+        input, step 3; None lifts a side); ``symbols``: the allow-list (step 1; empty accepts any symbol)."""
         self.trades_topic = trades_topic
         self.finalized_topic = finalized_topic
         self.snapshots_topic = snapshots_topic
@@ -224,6 +252,9 @@ class Aggregator:
         self._checkpoint_every = max(1, checkpoint_every_ticks)
         self._flush_timeout = flush_timeout_s
         self._max_in_flight = max_in_flight
+        self._future_skew = max_future_skew_ms
+        self._max_age = max_trade_age_ms
+        self._allowed = frozenset(symbol.upper() for symbol in symbols) or None
         self._monotonic = monotonic
         self._decoder = TradesDecoder()
         self.stats = Stats()
@@ -384,6 +415,7 @@ class Aggregator:
         """Protocol steps 2 and 3 for one batch; synchronous, so it is applied whole or not at all."""
         if not self._accepting:
             return
+        now = self.clock.now_ms()  # the trade-time window (hostile input, step 3); None: no window
         for tp, batch in records.items():
             if tp.topic != self.trades_topic or not batch:
                 continue
@@ -392,6 +424,7 @@ class Aggregator:
                 continue
             if not part.guard_checked:
                 self._check_start_offset(part, batch[0].offset)
+            part.books.set_time_window(now, self._future_skew, self._max_age)
             self._apply_partition(part, batch)
 
     def _apply_partition(self, part: PartitionState, batch: Sequence[ConsumerRecord[Any, Any]]) -> None:
@@ -406,6 +439,7 @@ class Aggregator:
         if len(batch) > 1 and self._apply_payloads(part, batch):
             return
         items_of = self._decoder.items
+        allowed = self._allowed
         books = part.books
         next_offsets = part.next_offsets
         skip_below = next_offsets.get
@@ -422,6 +456,9 @@ class Aggregator:
                 symbol = key.decode()
             except UnicodeDecodeError:
                 self._out.dead_letter(record, "record key is not UTF-8", "symbol")
+                continue
+            if allowed is not None and symbol not in allowed:
+                self._out.dead_letter(record, f"symbol {symbol[:50]!r} is not on aggregator.symbols", "symbol")
                 continue
             offset = record.offset
             if offset < skip_below(symbol, 0):
@@ -469,18 +506,20 @@ class Aggregator:
     def _apply_payloads(self, part: PartitionState, batch: Sequence[ConsumerRecord[Any, Any]]) -> bool:
         """:meth:`_apply_partition` for a slice of Binance payloads, one per record, without a loop per record.
 
-        Applies the slice and returns True only when every record is keyed by a symbol, holds one payload of
-        that symbol in Binance's own layout (:meth:`TradesDecoder.payloads`), none is a re-read below its
-        symbol's ``next[S]`` (protocol step 2), and every ``f <= l``; otherwise it changes nothing and returns
-        False, and the record-by-record loop decides. The trades are sorted by symbol (a stable sort keeps each
-        symbol's records in offset order; books are independent) and cut into columns once for the slice, so
-        each symbol's records of the slice reach its book as one run (a stretch of the columns), as
-        :meth:`_apply_run` would fold them.
+        Applies the slice and returns True only when every record is keyed by a symbol (on the allow-list, when
+        there is one), holds one payload of that symbol in Binance's own layout (:meth:`TradesDecoder.payloads`),
+        none is a re-read below its symbol's ``next[S]`` (protocol step 2), and every ``f <= l``; otherwise it
+        changes nothing and returns False, and the record-by-record loop decides. The trades are sorted by
+        symbol (a stable sort keeps each symbol's records in offset order; books are independent) and cut into
+        columns once for the slice, so each symbol's records of the slice reach its book as one run (a stretch
+        of the columns), as :meth:`_apply_run` would fold them.
         """
         try:
             symbols = [record.key.decode() for record in batch]
         except (AttributeError, UnicodeDecodeError):  # no key, not UTF-8: the loop dead-letters it
             return False
+        if self._allowed is not None and not self._allowed.issuperset(symbols):
+            return False  # the loop dead-letters the others
         payloads = self._decoder.payloads([record.value for record in batch], symbols)
         if payloads is None:
             return False
@@ -621,7 +660,7 @@ class Aggregator:
             log.exception("the book of %s raised on the record at offset %s", book.symbol, record.offset)
             self._out.dead_letter(record, f"internal error applying the batch: {exc!r}", "internal")
             return
-        self.stats.trades_applied += count
+        self.stats.trades_applied += count - (book.rejected - rejected_before)
         if book.rejected != rejected_before:
             for rejected in book.drain_rejected():
                 self._out.dead_letter(

@@ -192,6 +192,9 @@ class AggregatorWorker:
             checkpoint_every_ticks=self._checkpoint_every,
             flush_timeout_s=min(5.0, settings.service.shutdown_grace_s / 2),
             max_in_flight=settings.persistence.max_in_flight,
+            max_future_skew_ms=settings.aggregator.max_future_skew_ms,
+            max_trade_age_ms=None if settings.kafka.trades_retention_ms < 0 else settings.kafka.trades_retention_ms,
+            symbols=settings.aggregator.symbols,
         )
         self.liveness = Liveness.from_settings(settings.service)
         self.app = make_app(settings, engine, instance_id=self._instance_id, liveness=self.liveness)

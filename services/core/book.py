@@ -44,6 +44,12 @@ Closing, empties and continuity
    trades it would still have had were never published), and the caller drops the book
    (:meth:`KlineBooks.remove`). Nothing of it is carried over: a symbol that comes back starts a new book at its
    first trade, so no empty kline is ever made up for the span it was away.
+6. A trade outside the book's time window (:meth:`KlineBook.set_time_window`: the market's "now" plus a small
+   future skew above, minus the trades topic's retention below; the aggregator moves it from its clock) is
+   rejected the same way (category ``time``) before it can touch anything: one hostile timestamp in 2090
+   would otherwise move the book's position there, and every later real trade would be rejected as late.
+   Without a window (the default, and under a clock that knows no time) every time the trade contract
+   accepts is taken.
 
 State can be exported to JSON-serialisable data at any point and restored: applying the rest of the stream to
 the restored book gives exactly the klines the original would have given.
@@ -129,6 +135,41 @@ class _Keep:
 
 
 _KEEP: Final = _Keep()
+
+
+class TimeWindow:
+    """The trade times a book accepts: ``low <= T <= high`` (shared by the books of one :class:`KlineBooks`).
+
+    ``reference`` is the "now" the window was set from (for the rejection's reason); without a window every
+    bound is out of reach.
+    """
+
+    __slots__ = ("high", "low", "reference")
+
+    def __init__(self) -> None:
+        self.low = -_NEVER
+        self.high = _NEVER
+        self.reference: int | None = None
+
+    def set(self, now_ms: int | None, future_ms: int | None, past_ms: int | None) -> None:
+        """Accept ``now - past_ms <= T <= now + future_ms``; ``None`` for a side (or for ``now``) lifts it."""
+        self.reference = now_ms
+        self.high = _NEVER if now_ms is None or future_ms is None else now_ms + future_ms
+        self.low = -_NEVER if now_ms is None or past_ms is None else now_ms - past_ms
+
+    def reason(self, t: int) -> str | None:
+        """Why ``t`` is outside the window, or None when it is inside."""
+        if t > self.high:
+            return (
+                f"trade time T={t} is {t - self.high} ms past the accepted window's end {self.high} "
+                f"(the market's now {self.reference} plus the accepted future skew)"
+            )
+        if t < self.low:
+            return (
+                f"trade time T={t} is {self.low - t} ms before the accepted window's start {self.low} "
+                f"(the market's now {self.reference} minus the trades topic's retention)"
+            )
+        return None
 
 
 class _NeedScale(Exception):
@@ -302,6 +343,7 @@ class KlineBook:
         *,
         grace_ms: int = 0,
         repair_horizon_ms: int | None = DEFAULT_REPAIR_HORIZON_MS,
+        window: TimeWindow | None = None,
     ) -> None:
         if isinstance(intervals, str):
             raise TypeError("intervals must be a sequence of interval names, not a string")
@@ -316,6 +358,7 @@ class KlineBook:
         self._names = names
         self._grace = grace_ms
         self._horizon = repair_horizon_ms
+        self._window = TimeWindow() if window is None else window
         self._grain, self._grain_offset = common_grain(names)
         self._tracks = [_Track(name) for name in names]
         shortest = self._tracks[0]
@@ -366,6 +409,16 @@ class KlineBook:
     @property
     def grace_ms(self) -> int:
         return self._grace
+
+    @property
+    def window(self) -> TimeWindow:
+        """The trade times this book accepts (rule 5 of the module docstring)."""
+        return self._window
+
+    def set_time_window(self, now_ms: int | None, future_ms: int | None, past_ms: int | None) -> None:
+        """Accept only trades with ``now - past_ms <= T <= now + future_ms`` (:meth:`TimeWindow.set`); a book of
+        a :class:`KlineBooks` shares its window with the others (:meth:`KlineBooks.set_time_window`)."""
+        self._window.set(now_ms, future_ms, past_ms)
 
     @property
     def last_a(self) -> int | None:
@@ -526,6 +579,9 @@ class KlineBook:
                 return False
         except TypeError:
             return False
+        window = self._window
+        if times[-1] > window.high or times[0] < window.low:
+            return False  # the long way rejects what is outside the window
         ranges = self._ranges
         if ranges and ids[0] <= ranges[-1][1]:
             return False
@@ -566,7 +622,16 @@ class KlineBook:
         """:meth:`_apply_next` for checked values (ints, ``first <= last``)."""
         ranges = self._ranges
         gs = self._gs
-        if gs is None or not ranges or a != ranges[-1][1] + 1 or t < gs or t < self._hi[0]:
+        window = self._window
+        if (
+            gs is None
+            or not ranges
+            or a != ranges[-1][1] + 1
+            or t < gs
+            or t < self._hi[0]
+            or t > window.high
+            or t < window.low
+        ):
             return False
         cache = self._cache
         scale = self._scale
@@ -790,6 +855,10 @@ class KlineBook:
             return RejectedTrade(trade, "a, T, f and l must be integers", "field")
         if a < 0 or f > last:
             return RejectedTrade(trade, f"invalid ids a={a} f={f} l={last}", "field")
+        if not self._window.low <= t <= self._window.high:
+            outside = self._window.reason(t)
+            assert outside is not None
+            return RejectedTrade(trade, outside, "time")
         if self._seen(a):
             self.duplicates += 1
             return None
@@ -1381,18 +1450,28 @@ class KlineBooks:
             raise ValueError(f"grace_ms must be >= 0, got {grace_ms}")
         self._grace = grace_ms
         self._horizon = repair_horizon_ms
+        self._window = TimeWindow()
         self._books: dict[str, KlineBook] = {}
 
     @property
     def intervals(self) -> tuple[str, ...]:
         return self._names
 
+    @property
+    def window(self) -> TimeWindow:
+        """The trade times every book here accepts (one window, shared)."""
+        return self._window
+
+    def set_time_window(self, now_ms: int | None, future_ms: int | None, past_ms: int | None) -> None:
+        """Move every book's window at once (:meth:`TimeWindow.set`): O(1), so it may run before each batch."""
+        self._window.set(now_ms, future_ms, past_ms)
+
     def book(self, symbol: str) -> KlineBook:
         """The book of ``symbol``, created empty if needed."""
         book = self._books.get(symbol)
         if book is None:
             book = self._books[symbol] = KlineBook(
-                symbol, self._names, grace_ms=self._grace, repair_horizon_ms=self._horizon
+                symbol, self._names, grace_ms=self._grace, repair_horizon_ms=self._horizon, window=self._window
             )
         return book
 
@@ -1485,6 +1564,8 @@ class KlineBooks:
             books._books = {
                 symbol: KlineBook.restore(saved, repair_horizon_ms=horizon) for symbol, saved in state["books"].items()
             }
+            for book in books._books.values():
+                book._window = books._window
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a KlineBooks state: {exc!r}") from None
         return books

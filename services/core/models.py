@@ -42,10 +42,12 @@ _SYMBOL = re.compile(SYMBOL_PATTERN)
 #: * ``field``: a field missing, of the wrong type, or outside its range or format (ids, decimals, booleans, the
 #:   interval, ``source``, ``version``, ``seq``; a value the ClickHouse column cannot hold exactly);
 #: * ``time``: a trade time outside the accepted window (:data:`MIN_TIME_MS` .. :data:`MAX_TIME_MS`; a feed
-#:   sending microseconds lands here);
+#:   sending microseconds lands here), or, where the market's "now" is known (the aggregator's wall clock,
+#:   ingest's estimate of the exchange's clock), further than the accepted skew past it or older than the
+#:   trades topic's retention;
 #: * ``symbol``: no usable symbol: a record without a key or with a key that is not one, a symbol that is not a
 #:   symbol, a payload's symbol that disagrees with its key or stream, a symbol ingest is not subscribed to, a
-#:   trade handed to another symbol's book;
+#:   symbol off the aggregator's allow-list (``aggregator.symbols``), a trade handed to another symbol's book;
 #: * ``inconsistent``: each field valid, but they contradict each other: ``f > l``, a kline's ``t``/``T`` not a
 #:   span of its interval, prices not ``0 < l <= o,c <= h``, taker-buy volume above the total;
 #: * ``topic``: a valid record that does not belong on its topic: an open kline on ``klines.finalized``, a

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, Final, Literal, NamedTuple
 
 from services.core.models import (
@@ -87,6 +90,29 @@ def wire_trade(trade: AggTrade) -> WireTrade:
     value = encode_trade_batch(trade.s, (trade,))
     start = len(_BATCH_HEAD) + len(trade.s) + len(_BATCH_MID)
     return WireTrade(trade.s, trade.a, value[start:-3])
+
+
+def trade_time(fields: bytes) -> int:
+    """``T`` of a :class:`WireTrade`'s ``fields`` (its members always end with ``"T":<ms>,"m":<bool>``).
+
+    Every ``T`` the contract accepts has 13 digits, so its place is known from the end (``,"m":true`` or
+    ``,"m":false``): one slice, no search, for the publisher's screen of every trade."""
+    end = -9 if fields[-2] == 117 else -10  # the 'u' of true, else false
+    if fields[end - 17 : end - 13] == b'"T":':
+        return int(fields[end - 13 : end])
+    start = fields.rindex(b'"T":') + 4
+    return int(fields[start : fields.index(b",", start)])
+
+
+#: The 14 bytes before a ``fields``' last 9: ``:`` + T's 13 digits before ``,"m":true``, or the 13 digits + ``,``
+#: before ``"m":false``.
+_T_SPAN: Final = itemgetter(slice(-23, -9))
+
+
+def trade_time_texts(fields: Iterable[bytes]) -> list[bytes]:
+    """``T`` of each of ``fields`` as its 13 digits (bytes compare like the numbers): :func:`trade_time` for a
+    whole round at C speed (two C calls a trade), as the publisher's screen needs it."""
+    return list(map(bytes.strip, map(_T_SPAN, fields), repeat(b":,")))
 
 
 _BATCH_HEAD: Final = b'{"type":"trades","s":"'

@@ -19,6 +19,23 @@ which is exactly-once across the crash.
 
 ``inflight_trades`` counts trades handed to the producer and not yet acknowledged; with the outbox and the
 sequencer's held trades it makes up the bounded queue that backpressure watches.
+
+Trade times are screened before a round is sent (:meth:`TradePublisher._screen`), against the exchange's clock
+(:mod:`services.ingest.exchange_time`):
+
+1. a trade within ``[now - max_trade_age_ms, now + max_future_skew_ms]`` of the estimate is sent;
+2. a trade outside it is a suspect: if the estimate comes from a ``serverTime`` asked for after the trade was
+   first suspected (or it waited ``give_up_s`` for one, or this is the last round of a stop, which asks for a
+   fresh ``serverTime`` first: :meth:`TradePublisher.flush`), the trade is **rejected**: dead-lettered with
+   the reason (category ``time``) instead of published;
+3. otherwise the symbol's entries from the suspect on wait in the outbox (its order is kept) and a fresh
+   ``serverTime`` is requested; the next rounds look again.
+
+A rejected trade's id was sequenced like any other (the exchange did publish that id; only its time is
+refused), so the sequencer neither reports a gap for it nor waits for it: the ``trades`` topic simply lacks that
+id, which the aggregator's books take as it takes any id that was never sent (no gap record, so empty klines
+stay exact). After a restart, a rejected trade that was the symbol's last can be fetched again by the catch-up
+and is then dead-lettered again.
 """
 
 from __future__ import annotations
@@ -28,16 +45,21 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from services.ingest.frames import batch_value
+from services.core.models import MAX_TIME_MS, MIN_TIME_MS
+from services.ingest.exchange_time import ExchangeTime
+from services.ingest.frames import batch_value, trade_time, trade_time_texts
 from services.ingest.sequencer import Outbox, OutboxItem
-from services.shared.messages import Gap, SymbolEvent, encode_gap, encode_symbol_event
+from services.shared.messages import Gap, SymbolEvent, dead_letter_value, encode_gap, encode_symbol_event
 
 log = logging.getLogger("services.ingest.publisher")
+
+_FIELDS = attrgetter("fields")
 
 
 class PublishFailed(Exception):
@@ -60,7 +82,13 @@ class TradePublisher:
         clock: Callable[[], float],
         on_progress: Callable[[], None],
         on_fatal: Callable[[str], None],
+        exchange_time: ExchangeTime | None = None,
+        max_future_skew_ms: int | None = None,
+        max_trade_age_ms: int | None = None,
+        on_time_rejected: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``exchange_time`` and the two bounds: the trade-time window (the module docstring; None lifts a side);
+        ``on_time_rejected(symbol, reason)`` is told of each trade dead-lettered for its time."""
         self.producer = producer
         self.outbox = outbox
         self.trades_topic = trades_topic
@@ -82,6 +110,14 @@ class TradePublisher:
         self.failure: str | None = None
         self._stopping = False
         self._round_lock = asyncio.Lock()
+        self._time = exchange_time
+        self._future = max_future_skew_ms
+        self._age = max_trade_age_ms
+        self._on_time_rejected = on_time_rejected
+        # Per symbol whose entries wait behind a suspect: when that suspect (the first entry put back) was first
+        # suspected. One entry per waiting symbol, gone once its suspect is decided or found within the window.
+        self._suspected: dict[str, float] = {}
+        self.trades_rejected_time = 0
 
     # ------------------------------------------------------------------ input
     def dead_letter(self, key: bytes | None, value: bytes) -> None:
@@ -108,8 +144,9 @@ class TradePublisher:
         except PublishFailed:
             return
 
-    async def send_round(self) -> None:
-        """Hand everything waiting to the producer (raises :class:`PublishFailed`).
+    async def send_round(self, *, final: bool = False) -> None:
+        """Hand everything waiting to the producer (raises :class:`PublishFailed`); ``final`` (the last round of a
+        stop): the trade-time screen decides on every suspect by the estimate it has, nothing waits.
 
         A round interrupted before it handed everything over (cancelled, or failed) puts what it had not handed
         to the producer back at the front of the outbox: a stop that cancels a round strands nothing, and the
@@ -117,6 +154,8 @@ class TradePublisher:
         """
         async with self._round_lock:
             items = self.outbox.take()
+            if self._time is not None and items:
+                items = self._screen(items, self._clock(), final=final)
             dead, self._dead_letters = self._dead_letters, []
             handed: dict[str, int] = {}  # per symbol, how many leading entries the producer holds
             dead_handed = 0
@@ -136,6 +175,80 @@ class TradePublisher:
                 if isinstance(exc, KafkaError):
                     self._fail(f"the producer rejected a record: {type(exc).__name__}: {exc}")
                 raise
+
+    def _window(self) -> tuple[int, int] | None:
+        assert self._time is not None
+        now = self._time.now_ms()
+        if now is None:
+            self._time.request_sync()  # no estimate yet: no window, and ask again
+            return None
+        high = MAX_TIME_MS if self._future is None else now + self._future
+        low = MIN_TIME_MS if self._age is None else now - self._age
+        return low, high
+
+    def _screen(
+        self, items: dict[str, list[OutboxItem]], taken_at: float, *, final: bool = False
+    ) -> dict[str, list[OutboxItem]]:
+        """Steps 1-3 of the trade-time screen (module docstring): what to send now; rejected trades become dead
+        letters, a symbol's entries from an unconfirmed suspect on go back to the outbox."""
+        window = self._window()
+        if window is None:
+            return items
+        low, high = window
+        assert self._time is not None
+        synced_at = self._time.synced_at
+        give_up = self._time.give_up_s
+        out: dict[str, list[OutboxItem]] = {}
+        deferred: dict[str, list[OutboxItem]] = {}
+        # Every T has 13 digits, and so do the bounds once clamped to the contract's range: compared as bytes.
+        low_text, high_text = str(max(low, MIN_TIME_MS)).encode(), str(min(high, MAX_TIME_MS)).encode()
+        suspected = self._suspected
+        for symbol, entries in items.items():
+            previous = suspected.pop(symbol, None) if suspected else None
+            try:
+                times = trade_time_texts(map(_FIELDS, entries))
+            except AttributeError:  # a gap or a symbol record among the trades: the loop below
+                times = [b""]
+            if not times or (low_text <= min(times) and max(times) <= high_text):
+                out[symbol] = entries  # the usual round: every trade within the window
+                continue
+            kept: list[OutboxItem] = []
+            for index, entry in enumerate(entries):
+                if isinstance(entry, Gap | SymbolEvent) or low <= (t := trade_time(entry.fields)) <= high:
+                    kept.append(entry)
+                    continue
+                # The entry put back first is the suspect of an earlier round; any other is suspected from now
+                # (at the latest: a later time only asks for a fresher serverTime).
+                seen = previous if index == 0 and previous is not None else taken_at
+                if not final and (synced_at is None or synced_at < seen) and taken_at - seen < give_up:
+                    suspected[symbol] = seen
+                    deferred[symbol] = entries[index:]  # not confirmed yet: wait, in order
+                    self._time.request_sync()
+                    break
+                self._reject_time(symbol, entry.fields, t, low, high)
+            out[symbol] = kept
+        if deferred:
+            self.outbox.put_back(deferred)
+        return out
+
+    def _reject_time(self, symbol: str, fields: bytes, t: int, low: int, high: int) -> None:
+        assert self._time is not None
+        if t > high:
+            reason = (
+                f"trade time T={t} is {t - high} ms past the accepted window's end {high} (the exchange's time "
+                f"plus ingest.max_future_skew_ms, confirmed by its serverTime)"
+            )
+        else:
+            reason = (
+                f"trade time T={t} is {low - t} ms before the accepted window's start {low} (the exchange's time "
+                f"minus kafka.trades_retention_ms)"
+            )
+        key = symbol.encode()
+        record = batch_value(key, [fields])  # what would have been published
+        self._dead_letters.append((key, dead_letter_value("ingest", reason, record, category="time")))
+        self.trades_rejected_time += 1
+        if self._on_time_rejected is not None:
+            self._on_time_rejected(symbol, reason)
 
     async def _send_symbol(self, symbol: str, entries: list[OutboxItem], handed: dict[str, int]) -> None:
         """Send one symbol's entries in order; ``handed[symbol]`` follows how many the producer holds."""
@@ -202,11 +315,20 @@ class TradePublisher:
 
     # ------------------------------------------------------------------ shutdown
     async def flush(self, timeout_s: float) -> bool:
-        """Send everything waiting and wait for every acknowledgement; False if not done in ``timeout_s``."""
+        """Send everything waiting and wait for every acknowledgement; False if not done in ``timeout_s``.
+
+        The last round decides on every suspect trade (nothing may stay behind), so the exchange's time is asked
+        for first (within a quarter of ``timeout_s``): every trade waiting arrived before that request, so the
+        decisions are confirmed ones, as in any round; only without an answer does the estimate decide alone.
+        """
         deadline = self._clock() + timeout_s
+        if self._time is not None and self.outbox:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s / 4):
+                    await self._time.sync()
         try:
             if self.outbox or self._dead_letters:
-                await self.send_round()
+                await self.send_round(final=True)
             while self._inflight:
                 self._check_deadlines()
                 if not self._inflight:

@@ -1,4 +1,5 @@
-"""Binance market-data REST for ingest: ``aggTrades`` pages for backfill and ``exchangeInfo`` for discovery.
+"""Binance market-data REST for ingest: ``aggTrades`` pages for backfill, ``exchangeInfo`` for discovery and
+``time`` for the exchange's clock (:mod:`services.ingest.exchange_time`).
 
 Rate limits are the exchange's, per IP, in request weight per minute (spot 6000, USD-M 2400; ``aggTrades``
 costs 4 on spot and 20 on USD-M, ``exchangeInfo`` 20 and 1). This client:
@@ -33,6 +34,7 @@ Venue = Literal["spot", "usdm"]
 WEIGHT_LIMIT_PER_MINUTE: Final[dict[str, int]] = {"spot": 6000, "usdm": 2400}
 AGG_TRADES_WEIGHT: Final[dict[str, int]] = {"spot": 4, "usdm": 20}
 EXCHANGE_INFO_WEIGHT: Final[dict[str, int]] = {"spot": 20, "usdm": 1}
+TIME_WEIGHT: Final = 1
 PREFIX: Final[dict[str, str]] = {"spot": "/api/v3", "usdm": "/fapi/v1"}
 MAX_AGG_TRADES_LIMIT: Final = 1000
 DEFAULT_BAN_S: Final = 120.0
@@ -103,7 +105,7 @@ class WeightBudget:
 
 
 class ExchangeRest:
-    """``aggTrades`` and ``exchangeInfo`` for one venue, rate-limit aware (see the module docstring)."""
+    """``aggTrades``, ``exchangeInfo`` and ``time`` for one venue, rate-limit aware (see the module docstring)."""
 
     def __init__(
         self,
@@ -155,6 +157,14 @@ class ExchangeRest:
                 raise RestError(f"aggTrades {symbol} fromId={from_id}: row {index}: {exc.reason}") from None
         trades.sort(key=lambda t: t.a)
         return trades
+
+    async def server_time(self) -> int:
+        """The exchange's ``serverTime`` (ms): Binance's clock, or a replay exchange's market time."""
+        body = await self._get("time", {}, TIME_WEIGHT)
+        value = body.get("serverTime") if isinstance(body, dict) else None
+        if type(value) is not int or value < 0:
+            raise RestError(f"time: no integer 'serverTime' in the answer ({str(body)[:80]})")
+        return value
 
     async def exchange_info(self) -> list[SymbolInfo]:
         """Every symbol the venue lists, with its status and quote asset."""

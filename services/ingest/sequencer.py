@@ -17,6 +17,11 @@ trade fetched by REST backfill; the sequencer decides, per symbol:
    window at once, and :meth:`Sequencer.close` hands whatever backfill could not repair in time to the outbox
    behind explicit gaps, so nothing accepted stays held.
 
+A trade whose time the publisher refuses (outside the window around the exchange's clock,
+:mod:`services.ingest.publisher`) has been sequenced like any other: its id is real (the exchange sent it), only
+its content is refused. So the sequencer never sees a hole there, reports no gap and waits for nothing; the
+``trades`` topic simply lacks that id, and its dead letter carries the trade.
+
 A symbol is *holding* exactly while it has held trades: its reorder window starts with the first trade held,
 and whatever empties its held trades (live frames, a REST page that carries every held id, a declared gap, a
 fresh symbol's start) ends it, so :meth:`Sequencer.due` names the symbol no more. A later hole gets a window

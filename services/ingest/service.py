@@ -7,8 +7,9 @@ that concern symbols carry ``shard``, and ``/metrics`` exports ``shard_index``/`
 Start-up:
 
 1. check that Kafka answers and that the ``trades`` and dead-letter topics exist (created if missing);
-2. start the idempotent producer and the REST client; resolve the symbols (configured or discovered), and
-   keep this shard's;
+2. start the idempotent producer and the REST client; read the exchange's time (``serverTime``: the reference
+   of the trade-time window, :mod:`services.ingest.exchange_time`); resolve the symbols (configured or
+   discovered), and keep this shard's;
 3. **recover**: read each symbol's last published ``a`` from the tail of ``trades``
    (:mod:`services.ingest.recovery`);
 4. open the WebSocket connections, start the publisher, the tick loop (reorder windows → backfill) and, with
@@ -18,9 +19,11 @@ Start-up:
 
 Frames are handled synchronously on their connection's reader, all frames of a chunk read from the socket in
 one call, each in order: validated (bad → dead-letter topic with the reason, counted), sequenced (duplicate /
-accepted / held); then, if the bounded queue (held + outbox + unacknowledged trades) reached
-``persistence.queue_size``, the reader pauses until the queue is half empty: backpressure reaches the exchange
-through TCP, nothing is dropped (a chunk can take the queue past its size by at most the chunk's trades).
+accepted / held; a trade too far from the exchange's time is refused later, by the publisher, after the
+sequencer consumed its id: :mod:`services.ingest.publisher`); then, if the bounded queue (held + outbox +
+unacknowledged trades) reached ``persistence.queue_size``, the reader pauses until the queue is half empty:
+backpressure reaches the exchange through TCP, nothing is dropped (a chunk can take the queue past its size by
+at most the chunk's trades).
 
 Graceful stop (SIGTERM/SIGINT), bounded by ``service.shutdown_grace_s`` (one deadline for every step).
 Every trade accepted is published exactly once per ``a``, or sits behind an explicit gap record: nothing
@@ -62,6 +65,7 @@ from aiohttp import web
 from services.core.models import REASON_CATEGORIES, ReasonCategory
 from services.ingest.backfill import Backfiller, BackfillOptions
 from services.ingest.connections import ConnectionOptions, ConnectionPool, StreamConnection
+from services.ingest.exchange_time import ExchangeTime
 from services.ingest.frames import ControlFrame, RejectedFrame, WireTrade, fast_trade, parse_frame_general
 from services.ingest.publisher import TradePublisher
 from services.ingest.recovery import recover_last_ids
@@ -85,6 +89,7 @@ SERVICE = "ingest"
 COUNTER_FIGURES = frozenset(
     {
         "frames_rejected",
+        "trades_rejected_time",
         "frames_unsubscribed",
         "control_errors",
         "backpressure_pauses",
@@ -112,6 +117,8 @@ COUNTER_FIGURES = frozenset(
         "rest_requests",
         "rest_rate_limited",
         "rest_bans",
+        "exchange_time_syncs",
+        "exchange_time_sync_failures",
         "reconnects",
         "rotations",
         "server_shutdowns",
@@ -178,6 +185,7 @@ class IngestService:
             timeout_s=self.tuning.rest_timeout_s,
             budget_fraction=self.tuning.rest_budget_fraction,
         )
+        self.exchange_time = ExchangeTime(self.rest.server_time, clock=clock)
         self.backfiller = Backfiller(
             self.sequencer,
             self.rest,
@@ -207,6 +215,7 @@ class IngestService:
         self.trades_received = 0
         self.counts: dict[str, int] = {
             "frames_rejected": 0,
+            "trades_rejected_time": 0,
             "frames_unsubscribed": 0,
             "control_errors": 0,
             "backpressure_pauses": 0,
@@ -323,6 +332,12 @@ class IngestService:
             symbol=symbol,
             connection=conn.name,
         )
+
+    def _on_time_rejected(self, symbol: str, reason: str) -> None:
+        """The publisher dead-lettered a trade for its time (services/ingest/publisher.py)."""
+        self.counts["trades_rejected_time"] += 1
+        self.dead_letters_by_reason["time"] += 1
+        log_event(log, logging.WARNING, "trade rejected", reason=reason, category="time", symbol=symbol)
 
     def _on_gap(self, gap: Gap) -> None:
         self.counts["data_loss_events"] += 1
@@ -491,7 +506,7 @@ class IngestService:
             records_sent=pub.records_sent if pub else 0,
             gaps_published=pub.gaps_published if pub else 0,
             symbol_events_published=pub.symbol_events_published if pub else 0,
-            dead_letters=self.counts["frames_rejected"],
+            dead_letters=self.counts["frames_rejected"] + self.counts["trades_rejected_time"],
             dead_letters_by_reason=dict(self.dead_letters_by_reason),
             dead_letters_published=pub.dead_letters_published if pub else 0,
             duplicates=seq.duplicates,
@@ -508,6 +523,8 @@ class IngestService:
             rest_requests=self.rest.requests,
             rest_rate_limited=self.rest.rate_limited,
             rest_bans=self.rest.bans,
+            exchange_time_syncs=self.exchange_time.syncs,
+            exchange_time_sync_failures=self.exchange_time.sync_failures,
             reconnects=conns.reconnects,
             rotations=conns.rotations,
             server_shutdowns=conns.server_shutdowns,
@@ -573,8 +590,13 @@ class IngestService:
             clock=self._clock,
             on_progress=self._on_progress,
             on_fatal=self._on_fatal,
+            exchange_time=self.exchange_time,
+            max_future_skew_ms=self.settings.ingest.max_future_skew_ms,
+            max_trade_age_ms=None if kafka.trades_retention_ms < 0 else kafka.trades_retention_ms,
+            on_time_rejected=self._on_time_rejected,
         )
         await self.rest.start()
+        await self.exchange_time.sync()  # the trade-time window's reference; without it, no window until it answers
         code = 0
         try:
             code = await self._serve()
@@ -752,6 +774,7 @@ class IngestService:
         # 6. Release the clients.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(producer.stop(), max(0.5, self.shutdown.remaining()))
+        await self.exchange_time.close()
         await self.rest.close()
         if self.health is not None:
             await self.health.stop()

@@ -10,6 +10,8 @@ a bad argument answers 400 ``{"ok":false,"error":...}``.
 ``POST duplicate``            ``{"count": 3, "symbol": null}``
 ``POST reorder``              ``{"count": 2, "symbol": "BTCUSDT"}``
 ``POST malformed``            ``{"kind": "bad_json|missing_field|wrong_type|negative_price", "symbol": null}``
+``POST future_time``          ``{"count": 1, "symbol": "BTCUSDT", "time_ms": 3786912000000}``: the next frames'
+                              ``T`` (default 2090-01-01)
 ``POST server_shutdown``      ``{"close_after_s": 1.0}``
 ``POST pause`` / ``resume``   ``{}``
 ``POST rate_limit``           ``{"weight_limit": 100, "window_s": 60}`` (``null`` limit = off)
@@ -28,6 +30,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
+
+from services.replay.faults import FUTURE_TIME_MS
 
 if TYPE_CHECKING:
     from services.replay.faults import Faults
@@ -69,6 +73,9 @@ def add_control_routes(app: web.Application, exchange: FeedStatus, faults: Fault
         "skip": lambda b: faults.skip_trades(_arg(b, "symbol", str), _arg(b, "first_id", int), _arg(b, "last_id", int)),
         "duplicate": lambda b: faults.duplicate_frames(_arg(b, "count", int, 1), _arg(b, "symbol", str, None)),
         "reorder": lambda b: faults.reorder_frames(_arg(b, "count", int, 1), _arg(b, "symbol", str, None)),
+        "future_time": lambda b: faults.future_time(
+            _arg(b, "count", int, 1), _arg(b, "symbol", str, None), _arg(b, "time_ms", int, FUTURE_TIME_MS)
+        ),
         "malformed": lambda b: {"sent": faults.send_malformed(_arg(b, "kind", str), _arg(b, "symbol", str, None))},
         "server_shutdown": lambda b: {"notified": faults.server_shutdown(_arg(b, "close_after_s", float, None))},
         "pause": lambda b: faults.pause_feed(),

@@ -14,6 +14,9 @@ call the same methods. What each fault does:
   symbol if None): ``bad_json``, ``missing_field`` (no ``p``), ``wrong_type`` (``a`` a string, ``q`` a number),
   ``negative_price``. A malformed frame reuses the symbol's last published ``a`` (before the first trade: the
   first id minus one), so it never shadows a trade still to come and a client that rejects it loses nothing.
+* ``future_time(count, symbol, time_ms)`` — the next ``count`` trade frames (of the symbol, or of any) carry
+  ``T = time_ms`` (default 2090-01-01) instead of their own time: a feed whose timestamps cannot be true. REST
+  ``aggTrades`` still serves the true trades.
 * ``server_shutdown(close_after_s)`` — ``{"e":"serverShutdown","E":...}`` to every connection, then a normal
   close (1001) after the delay.
 * ``pause_feed()`` / ``resume_feed()`` — market time stops and resumes; ``resume_feed`` also starts a feed that
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
 
 MalformedKind = Literal["bad_json", "missing_field", "wrong_type", "negative_price"]
 MALFORMED_KINDS: tuple[str, ...] = get_args(MalformedKind)
+#: The default trade time of ``future_time``: 2090-01-01 UTC.
+FUTURE_TIME_MS = 3_786_912_000_000
 
 
 class FeedSwitch(Protocol):
@@ -63,11 +68,13 @@ class FaultState:
     duplicates: dict[int | None, int] = field(default_factory=dict)
     reorders: dict[int | None, int] = field(default_factory=dict)
     held: dict[int, str] = field(default_factory=dict)  # reorder: a frame waiting for its successor
+    warps: dict[int | None, int] = field(default_factory=dict)  # future_time: frames still to warp
+    warp_to_ms: int = FUTURE_TIME_MS
 
     @property
     def active(self) -> bool:
         """Whether the publisher must look at each trade (the fast path skips all of this)."""
-        return bool(self.skips or self.duplicates or self.reorders or self.held)
+        return bool(self.skips or self.duplicates or self.reorders or self.held or self.warps)
 
     def apply(self, trades: list[tuple[int, int, str]]) -> Batch:
         """Turn (symbol index, a, payload) triples into the frames to send, consuming the pending faults."""
@@ -82,6 +89,8 @@ class FaultState:
             ranges = self.skips.get(symbol_index)
             if ranges and any(lo <= agg_id <= hi for lo, hi in ranges):
                 continue
+            if self.warps and self._take(self.warps, symbol_index):
+                payload = _with_time(payload, self.warp_to_ms)
             held = self.held.pop(symbol_index, None)
             if held is not None:  # the successor of a held frame: send it first, then the held one
                 send(symbol_index, payload)
@@ -114,6 +123,12 @@ class FaultState:
                     counters[key] = remaining - 1
                 return True
         return False
+
+
+def _with_time(payload: str, time_ms: int) -> str:
+    data = json.loads(payload)
+    data["T"] = time_ms
+    return json.dumps(data, separators=(",", ":"))
 
 
 def malformed_payload(kind: str, last_payload: str) -> str:
@@ -193,6 +208,14 @@ class Faults:
             raise ValueError(f"count must be >= 1, got {count}")
         key = self._symbol_index(symbol)
         self._state.reorders[key] = self._state.reorders.get(key, 0) + count
+
+    def future_time(self, count: int = 1, symbol: str | None = None, time_ms: int = FUTURE_TIME_MS) -> None:
+        """Send the next ``count`` trade frames (of ``symbol``, or of any symbol) with ``T = time_ms``."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        key = self._symbol_index(symbol)
+        self._state.warp_to_ms = time_ms
+        self._state.warps[key] = self._state.warps.get(key, 0) + count
 
     def send_malformed(self, kind: str, symbol: str | None = None) -> int:
         """Send one malformed frame of ``kind`` to each subscribed connection; returns how many were sent."""

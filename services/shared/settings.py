@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +28,7 @@ from pydantic_settings import (
 
 from services.core.book import DEFAULT_REPAIR_HORIZON_MS
 from services.core.intervals import INTERVALS, validate_interval
+from services.core.models import SYMBOL_PATTERN
 from services.shared.admin import read_token_file
 
 ENV_PREFIX = "KLINES_"
@@ -160,6 +161,9 @@ class IngestSettings(_Section):
     # "i/N": N ingest processes, this one is number i (0 <= i < N) and follows the symbols whose stable hash
     # (SHA-256 of the symbol, mod N) is i. "0/1": one process follows every symbol.
     shard: str = "0/1"
+    # A trade more than this past the exchange's time (serverTime, asked again before a trade is rejected), or
+    # older than kafka.trades_retention_ms, is dead-lettered (category "time") instead of published.
+    max_future_skew_ms: int = Field(default=60_000, ge=0)
 
     @field_validator("shard")
     @classmethod
@@ -195,6 +199,40 @@ class AggregatorSettings(_Section):
     # `klines replay` folds with the same horizon, so pipeline and replay agree.
     repair_horizon_ms: int = Field(default=DEFAULT_REPAIR_HORIZON_MS, ge=0)
     http_port: int = Field(default=8081, ge=0, lt=65536)
+    # With a clock that knows the time ("wall"), a trade more than this far past "now" is dead-lettered (category
+    # "time"), and so is one older than kafka.trades_retention_ms. At most repair_horizon_ms: an accepted trade
+    # ahead of "now" then moves its book no further than the real trades behind it can still correct.
+    max_future_skew_ms: int = Field(default=DEFAULT_REPAIR_HORIZON_MS, ge=0)
+    # Symbols the aggregator folds; a record for another symbol is dead-lettered (category "symbol"). Empty: any.
+    symbols: tuple[str, ...] = ()
+
+    @field_validator("symbols")
+    @classmethod
+    def _symbols_are_symbols(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for symbol in value:
+            if re.fullmatch(SYMBOL_PATTERN, symbol.upper()) is None:
+                raise ValueError(f"symbol {symbol!r} must be letters, digits and '_' (at most 40)")
+        return tuple(s.upper() for s in value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_skew_follows_the_horizon(cls, data: Any) -> Any:
+        """Unset, the skew is the default or the repair horizon, whichever is shorter."""
+        if isinstance(data, dict) and "max_future_skew_ms" not in data and "repair_horizon_ms" in data:
+            horizon = data["repair_horizon_ms"]
+            if isinstance(horizon, int) and not isinstance(horizon, bool) and 0 <= horizon:
+                data = {**data, "max_future_skew_ms": min(DEFAULT_REPAIR_HORIZON_MS, horizon)}
+        return data
+
+    @model_validator(mode="after")
+    def _skew_within_the_horizon(self) -> AggregatorSettings:
+        if self.max_future_skew_ms > self.repair_horizon_ms:
+            raise ValueError(
+                f"aggregator.max_future_skew_ms ({self.max_future_skew_ms}) must be at most "
+                f"aggregator.repair_horizon_ms ({self.repair_horizon_ms}): a trade accepted further ahead would move its book past where the "
+                "real trades behind it can still be corrected"
+            )
+        return self
 
 
 class GatewaySettings(_Section):

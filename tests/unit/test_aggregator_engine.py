@@ -156,6 +156,7 @@ class Harness:
         max_in_flight: int = 20_000,
         repair_horizon_ms: int = DEFAULT_REPAIR_HORIZON_MS,
         monotonic: Callable[[], float] = time.monotonic,
+        **options: Any,
     ) -> None:
         self.broker = broker
         self.finalized = FakeProducer(broker, auto=finalized_auto, capacity=capacity)
@@ -179,6 +180,7 @@ class Harness:
             max_in_flight=max_in_flight,
             repair_horizon_ms=repair_horizon_ms,
             monotonic=monotonic,
+            **options,
         )
         self.group = FakeGroup(broker)
         self.engine.attach(self.group)
