@@ -229,8 +229,8 @@ class AggregatorSettings(_Section):
         if self.max_future_skew_ms > self.repair_horizon_ms:
             raise ValueError(
                 f"aggregator.max_future_skew_ms ({self.max_future_skew_ms}) must be at most "
-                f"aggregator.repair_horizon_ms ({self.repair_horizon_ms}): a trade accepted further ahead would move its book past where the "
-                "real trades behind it can still be corrected"
+                f"aggregator.repair_horizon_ms ({self.repair_horizon_ms}): a trade accepted further ahead would "
+                "move its book past where the real trades behind it can still be corrected"
             )
         return self
 
