@@ -18,7 +18,11 @@ the URL carries at most ``max_url_streams`` names, the rest are subscribed by me
   REST at once (a symbol that went quiet right after the outage would otherwise hide its hole);
 * **subscriptions at run time** - symbols added or removed are ``SUBSCRIBE``/``UNSUBSCRIBE`` d on the live
   connection(s), paced below the venue's control-message limit (spot 5/s, USD-M 10/s); a full group makes
-  the pool open a new one.
+  the pool open a new one;
+* **liveness** - with :attr:`ConnectionPool.liveness` set (:mod:`services.shared.liveness`), each group's
+  supervisor is a poller (``ingest stream group-N``): every turn of its watch loop (at least every 0.5 s) is a
+  poll, and connecting, backing off, subscribing and rotating are pauses with that reason. A supervisor that
+  hangs anywhere else stops polling, and ``/healthz`` reports the process stale, naming the group.
 
 Pings: every ping frame goes to the ``websockets`` library, which answers it with a pong at once (it also
 sends its own keepalive pings and drops a connection whose pongs stop), so a connection that keeps reading
@@ -49,6 +53,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
 from services.ingest.frames import stream_name
+from services.shared.liveness import Liveness, Poller
 from services.shared.logs import log_event
 
 log = logging.getLogger("services.ingest.connections")
@@ -431,6 +436,9 @@ class StreamGroup:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     changed: bool = False
     stopping: bool = False
+    #: Why the supervisor does not watch its connection right now (the liveness poller's pause), or None.
+    busy: str | None = None
+    poller: Poller | None = None
 
     @property
     def room(self) -> int:
@@ -468,6 +476,8 @@ class ConnectionPool:
         self._live: weakref.WeakSet[StreamConnection] = weakref.WeakSet()
         self._counter = 0
         self._stopping = False
+        #: Set by the service once its health server exists: each group's supervisor then is a poller.
+        self.liveness: Liveness | None = None
 
     # ------------------------------------------------------------------ symbols
     @property
@@ -537,16 +547,24 @@ class ConnectionPool:
     async def _supervise(self, group: StreamGroup) -> None:
         """Keep the group connected until it is stopped or empty; a bug in one round must not end it."""
         backoff = Backoff(self.options.reconnect_base_s, self.options.reconnect_cap_s, self._rng)
-        while not (self._stopping or group.stopping) and group.streams:
-            try:
-                await self._supervise_once(group, backoff)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("supervisor of %s failed; reconnecting", group.name)
-                self.stats.reconnects += 1
-                await asyncio.sleep(backoff.next_delay())
+        liveness = self.liveness
+        if liveness is not None:
+            group.poller = liveness.poller(f"ingest stream {group.name}", paused=lambda: group.busy)
+        try:
+            while not (self._stopping or group.stopping) and group.streams:
+                try:
+                    await self._supervise_once(group, backoff)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("supervisor of %s failed; reconnecting", group.name)
+                    self.stats.reconnects += 1
+                    group.busy = "backing off after a failed round"
+                    await asyncio.sleep(backoff.next_delay())
+        finally:
+            if liveness is not None and group.poller is not None:
+                liveness.forget(group.poller)
 
     async def _supervise_once(self, group: StreamGroup, backoff: Backoff) -> None:
         try:
@@ -562,6 +580,7 @@ class ConnectionPool:
                     log_event(log, logging.INFO, "rotating connection", group=group.name, cause=outcome)
                     replacement = await self._connect(group, backoff)
                     if replacement is not None:
+                        group.busy = "rotating"
                         await self._overlap(conn, replacement)
                     await conn.close()
                     conn = replacement
@@ -585,6 +604,7 @@ class ConnectionPool:
         self, group: StreamGroup, backoff: Backoff, *, first_delay: bool = False
     ) -> StreamConnection | None:
         delay = backoff.next_delay() if first_delay else 0.0
+        group.busy = "connecting"
         while not (self._stopping or group.stopping) and group.streams:
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -626,6 +646,9 @@ class ConnectionPool:
         stale_after_s = self.stale_after_s
         tick = max(0.01, min(0.5, stale_after_s / 4))
         while True:
+            group.busy = None
+            if group.poller is not None:
+                group.poller.polled()
             if self._stopping or group.stopping:
                 return "stopping"
             if not group.streams:
@@ -645,6 +668,7 @@ class ConnectionPool:
             if group.changed:
                 group.changed = False
                 try:
+                    group.busy = "subscribing"
                     await conn.sync(set(group.streams))
                     continue
                 except (ConnectionClosed, ConnectionError) as exc:

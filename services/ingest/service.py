@@ -653,6 +653,8 @@ class IngestService:
             await self.health.start()
             # Liveness: the tick loop (reorder windows -> backfill) must keep turning (services/shared/liveness.py).
             self._tick_poller = self.health.liveness.poller("ingest tick")
+            # ... and so must each stream group's supervisor (services/ingest/connections.py, "liveness").
+            self.pool.liveness = self.health.liveness
         assert self.publisher is not None
         self._spawn(self.publisher.run(), "ingest-publisher")
         self._spawn(self._tick_loop(), "ingest-tick")
