@@ -74,6 +74,11 @@ def verify(tape: Tape, state: Path, tmp: Path, out: str, code: int, *, dead_lett
     assert check_snapshots(f"chdb://{state / 'chdb'}", rows) > 0
 
 
+def assert_verified_against_the_exchange(out: str) -> None:
+    """The run's ``--verify``: every stored kline equals the exchange's own REST kline (``klines verify``)."""
+    assert re.search(r"^\s*verify: OK: \d+ klines checked .*, 0 mismatches, 0 gaps, 0 extras$", out, re.M), out
+
+
 def restart(name: str, *, hard: bool, down_s: float = 0.0) -> Callable[[FaultPipeline], None]:
     def action(p: FaultPipeline) -> None:
         p.restart(name, hard=hard, down_s=down_s)
@@ -156,9 +161,10 @@ def test_exchange_rotates_connections_and_bans_rest_during_a_backfill(state: Pat
         Step(5_000, "connections closed at a 3 s lifetime, for 10 s", connections_rotated_at_their_lifetime),
         Step(24_000, "REST 418 (4 s ban) during a backfill", banned_during_backfill),
     ]
-    pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED)
+    pipeline, out, code = run_faulted(tape, tmp_path, steps, speed=SPEED, verify=True)
     verify(tape, state, tmp_path, out, code)
     assert pipeline.metrics["ingest"]["rest_bans"] >= 1, pipeline.metrics["ingest"]
+    assert_verified_against_the_exchange(out)
 
 
 # ------------------------------------------------------------------------------------------------ rebalances
@@ -364,8 +370,7 @@ def test_exchange_faults_drop_stall_shutdown_and_429_during_backfill(state: Path
     verify(tape, state, tmp_path, out, code)
     ingest = pipeline.metrics["ingest"]
     assert ingest["reconnects"] >= 2 and ingest["server_shutdowns"] >= 1, ingest
-    # ... and `klines verify` against the exchange's own REST klines agrees.
-    assert re.search(r"^\s*verify: OK: \d+ klines checked .*, 0 mismatches, 0 gaps, 0 extras$", out, re.M), out
+    assert_verified_against_the_exchange(out)
 
 
 # ------------------------------------------------------------------------------------------------ the clock
