@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -279,35 +279,39 @@ def patched(obj: Any, name: str, value: Callable[..., Any]) -> Any:
 # --- ingest: no consumer; its tick loop (reorder windows, backfill) must keep turning -----------------------------
 
 
+@contextlib.asynccontextmanager
+async def ingest_running(
+    settings: Settings, ex: ReplayExchange, stale_after_s: float
+) -> AsyncIterator[tuple[IngestService, int]]:
+    """Ingest on ``ex`` (BTCUSDT) with short liveness bounds, ready; the service and its liveness port. At the
+    end it is stopped and must exit 0."""
+    tuning = IngestTuning(connections=ConnectionOptions(stale_after_s=stale_after_s, open_timeout_s=3.0), tick_s=0.01)
+    s = with_liveness(settings, ingest_http_port=0)
+    market = s.market.model_copy(update={"ws_url": ex.ws_url, "rest_url": ex.rest_url, "symbols": ("BTCUSDT",)})
+    service = IngestService(s.model_copy(update={"market": market}), tuning)
+    task = asyncio.create_task(service.run())
+    try:
+        deadline = time.monotonic() + 20
+        while not service.ready():
+            assert not task.done() and time.monotonic() < deadline, "ingest not ready"
+            await asyncio.sleep(0.05)
+        assert service.health is not None and service.health.liveness_port is not None
+        yield service, service.health.liveness_port
+    finally:
+        service.shutdown.request("test over")
+        assert await asyncio.wait_for(task, 15) == 0
+
+
 async def test_ingest_healthz_wedged_and_alive(settings: Settings) -> None:
     feed = GeneratorFeed(symbols=("BTCUSDT",), seed=7, duration_ms=60_000)
-    tuning = IngestTuning(connections=ConnectionOptions(stale_after_s=5.0, open_timeout_s=3.0), tick_s=0.01)
-    async with ReplayExchange(ReplayConfig(feed=feed, speed=60, autostart="never")) as ex:
-        s = with_liveness(settings, ingest_http_port=0)
-        s = s.model_copy(
-            update={
-                "market": s.market.model_copy(
-                    update={"ws_url": ex.ws_url, "rest_url": ex.rest_url, "symbols": ("BTCUSDT",)}
-                )
-            }
-        )
-        service = IngestService(s, tuning)
-        task = asyncio.create_task(service.run())
-        try:
-            deadline = time.monotonic() + 20
-            while not service.ready():
-                assert not task.done() and time.monotonic() < deadline, "ingest not ready"
-                await asyncio.sleep(0.05)
-            ex.start_feed()
-            assert service.health is not None
-            port = service.health.liveness_port
-            assert port is not None
-            body = await until_status(port, "alive")
-            assert set(body["polled_ago_s"]) == {"ingest tick", "ingest stream group-1"}
-            await assert_wedged_then_alive(port)
-        finally:
-            service.shutdown.request("test over")
-            assert await asyncio.wait_for(task, 15) == 0
+    async with (
+        ReplayExchange(ReplayConfig(feed=feed, speed=60, autostart="never")) as ex,
+        ingest_running(settings, ex, stale_after_s=5.0) as (_service, port),
+    ):
+        ex.start_feed()
+        body = await until_status(port, "alive")
+        assert set(body["polled_ago_s"]) == {"ingest tick", "ingest stream group-1"}
+        await assert_wedged_then_alive(port)
 
 
 async def test_ingest_healthz_stale_when_a_stream_supervisor_hangs(settings: Settings) -> None:
@@ -315,43 +319,25 @@ async def test_ingest_healthz_stale_when_a_stream_supervisor_hangs(settings: Set
     while the event loop and the tick loop turn: ``/healthz`` says stale and names the group; once it is
     released, the group reconnects and the process is alive again."""
     feed = GeneratorFeed(symbols=("BTCUSDT",), seed=7, duration_ms=600_000)
-    tuning = IngestTuning(connections=ConnectionOptions(stale_after_s=30.0, open_timeout_s=3.0), tick_s=0.01)
-    async with ReplayExchange(ReplayConfig(feed=feed, speed=1)) as ex:
-        s = with_liveness(settings, ingest_http_port=0)
-        s = s.model_copy(
-            update={
-                "market": s.market.model_copy(
-                    update={"ws_url": ex.ws_url, "rest_url": ex.rest_url, "symbols": ("BTCUSDT",)}
-                )
-            }
-        )
-        service = IngestService(s, tuning)
-        task = asyncio.create_task(service.run())
-        try:
-            deadline = time.monotonic() + 20
-            while not service.ready():
-                assert not task.done() and time.monotonic() < deadline, "ingest not ready"
-                await asyncio.sleep(0.05)
-            assert service.health is not None and service.health.liveness_port is not None
-            port = service.health.liveness_port
-            await until_status(port, "alive")
-            (group,) = service.pool.groups
-            conn = group.connection
-            assert conn is not None
-            release = asyncio.Event()
-            close = conn.close
+    async with (
+        ReplayExchange(ReplayConfig(feed=feed, speed=1)) as ex,
+        ingest_running(settings, ex, stale_after_s=30.0) as (service, port),
+    ):
+        await until_status(port, "alive")
+        (group,) = service.pool.groups
+        conn = group.connection
+        assert conn is not None
+        release = asyncio.Event()
+        close = conn.close
 
-            async def hung_close() -> None:
-                await release.wait()
-                await close()
+        async def hung_close() -> None:
+            await release.wait()
+            await close()
 
-            conn.close = hung_close  # type: ignore[method-assign]
-            ex.faults.drop_connections()
-            body = await until_status(port, "stale", timeout_s=POLL_STALE_S + 10)
-            assert "ingest stream group-1" in body["reason"], body
-            release.set()
-            body = await until_status(port, "alive", timeout_s=20)
-            assert service.pool.stats.reconnects >= 1
-        finally:
-            service.shutdown.request("test over")
-            assert await asyncio.wait_for(task, 15) == 0
+        conn.close = hung_close  # type: ignore[method-assign]
+        ex.faults.drop_connections()
+        body = await until_status(port, "stale", timeout_s=POLL_STALE_S + 10)
+        assert "ingest stream group-1" in body["reason"], body
+        release.set()
+        body = await until_status(port, "alive", timeout_s=20)
+        assert service.pool.stats.reconnects >= 1
