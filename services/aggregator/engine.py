@@ -117,10 +117,10 @@ The ``trades`` topic takes raw Binance payloads from anyone, so a record is chec
    ``T < now - kafka.trades_retention_ms`` is rejected by its book (category ``time``) before it can move the
    book's position. One trade stamped 2090 would otherwise push the book there, and every real trade after it
    would be rejected as late: the symbol would be poisoned. Past trades within the retention are normal (a
-   backlog caught up after downtime). A future skew no longer than the repair horizon (600 s) also bounds what
-   an accepted future trade can do: the real trades behind it are still corrections, never rejections. Under
-   the event clock (replays) there is no "now", hence no window: ingest, which checks every trade against the
-   exchange's own clock, is then the guard.
+   backlog caught up after downtime). A future skew no longer than ``aggregator.repair_horizon_ms`` (the settings
+   require it) bounds what an accepted future trade can do: the real trades behind it are still corrections,
+   never rejections. Under the event clock (replays) there is no "now", hence no window: ingest, which checks
+   every trade against the exchange's own clock, is then the guard.
 4. **The book's own checks**: duplicates dropped, trades older than the repair horizon rejected (``late``).
 
 Not covered (no Kafka transactions here): a zombie — a worker the group has already expelled (stuck for longer
