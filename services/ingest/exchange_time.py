@@ -1,10 +1,13 @@
 """The exchange's clock as ingest estimates it: the reference of the trade-time window.
 
-A trade whose ``T`` lies further than ``ingest.max_future_skew_ms`` past the exchange's "now", or further than
-``kafka.trades_retention_ms`` before it, is not published: it goes to the dead-letter topic (category
-``time``; :mod:`services.ingest.publisher`). "Now" must be the **exchange's** clock, not this machine's: the
-replay exchange speaks the same protocol, and its market time (``serverTime`` of ``GET /api/v3/time`` and
-``/fapi/v1/time``) is in the past for a recorded tape and runs far ahead of real time at ``--speed 0``.
+A trade whose ``T`` lies further than ``ingest.max_future_skew_ms`` past the exchange's "now" is not published:
+it goes to the dead-letter topic (category ``time``; :mod:`services.ingest.publisher`). "Now" must be the
+**exchange's** clock, not this machine's: the replay exchange speaks the same protocol, and its market time
+(``serverTime`` of ``GET /api/v3/time`` and ``/fapi/v1/time``) is in the past for a recorded tape and runs far
+ahead of real time at ``--speed 0``. For that last reason ingest has no lower bound: by a clock weeks ahead of
+the trades still in flight, valid trades would look older than ``kafka.trades_retention_ms`` (the publisher
+can take one, ``max_trade_age_ms``; the service passes none). The aggregator applies the retention bound on the
+wall clock, where "now" is real time.
 
 1. **Estimate.** ``serverTime`` fetched at start, plus the monotonic time elapsed since the fetch began. The
    estimate is only ever behind the exchange (a request's answer is older than its arrival, and a replay at

@@ -592,7 +592,10 @@ class IngestService:
             on_fatal=self._on_fatal,
             exchange_time=self.exchange_time,
             max_future_skew_ms=self.settings.ingest.max_future_skew_ms,
-            max_trade_age_ms=None if kafka.trades_retention_ms < 0 else kafka.trades_retention_ms,
+            # No lower bound here: the exchange's clock can run far ahead of the trades in flight (a replay at
+            # --speed 0 is weeks ahead within seconds), so "older than the retention" by it would refuse valid
+            # trades; the future bound is what keeps a hostile time off the books (module exchange_time).
+            max_trade_age_ms=None,
             on_time_rejected=self._on_time_rejected,
         )
         await self.rest.start()

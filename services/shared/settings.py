@@ -161,8 +161,8 @@ class IngestSettings(_Section):
     # "i/N": N ingest processes, this one is number i (0 <= i < N) and follows the symbols whose stable hash
     # (SHA-256 of the symbol, mod N) is i. "0/1": one process follows every symbol.
     shard: str = "0/1"
-    # A trade more than this past the exchange's time (serverTime, asked again before a trade is rejected), or
-    # older than kafka.trades_retention_ms, is dead-lettered (category "time") instead of published.
+    # A trade more than this past the exchange's time (serverTime, asked again before a trade is rejected) is
+    # dead-lettered (category "time") instead of published.
     max_future_skew_ms: int = Field(default=60_000, ge=0)
 
     @field_validator("shard")
